@@ -1,0 +1,109 @@
+//! The message bus between gateways and workers, behind one [`Bus`] trait: NATS JetStream
+//! (`nats/`) for fleets and an in-process bus (`memory/`) for `chatfleet dev`. Each adapter
+//! lives in its own folder with the same files (`mod.rs`: connect and the trait;
+//! `consume.rs`: deliveries and acknowledgements), so a reader who knows one knows all.
+//!
+//! Two kinds of traffic cross the bus:
+//! - user messages, durable and deduplicated by message id, routed to the partition of
+//!   their session and consumed one partition at a time;
+//! - reply events, ephemeral, on one subject per session, received by whichever gateway
+//!   listens to that session at the moment.
+//!
+//! Invariant: the bus knows nothing of HTTP, stores or models.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
+
+pub mod memory;
+pub mod nats;
+
+pub use memory::MemoryBus;
+pub use nats::{NatsBus, NatsSettings};
+
+/// A bus error, typed by what the caller should do next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// The broker is unreachable or did not answer in time: try again later.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// The broker cannot serve this deployment (too old, JetStream off, bad settings).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Anything else the broker refused.
+    #[error("bus error: {0}")]
+    Failed(String),
+}
+
+/// What the broker said about an enqueued message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The broker had already accepted a message with the same id; nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// One delivery of a user message to a worker.
+pub struct Delivery {
+    /// The message, or why its bytes could not be read as one (such a message can only be
+    /// rejected).
+    pub message: Result<UserMessage, String>,
+    /// How many times this message has been delivered, this time included.
+    pub attempt: u64,
+    /// Settles the delivery with the broker.
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("message", &self.message).field("attempt", &self.attempt).finish()
+    }
+}
+
+/// How a worker settles a delivery. Every delivery ends with exactly one of `ack`,
+/// `retry_after` or `reject`; `in_progress` may be called any number of times before.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Done: never deliver it again.
+    async fn ack(&self) -> Result<(), BusError>;
+    /// Not done: deliver it again after `delay`.
+    async fn retry_after(&self, delay: Duration) -> Result<(), BusError>;
+    /// Still working on it: do not redeliver yet.
+    async fn in_progress(&self) -> Result<(), BusError>;
+    /// It can never be processed: stop delivering it.
+    async fn reject(&self) -> Result<(), BusError>;
+}
+
+/// The deliveries of one partition, in the partition's order (redeliveries aside).
+pub type Deliveries = BoxStream<'static, Delivery>;
+
+/// The reply events of one session, from the moment of subscribing.
+pub type EventStream = BoxStream<'static, ReplyEvent>;
+
+/// The bus.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// The number of partitions of this deployment.
+    fn partitions(&self) -> PartitionCount;
+
+    /// Stores a user message durably in its session's partition. Returns only once the
+    /// broker has it; a message with an id seen before is not stored twice.
+    async fn enqueue(&self, message: &UserMessage) -> Result<Enqueued, BusError>;
+
+    /// Sends a reply event to whoever listens to its session now.
+    async fn publish_event(&self, event: &ReplyEvent) -> Result<(), BusError>;
+
+    /// Listens to a session's reply events. Every event published after this returns is
+    /// delivered, in publication order.
+    async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError>;
+
+    /// Starts consuming one partition.
+    async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError>;
+
+    /// Succeeds while the broker is reachable.
+    async fn ping(&self) -> Result<(), BusError>;
+
+    /// One line for start-up logs (never credentials).
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,100 @@
+//! Deliveries and acknowledgements of the NATS bus: one durable pull consumer per partition,
+//! pinned to a single puller at a time by a priority group.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_trait::async_trait;
+use futures::StreamExt;
+use schemas::Partition;
+
+use super::NatsBus;
+use crate::{Acker, BusError, Deliveries, Delivery};
+
+/// The priority group every partition consumer is pinned through.
+pub(super) const GROUP: &str = "owner";
+
+pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<Deliveries, BusError> {
+    let settings = &bus.settings;
+    let names = &settings.names;
+    let durable = names.partition_consumer(partition);
+    let config = pull::Config {
+        durable_name: Some(durable.clone()),
+        filter_subject: names.partition_filter(partition),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: settings.ack_wait,
+        max_deliver: settings.max_deliver,
+        max_ack_pending: settings.max_ack_pending,
+        // Only the pinned puller receives messages, so even two workers pulling the same
+        // partition never interleave its sessions.
+        priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
+        priority_groups: vec![GROUP.into()],
+        priority_timeout: settings.pin_timeout,
+        ..Default::default()
+    };
+    let stream = bus
+        .js
+        .get_stream(names.input_stream())
+        .await
+        .map_err(|e| BusError::Unavailable(format!("cannot open stream {}: {e}", names.input_stream())))?;
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(&durable, config)
+        .await
+        .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
+    // Pulls expire well within the pin timeout, so a live puller never loses its pin.
+    let expires = (settings.pin_timeout / 5).max(Duration::from_millis(500));
+    let messages = consumer
+        .stream()
+        .group(GROUP)
+        .max_messages_per_batch(256)
+        .expires(expires)
+        .heartbeat(expires / 4)
+        .messages()
+        .await
+        .map_err(|e| BusError::Unavailable(format!("cannot pull from {durable}: {e}")))?;
+    let stream = messages.filter_map(move |item| async move {
+        match item {
+            Ok(message) => Some(to_delivery(message)),
+            Err(e) => {
+                // Missed heartbeats and reconnects surface here; the pull stream carries on.
+                tracing::warn!(event = "pull_error", partition = partition.get(), error = %e, "pull error");
+                None
+            }
+        }
+    });
+    Ok(stream.boxed())
+}
+
+fn to_delivery(message: jetstream::Message) -> Delivery {
+    let attempt = message.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
+    let (message, acker) = message.split();
+    let parsed = serde_json::from_slice(&message.payload).map_err(|e| format!("unreadable user message on {}: {e}", message.subject));
+    Delivery { message: parsed, attempt, acker: Box::new(NatsAcker(acker)) }
+}
+
+struct NatsAcker(jetstream::message::Acker);
+
+fn failed(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("cannot settle a delivery: {e}"))
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<(), BusError> {
+        // A double ack waits for the server's confirmation, so a reply is never followed
+        // by a redelivery that the worker believes settled.
+        self.0.double_ack().await.map_err(failed)
+    }
+
+    async fn retry_after(&self, delay: Duration) -> Result<(), BusError> {
+        self.0.ack_with(AckKind::Nak(Some(delay))).await.map_err(failed)
+    }
+
+    async fn in_progress(&self) -> Result<(), BusError> {
+        self.0.ack_with(AckKind::Progress).await.map_err(failed)
+    }
+
+    async fn reject(&self) -> Result<(), BusError> {
+        self.0.ack_with(AckKind::Term).await.map_err(failed)
+    }
+}

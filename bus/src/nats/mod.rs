@@ -1,0 +1,274 @@
+//! The NATS JetStream bus: user messages in a durable work-queue stream with one subject and
+//! one pinned pull consumer per partition, deduplicated by `Nats-Msg-Id`; reply events on core
+//! NATS subjects, one per session.
+
+mod consume;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use futures::StreamExt;
+use schemas::subjects::Names;
+use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
+
+use crate::{Bus, BusError, Deliveries, Enqueued, EventStream};
+
+/// The oldest nats-server that chatfleet runs on: pinned-client priority groups, which the
+/// partition consumers rely on, arrived in 2.11, and older servers silently ignore them.
+pub const MIN_SERVER_VERSION: semver::Version = semver::Version::new(2, 11, 0);
+
+/// How the NATS bus is set up.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// `nats://host:port` (credentials in the URL are allowed and never logged).
+    pub url: String,
+    pub names: Names,
+    pub partitions: PartitionCount,
+    /// How long an enqueue may wait for the broker before the gateway answers 503.
+    pub publish_timeout: Duration,
+    /// How long a message id is remembered for deduplication.
+    pub duplicate_window: Duration,
+    /// How long a delivery may go unacknowledged before JetStream redelivers it; workers
+    /// report progress well within it while they generate.
+    pub ack_wait: Duration,
+    /// How many times a message is delivered before JetStream gives up on it.
+    pub max_deliver: i64,
+    /// How many unacknowledged deliveries a partition may have out at once; bounds a
+    /// worker's in-flight generations per partition.
+    pub max_ack_pending: i64,
+    /// After how long without pulls a pinned consumer's pin moves to a standby worker.
+    pub pin_timeout: Duration,
+    /// Label of this client in the server's connection list.
+    pub client_name: String,
+}
+
+impl NatsSettings {
+    pub fn new(url: impl Into<String>, partitions: PartitionCount) -> Self {
+        Self {
+            url: url.into(),
+            names: Names::default(),
+            partitions,
+            publish_timeout: Duration::from_millis(1500),
+            duplicate_window: Duration::from_secs(10 * 60),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 20,
+            max_ack_pending: 10_000,
+            pin_timeout: Duration::from_secs(5),
+            client_name: "chatfleet".into(),
+        }
+    }
+}
+
+/// The NATS JetStream bus. Cloning shares the connection.
+#[derive(Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    settings: NatsSettings,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus").field("server", &redact(&self.settings.url)).finish()
+    }
+}
+
+/// The URL without user info, for messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl NatsBus {
+    /// Connects, checks that the server can serve chatfleet, and makes sure the input stream
+    /// exists with the expected settings.
+    pub async fn connect(settings: NatsSettings) -> Result<Self, BusError> {
+        let shown = redact(&settings.url);
+        let options = async_nats::ConnectOptions::new()
+            .name(&settings.client_name)
+            .connection_timeout(Duration::from_secs(2))
+            .ping_interval(Duration::from_secs(5))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!(event = "bus_disconnected", "lost the NATS connection; reconnecting"),
+                    async_nats::Event::Connected => tracing::info!(event = "bus_connected", "connected to NATS"),
+                    other => tracing::debug!(event = "bus_event", detail = %other),
+                }
+            });
+        let client = options
+            .connect(settings.url.as_str())
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot reach NATS at {shown}: {e}")))?;
+
+        let info = client.server_info();
+        check_server(&info, &shown)?;
+
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(settings.publish_timeout);
+        let bus = Self { client, js, settings };
+        bus.ensure_stream().await?;
+        Ok(bus)
+    }
+
+    async fn ensure_stream(&self) -> Result<(), BusError> {
+        let names = &self.settings.names;
+        let config = stream::Config {
+            name: names.input_stream(),
+            subjects: vec![names.input_wildcard()],
+            // A work queue keeps a message only until its partition's consumer acknowledges
+            // it, so the stream holds exactly the backlog.
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: self.settings.duplicate_window,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        };
+        // Creating is idempotent for an identical config; a stream created with other
+        // settings by an earlier version is updated in place.
+        match self.js.get_or_create_stream(config.clone()).await {
+            Ok(existing) => {
+                let current = &existing.cached_info().config;
+                if current.duplicate_window != config.duplicate_window || current.subjects != config.subjects {
+                    self.js
+                        .update_stream(config)
+                        .await
+                        .map_err(|e| BusError::Failed(format!("cannot update stream {}: {e}", names.input_stream())))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(BusError::Failed(format!("cannot create stream {}: {e}", names.input_stream()))),
+        }
+    }
+
+    pub fn settings(&self) -> &NatsSettings {
+        &self.settings
+    }
+
+    fn connected(&self) -> Result<(), BusError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(BusError::Unavailable(format!("not connected to NATS at {}", redact(&self.settings.url)))),
+        }
+    }
+}
+
+/// Refuses servers that would silently break chatfleet's guarantees.
+fn check_server(info: &async_nats::ServerInfo, shown: &str) -> Result<(), BusError> {
+    let version = semver::Version::parse(info.version.trim_start_matches('v')).map_err(|_| {
+        BusError::Unsupported(format!("NATS at {shown} reports an unreadable version {:?}", info.version))
+    })?;
+    if version < MIN_SERVER_VERSION {
+        return Err(BusError::Unsupported(format!(
+            "nats-server {version} at {shown} is too old: chatfleet needs nats-server {MIN_SERVER_VERSION} or newer \
+             (pinned-client priority groups)"
+        )));
+    }
+    if !info.jetstream {
+        return Err(BusError::Unsupported(format!(
+            "JetStream is not enabled on the NATS server at {shown}: start nats-server with -js"
+        )));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn partitions(&self) -> PartitionCount {
+        self.settings.partitions
+    }
+
+    async fn enqueue(&self, message: &UserMessage) -> Result<Enqueued, BusError> {
+        // Fail fast rather than let the client buffer a publish for a connection that is
+        // gone: the gateway owes its caller an answer within two seconds.
+        self.connected()?;
+        let partition = self.settings.partitions.of(&message.session_id);
+        let subject = self.settings.names.input_subject(partition, &message.session_id);
+        let payload = serde_json::to_vec(message).map_err(|e| BusError::Failed(e.to_string()))?;
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .message_id(message.message_id.as_str());
+        let timeout = self.settings.publish_timeout;
+        let ack = tokio::time::timeout(timeout, async {
+            self.js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("publish failed: {e}")))?
+                .await
+                .map_err(|e| BusError::Unavailable(format!("no publish acknowledgement: {e}")))
+        })
+        .await
+        .map_err(|_| BusError::Unavailable(format!("NATS did not acknowledge within {timeout:?}")))??;
+        Ok(Enqueued { duplicate: ack.duplicate })
+    }
+
+    async fn publish_event(&self, event: &ReplyEvent) -> Result<(), BusError> {
+        let subject = self.settings.names.events_subject(&event.session_id);
+        let payload = serde_json::to_vec(event).map_err(|e| BusError::Failed(e.to_string()))?;
+        self.client
+            .publish(subject, payload.into())
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot publish a reply event: {e}")))
+    }
+
+    async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError> {
+        self.connected()?;
+        let subject = self.settings.names.events_subject(session);
+        let subscriber = self
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot subscribe: {e}")))?;
+        // The server registers the interest in order with everything this connection sends
+        // later, and the flush waits for it: events published after this returns reach us.
+        tokio::time::timeout(self.settings.publish_timeout, self.client.flush())
+            .await
+            .map_err(|_| BusError::Unavailable("NATS did not confirm the subscription in time".into()))?
+            .map_err(|e| BusError::Unavailable(format!("cannot confirm the subscription: {e}")))?;
+        Ok(subscriber
+            .filter_map(|message| async move {
+                match serde_json::from_slice::<ReplyEvent>(&message.payload) {
+                    Ok(event) => Some(event),
+                    Err(e) => {
+                        tracing::warn!(event = "bad_reply_event", subject = %message.subject, error = %e, "skipping an unreadable reply event");
+                        None
+                    }
+                }
+            })
+            .boxed())
+    }
+
+    async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {
+        consume::deliveries(self, partition).await
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        self.connected()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "NATS JetStream at {} (stream {}, {} partitions)",
+            redact(&self.settings.url),
+            self.settings.names.input_stream(),
+            self.settings.partitions
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted_from_urls() {
+        assert_eq!(redact("nats://user:pw@host:4222"), "nats://***@host:4222");
+        assert_eq!(redact("nats://host:4222"), "nats://host:4222");
+    }
+}

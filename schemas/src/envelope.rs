@@ -1,0 +1,220 @@
+//! The bus envelopes: a user message on its way to a worker, and the reply events on their
+//! way back to whichever gateway holds the user's stream.
+
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{MessageId, ReplyId, SessionId};
+
+/// A user message accepted by a gateway, published to the session's partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "UserMessage", description = "chatfleet bus envelope: a user message for a worker")]
+pub struct UserMessage {
+    /// Envelope version ([`crate::ENVELOPE_VERSION`]).
+    pub v: u32,
+    pub session_id: SessionId,
+    /// Unique per message; the bus deduplicates on it and the store keys on it.
+    pub message_id: MessageId,
+    /// The user's text, 1 to 16384 bytes of UTF-8.
+    pub text: String,
+    /// When the gateway accepted the message.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub accepted_at: OffsetDateTime,
+}
+
+/// Position of a reply event within its session: the conversation turn of the message it
+/// answers, then the event's sequence within that reply. Rendered as `TTTTTTTTTT-SSSSSS`, so
+/// ids sort correctly both as strings and as numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub turn: u64,
+    pub seq: u32,
+}
+
+impl EventId {
+    pub fn new(turn: u64, seq: u32) -> Self {
+        Self { turn, seq }
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:010}-{:06}", self.turn, self.seq)
+    }
+}
+
+impl std::str::FromStr for EventId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (t, q) = s.split_once('-').ok_or_else(|| format!("not an event id: {s:?}"))?;
+        Ok(Self {
+            turn: t.parse().map_err(|_| format!("not an event id: {s:?}"))?,
+            seq: q.parse().map_err(|_| format!("not an event id: {s:?}"))?,
+        })
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for EventId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "EventId".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "pattern": "^[0-9]{10}-[0-9]{6}$"})
+    }
+}
+
+/// One event of a reply, published on the session's reply subject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(title = "ReplyEvent", description = "chatfleet bus envelope: one event of a reply")]
+pub struct ReplyEvent {
+    /// Envelope version ([`crate::ENVELOPE_VERSION`]).
+    pub v: u32,
+    /// Increasing within the session; becomes the SSE `id`.
+    pub event_id: EventId,
+    pub session_id: SessionId,
+    /// The user message this event answers.
+    pub message_id: MessageId,
+    #[serde(flatten)]
+    pub kind: ReplyEventKind,
+}
+
+/// What a reply event says. The tag is the SSE event type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ReplyEventKind {
+    /// A chunk of the reply; `index` counts 0, 1, 2, ... within the reply.
+    Delta { index: u32, text: String },
+    /// The deltas sent so far for this message are void: generation restarted (after a
+    /// transient model error) and the reply begins again at index 0.
+    Reset { reason: String },
+    /// The reply is complete and stored.
+    Done {
+        reply_id: ReplyId,
+        text: String,
+        finish_reason: FinishReason,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<Usage>,
+    },
+    /// The message could not be answered; it will not be retried.
+    Error { code: String, message: String },
+}
+
+impl ReplyEventKind {
+    /// The SSE event type.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Delta { .. } => "delta",
+            Self::Reset { .. } => "reset",
+            Self::Done { .. } => "done",
+            Self::Error { .. } => "error",
+        }
+    }
+
+    /// True for the last event of a reply.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Done { .. } | Self::Error { .. })
+    }
+}
+
+impl ReplyEvent {
+    /// The SSE `data:` payload of this event as http-api.md defines it: the session and
+    /// message ids plus the event's own fields, without the bus-only `v`, `event_id`, `type`.
+    pub fn client_payload(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(&self.kind).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.remove("type");
+            map.insert("session_id".into(), self.session_id.as_str().into());
+            map.insert("message_id".into(), self.message_id.as_str().into());
+        }
+        value
+    }
+}
+
+/// Why the model stopped. Unknown reasons from a model are kept as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    ContentFilter,
+    #[serde(untagged)]
+    Other(String),
+}
+
+/// Token counts as the model reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: ReplyEventKind) -> ReplyEvent {
+        ReplyEvent {
+            v: crate::ENVELOPE_VERSION,
+            event_id: EventId::new(3, 7),
+            session_id: SessionId::parse("s1").unwrap(),
+            message_id: MessageId::parse("m1").unwrap(),
+            kind,
+        }
+    }
+
+    #[test]
+    fn event_ids_sort_as_strings_and_round_trip() {
+        let a = EventId::new(2, 999_999);
+        let b = EventId::new(10, 0);
+        assert!(a.to_string() < b.to_string());
+        assert_eq!(a.to_string().parse::<EventId>().unwrap(), a);
+        assert!("x".parse::<EventId>().is_err());
+    }
+
+    #[test]
+    fn reply_events_round_trip_through_json() {
+        let e = event(ReplyEventKind::Done {
+            reply_id: ReplyId::parse("r_m1").unwrap(),
+            text: "hi".into(),
+            finish_reason: FinishReason::Other("tool_calls".into()),
+            usage: Some(Usage { prompt_tokens: 1, completion_tokens: 2 }),
+        });
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<ReplyEvent>(&json).unwrap(), e);
+    }
+
+    #[test]
+    fn client_payload_has_exactly_the_documented_delta_fields() {
+        let e = event(ReplyEventKind::Delta { index: 4, text: "abc".into() });
+        let payload = e.client_payload();
+        let mut keys: Vec<_> = payload.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["index", "message_id", "session_id", "text"]);
+        assert_eq!(payload["index"], 4);
+        assert_eq!(e.kind.name(), "delta");
+    }
+
+    #[test]
+    fn finish_reasons_serialize_as_plain_strings() {
+        assert_eq!(serde_json::to_string(&FinishReason::Stop).unwrap(), "\"stop\"");
+        assert_eq!(serde_json::to_string(&FinishReason::Other("x".into())).unwrap(), "\"x\"");
+        assert_eq!(serde_json::from_str::<FinishReason>("\"length\"").unwrap(), FinishReason::Length);
+        assert_eq!(serde_json::from_str::<FinishReason>("\"odd\"").unwrap(), FinishReason::Other("odd".into()));
+    }
+}

@@ -1,0 +1,87 @@
+//! Names on the bus. Every bus adapter takes its names from here, so a gateway and a worker
+//! built from the same contract always meet.
+//!
+//! NATS layout (the default prefix is `chatfleet`):
+//! - stream `CHATFLEET_IN`, subjects `chatfleet.in.<partition>.<session_id>`: user messages;
+//! - consumer `chatfleet-p<partition>` filtered on `chatfleet.in.<partition>.*`;
+//! - core subject `chatfleet.out.<session_id>`: reply events of one session.
+
+use crate::{Partition, SessionId};
+
+/// The names of one deployment's bus objects, derived from a prefix so that several
+/// deployments can share a broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self { prefix: "chatfleet".into() }
+    }
+}
+
+impl Names {
+    /// Names under `prefix`, which must be a valid identifier (letters, digits, `_`, `-`).
+    pub fn new(prefix: &str) -> Result<Self, crate::IdError> {
+        crate::SessionId::parse(prefix)?;
+        Ok(Self { prefix: prefix.to_owned() })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The durable input stream.
+    pub fn input_stream(&self) -> String {
+        format!("{}_IN", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// Every subject of the input stream.
+    pub fn input_wildcard(&self) -> String {
+        format!("{}.in.>", self.prefix)
+    }
+
+    /// Where a user message of `session` is published.
+    pub fn input_subject(&self, partition: Partition, session: &SessionId) -> String {
+        format!("{}.in.{}.{}", self.prefix, partition, session)
+    }
+
+    /// The filter of one partition's consumer.
+    pub fn partition_filter(&self, partition: Partition) -> String {
+        format!("{}.in.{}.*", self.prefix, partition)
+    }
+
+    /// The durable consumer of one partition.
+    pub fn partition_consumer(&self, partition: Partition) -> String {
+        format!("{}-p{}", self.prefix, partition)
+    }
+
+    /// The subject carrying the reply events of one session.
+    pub fn events_subject(&self, session: &SessionId) -> String {
+        format!("{}.out.{}", self.prefix, session)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_subjects_fall_under_their_partition_filter_and_the_stream_wildcard() {
+        let n = Names::default();
+        let s = SessionId::parse("abc").unwrap();
+        let subject = n.input_subject(Partition::new(3), &s);
+        assert_eq!(subject, "chatfleet.in.3.abc");
+        assert_eq!(n.partition_filter(Partition::new(3)), "chatfleet.in.3.*");
+        assert_eq!(n.input_wildcard(), "chatfleet.in.>");
+        assert_eq!(n.input_stream(), "CHATFLEET_IN");
+        assert_eq!(n.events_subject(&s), "chatfleet.out.abc");
+    }
+
+    #[test]
+    fn prefixes_are_validated_and_upper_cased_for_the_stream() {
+        assert!(Names::new("a.b").is_err());
+        assert_eq!(Names::new("t-1").unwrap().input_stream(), "T_1_IN");
+    }
+}

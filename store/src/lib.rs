@@ -1,0 +1,153 @@
+//! Where conversations live: sessions and their messages, behind one [`Store`] trait with two
+//! implementations, MongoDB (`mongo/`, for fleets) and an embedded redb file (`embedded/`, for
+//! `chatfleet dev`).
+//!
+//! Invariant: a store never decides anything about ordering or retries; it only guarantees
+//! uniqueness (one user message per message id, one reply per user message, one message per
+//! conversation position) so that redelivered work cannot produce a second answer.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use schemas::{FinishReason, MessageId, SessionId, Usage};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+pub mod embedded;
+pub mod mongo;
+
+/// A chat session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    /// The client's opaque user id, if it gave one.
+    pub user: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+/// Why a user message got no reply; stored on the user message so that a redelivery of it
+/// is not generated again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub code: String,
+    pub message: String,
+}
+
+/// One message of a conversation.
+///
+/// A conversation is a sequence of turns; turn `n` holds the user message at position
+/// `2n` and its reply at `2n + 1` ([`StoredMessage::position`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The message id (user) or reply id (assistant).
+    pub id: String,
+    pub session_id: SessionId,
+    /// The conversation turn, from 1.
+    pub turn: u64,
+    pub role: Role,
+    pub text: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// The user message this reply answers (assistant only).
+    pub reply_to: Option<MessageId>,
+    pub finish_reason: Option<FinishReason>,
+    pub usage: Option<Usage>,
+    /// Set on a user message that could not be answered.
+    pub failure: Option<Failure>,
+}
+
+impl StoredMessage {
+    /// The message's position in the conversation: `2 * turn` for the user message and
+    /// `2 * turn + 1` for its reply. Unique within a session.
+    pub fn position(&self) -> u64 {
+        self.turn * 2 + u64::from(self.role == Role::Assistant)
+    }
+}
+
+/// What became of a user message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// It has its reply.
+    Replied(StoredMessage),
+    /// It will not be answered.
+    Failed(Failure),
+}
+
+/// Whether an insert wrote anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    /// A message with the same id already existed; nothing was written.
+    AlreadyPresent,
+}
+
+/// A store error, typed by what the caller should do next.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or timed out: try again later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A uniqueness rule would be broken by something other than a repeat of the same
+    /// message (for example another message at the same conversation position).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Bad configuration or data the store cannot handle: retrying will not help.
+    #[error("store error: {0}")]
+    Fatal(String),
+}
+
+/// The conversation store.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Succeeds while the store is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
+
+    async fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Deletes the session and its whole history; false if there was no such session.
+    async fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError>;
+
+    /// The whole conversation, in order.
+    async fn history(&self, id: &SessionId) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// The newest `limit` messages of the conversation, in conversation order.
+    async fn recent(&self, id: &SessionId, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// A message of the session by id (message id or reply id).
+    async fn message(&self, session: &SessionId, id: &str) -> Result<Option<StoredMessage>, StoreError>;
+
+    /// Inserts a message unless one with the same id exists. Another message at the same
+    /// position of the same session is a [`StoreError::Conflict`].
+    async fn insert_message(&self, message: &StoredMessage) -> Result<Inserted, StoreError>;
+
+    /// Records that a user message will not be answered.
+    async fn mark_failed(&self, session: &SessionId, message: &MessageId, failure: &Failure) -> Result<(), StoreError>;
+
+    /// What became of a user message: its reply, its failure, or nothing yet.
+    async fn outcome(&self, session: &SessionId, message: &MessageId) -> Result<Option<Outcome>, StoreError> {
+        let reply_id = schemas::ReplyId::for_message(message);
+        if let Some(reply) = self.message(session, reply_id.as_str()).await? {
+            return Ok(Some(Outcome::Replied(reply)));
+        }
+        Ok(self
+            .message(session, message.as_str())
+            .await?
+            .and_then(|m| m.failure)
+            .map(Outcome::Failed))
+    }
+
+    /// A deployment-wide secret named `name`: the stored one, or `proposed` stored now if
+    /// there is none yet. Concurrent callers all get the same value.
+    async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError>;
+}

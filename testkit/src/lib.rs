@@ -1,0 +1,27 @@
+//! Test support shared by the chatfleet crates: real servers (`nats-server` with JetStream,
+//! and SecantusDB for MongoDB) started per test on free ports, and small helpers.
+//!
+//! Every server is a child process that is killed when its handle is dropped, including while
+//! a failing test unwinds. Each test owns its servers, so tests never share state; under
+//! nextest every test is also its own process.
+
+mod mongo;
+mod nats;
+mod process;
+
+use std::net::{Ipv4Addr, TcpListener};
+
+pub use mongo::{MongoServer, mongo_server_binary};
+pub use nats::{NatsServer, nats_server_binary};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago: bound to port 0, read, and released.
+///
+/// Another process could take it before the caller binds it; the servers here fail loudly
+/// (with their log) if that happens, which is rare enough for tests.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
+    listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("cannot read the address of a bound socket: {e}"))
+        .port()
+}
