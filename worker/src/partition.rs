@@ -1,0 +1,159 @@
+//! A partition runner: pulls one partition's deliveries and hands each to its session's
+//! queue, so that a session's messages run one at a time while sessions run side by side.
+//!
+//! Everything that happens to a runner is an [`Event`], handled in one place
+//! ([`Runner::run`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::{Deliveries, Delivery};
+use futures::StreamExt;
+use schemas::{MessageId, Partition, SessionId};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Worker, session, telemetry};
+
+/// What drives a partition runner.
+enum Event {
+    /// The bus delivered a message.
+    Delivered(Delivery),
+    /// A session queue finished with a message (settled it, or put it back at shutdown).
+    Finished(SessionId, MessageId),
+    /// The delivery stream ended (the broker went away); it is opened again.
+    StreamEnded,
+    /// The worker is shutting down: take no more messages.
+    Stop,
+}
+
+/// A session's queue as the runner sees it.
+struct SessionQueue {
+    tx: mpsc::UnboundedSender<Delivery>,
+    /// Messages handed to the queue and not yet finished; the queue is closed at zero.
+    outstanding: usize,
+}
+
+pub(crate) struct Runner {
+    worker: Worker,
+    partition: Partition,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+}
+
+impl Runner {
+    pub(crate) fn new(worker: Worker, partition: Partition, permits: Arc<Semaphore>, stop: CancellationToken) -> Self {
+        Self { worker, partition, permits, stop }
+    }
+
+    pub(crate) async fn run(self) {
+        let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
+        let mut sessions: HashMap<SessionId, SessionQueue> = HashMap::new();
+        // Message ids queued or being handled here: a redelivery of one of them (the bus
+        // lost patience) must not be answered a second time.
+        let mut in_hand: HashSet<MessageId> = HashSet::new();
+        let mut deliveries: Option<Deliveries> = None;
+        let mut stopping = false;
+        let mut reopen_delay = Duration::from_millis(100);
+
+        loop {
+            if stopping && sessions.is_empty() {
+                break;
+            }
+            if deliveries.is_none() && !stopping {
+                match self.worker.bus.consume(self.partition).await {
+                    Ok(stream) => {
+                        reopen_delay = Duration::from_millis(100);
+                        deliveries = Some(stream);
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "consume_failed", partition = self.partition.get(), error = %e, retry_in = ?reopen_delay, "cannot consume partition");
+                        tokio::select! {
+                            _ = tokio::time::sleep(reopen_delay) => {}
+                            _ = self.stop.cancelled() => {}
+                        }
+                        reopen_delay = (reopen_delay * 2).min(Duration::from_secs(5));
+                        if self.stop.is_cancelled() {
+                            stopping = true;
+                        }
+                        continue;
+                    }
+                }
+            }
+
+            let event = tokio::select! {
+                biased;
+                _ = self.stop.cancelled(), if !stopping => Event::Stop,
+                Some((session, message)) = finished_rx.recv() => Event::Finished(session, message),
+                next = next_delivery(&mut deliveries), if !stopping => match next {
+                    Some(delivery) => Event::Delivered(delivery),
+                    None => Event::StreamEnded,
+                },
+            };
+
+            match event {
+                Event::Delivered(delivery) => {
+                    let message = match &delivery.message {
+                        Ok(message) => message.clone(),
+                        Err(reason) => {
+                            tracing::error!(event = "message_rejected", partition = self.partition.get(), reason = %reason, "rejecting an unreadable message");
+                            telemetry::message_settled("rejected");
+                            if let Err(e) = delivery.acker.reject().await {
+                                tracing::warn!(event = "settle_failed", error = %e);
+                            }
+                            continue;
+                        }
+                    };
+                    if !in_hand.insert(message.message_id.clone()) {
+                        tracing::debug!(event = "redelivery_in_hand", session_id = %message.session_id, message_id = %message.message_id);
+                        continue;
+                    }
+                    let queue = sessions.entry(message.session_id.clone()).or_insert_with(|| {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        tokio::spawn(session::run(
+                            self.worker.clone(),
+                            message.session_id.clone(),
+                            rx,
+                            finished_tx.clone(),
+                            self.permits.clone(),
+                            self.stop.clone(),
+                        ));
+                        SessionQueue { tx, outstanding: 0 }
+                    });
+                    queue.outstanding += 1;
+                    if queue.tx.send(delivery).is_err() {
+                        tracing::error!(event = "session_queue_closed", session_id = %message.session_id);
+                    }
+                }
+                Event::Finished(session, message) => {
+                    in_hand.remove(&message);
+                    if let Some(queue) = sessions.get_mut(&session) {
+                        queue.outstanding -= 1;
+                        if queue.outstanding == 0 {
+                            // Dropping the sender ends the session's task.
+                            sessions.remove(&session);
+                        }
+                    }
+                }
+                Event::StreamEnded => {
+                    tracing::warn!(event = "deliveries_ended", partition = self.partition.get(), "delivery stream ended; reopening");
+                    deliveries = None;
+                    tokio::time::sleep(reopen_delay).await;
+                }
+                Event::Stop => {
+                    stopping = true;
+                    // Dropping the stream stops pulling: nothing new is taken from here on.
+                    deliveries = None;
+                }
+            }
+        }
+    }
+}
+
+async fn next_delivery(deliveries: &mut Option<Deliveries>) -> Option<Delivery> {
+    match deliveries {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,43 @@
+//! A session's queue: its messages are handled strictly one after another.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::Delivery;
+use schemas::{MessageId, SessionId};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Worker, process};
+
+pub(crate) async fn run(
+    worker: Worker,
+    session: SessionId,
+    mut queue: mpsc::UnboundedReceiver<Delivery>,
+    finished: mpsc::UnboundedSender<(SessionId, MessageId)>,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    while let Some(delivery) = queue.recv().await {
+        let message_id = match &delivery.message {
+            Ok(message) => message.message_id.clone(),
+            Err(_) => continue,
+        };
+        // A message not yet started when shutdown begins goes back to the bus at once, so
+        // the next owner of the partition need not wait for it to time out.
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => None,
+            permit = permits.clone().acquire_owned() => permit.ok(),
+        };
+        match permit {
+            Some(_permit) => process::handle(&worker, delivery, &stop).await,
+            None => {
+                if let Err(e) = delivery.acker.retry_after(Duration::ZERO).await {
+                    tracing::warn!(event = "settle_failed", session_id = %session, message_id = %message_id, error = %e);
+                }
+            }
+        }
+        let _ = finished.send((session.clone(), message_id));
+    }
+}

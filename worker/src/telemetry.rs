@@ -1,0 +1,40 @@
+//! The worker's metrics, named in one place.
+
+use metrics::{counter, gauge, histogram};
+
+/// Messages settled, by outcome (`replied`, `failed`, `duplicate`, `session_gone`, `rejected`).
+pub const MESSAGES: &str = "chatfleet_worker_messages_total";
+/// Generations running now.
+pub const INFLIGHT: &str = "chatfleet_worker_inflight_generations";
+/// Model attempts that failed transiently and were retried.
+pub const LLM_RETRIES: &str = "chatfleet_worker_llm_retries_total";
+/// Seconds from the start of a generation to its first token.
+pub const FIRST_TOKEN_SECONDS: &str = "chatfleet_worker_first_token_seconds";
+/// Seconds from the start of a generation to its stored reply.
+pub const REPLY_SECONDS: &str = "chatfleet_worker_reply_seconds";
+/// Store operations that failed and were retried.
+pub const STORE_RETRIES: &str = "chatfleet_worker_store_retries_total";
+
+pub fn message_settled(outcome: &'static str) {
+    counter!(MESSAGES, "outcome" => outcome).increment(1);
+}
+
+pub fn inflight(delta: f64) {
+    gauge!(INFLIGHT).increment(delta);
+}
+
+pub fn llm_retry() {
+    counter!(LLM_RETRIES).increment(1);
+}
+
+pub fn store_retry() {
+    counter!(STORE_RETRIES).increment(1);
+}
+
+pub fn first_token(seconds: f64) {
+    histogram!(FIRST_TOKEN_SECONDS).record(seconds);
+}
+
+pub fn reply_complete(seconds: f64) {
+    histogram!(REPLY_SECONDS).record(seconds);
+}
