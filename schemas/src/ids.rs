@@ -12,7 +12,7 @@ pub enum IdError {
     Empty { what: &'static str },
     #[error("{what} is longer than {max} characters")]
     TooLong { what: &'static str, max: usize },
-    #[error("{what} may contain only letters, digits, '_' and '-'")]
+    #[error("{what} contains a character that is not allowed")]
     BadCharacter { what: &'static str },
 }
 
@@ -107,10 +107,40 @@ id_type!(
     /// reply id is derived from the message id ([`ReplyId::for_message`]).
     ReplyId, "reply id", 66
 );
-id_type!(
-    /// A client's idempotency key for a message (`client_message_id`).
-    ClientMessageId, "client_message_id", 64
-);
+/// A client's idempotency key for a message (`client_message_id`): 1 to 64 characters,
+/// anything printable. It never travels on the bus; it only seeds [`MessageId::for_client_key`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct ClientMessageId(#[schemars(length(min = 1, max = 64))] String);
+
+impl ClientMessageId {
+    pub const MAX_CHARS: usize = 64;
+
+    pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
+        let s = s.into();
+        let what = "client_message_id";
+        if s.is_empty() {
+            return Err(IdError::Empty { what });
+        }
+        if s.chars().count() > Self::MAX_CHARS {
+            return Err(IdError::TooLong { what, max: Self::MAX_CHARS });
+        }
+        if s.chars().any(char::is_control) {
+            return Err(IdError::BadCharacter { what });
+        }
+        Ok(Self(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientMessageId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::parse(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
 
 impl SessionId {
     /// A fresh random session id (`s_` and 32 hex digits).
@@ -177,7 +207,7 @@ mod tests {
     fn client_keys_map_to_stable_per_session_message_ids() {
         let s1 = SessionId::parse("s1").unwrap();
         let s2 = SessionId::parse("s2").unwrap();
-        let k = ClientMessageId::parse("k-1").unwrap();
+        let k = ClientMessageId::parse("order #1: k-1").unwrap();
         let a = MessageId::for_client_key(&s1, &k);
         assert_eq!(a, MessageId::for_client_key(&s1, &k));
         assert_ne!(a, MessageId::for_client_key(&s2, &k));
