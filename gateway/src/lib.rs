@@ -1,1 +1,118 @@
-//! placeholder
+//! The gateway: chatfleet's public HTTP API (`../shared/http-api.md`), the chat page, and the
+//! operational endpoints. It turns requests into bus envelopes and reply events into
+//! Server-Sent Events.
+//!
+//! Invariants: the gateway never calls the model and holds no per-session state, so any
+//! replica can serve any request; it answers 202 only once the bus has the message.
+
+mod auth;
+mod error;
+mod routes;
+mod sse;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use bus::Bus;
+use metrics_exporter_prometheus::PrometheusHandle;
+use rand::RngCore;
+use store::Store;
+
+pub use auth::TokenKey;
+pub use error::ApiError;
+
+/// How the gateway behaves.
+#[derive(Clone)]
+pub struct GatewayConfig {
+    /// Keys allowed to create sessions; empty means anyone may.
+    pub api_keys: Vec<String>,
+    /// The key session tokens are signed with. None: use the deployment's key kept in the
+    /// store (created by the first gateway), so every replica agrees without configuration.
+    pub token_key: Option<Vec<u8>>,
+    /// How long an idle reply stream waits between keep-alive comments.
+    pub keep_alive: Duration,
+    /// How long a readiness probe waits for the bus and the store.
+    pub readiness_timeout: Duration,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("api_keys", &format!("{} configured", self.api_keys.len()))
+            .field("token_key", &self.token_key.as_ref().map(|_| "***"))
+            .field("keep_alive", &self.keep_alive)
+            .finish()
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            token_key: None,
+            keep_alive: Duration::from_secs(15),
+            readiness_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) tokens: TokenKey,
+    pub(crate) config: Arc<GatewayConfig>,
+    pub(crate) metrics: Option<PrometheusHandle>,
+}
+
+/// Name of the store-held token key.
+const TOKEN_KEY_NAME: &str = "session-token-key-v1";
+
+/// A gateway ready to serve.
+#[derive(Clone)]
+pub struct Gateway {
+    state: AppState,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("config", &self.state.config).finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Prepares a gateway. Without a configured token key it loads (or creates) the
+    /// deployment's key from the store.
+    pub async fn build(
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn Store>,
+        config: GatewayConfig,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, store::StoreError> {
+        let key = match &config.token_key {
+            Some(key) => key.clone(),
+            None => {
+                let mut proposed = vec![0u8; 32];
+                rand::rng().fill_bytes(&mut proposed);
+                store.shared_secret(TOKEN_KEY_NAME, &proposed).await?
+            }
+        };
+        let state = AppState { bus, store, tokens: TokenKey::new(key), config: Arc::new(config), metrics };
+        Ok(Self { state })
+    }
+
+    /// The HTTP routes.
+    pub fn router(&self) -> Router {
+        routes::router(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves; open streams are then closed.
+    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let router = self.router();
+        axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    }
+}

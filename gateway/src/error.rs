@@ -1,0 +1,84 @@
+//! Every way a request can fail, mapped once to a status code and the documented body
+//! `{"error": {"code", "message"}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// A failed request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("this token belongs to another session")]
+    Forbidden,
+    #[error("no such session")]
+    SessionNotFound,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("the message bus is unavailable; try again shortly (resending with the same client_message_id is safe)")]
+    BusUnavailable,
+    #[error("the conversation store is unavailable; try again shortly")]
+    StoreUnavailable,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::BusUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
+            Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<bus::BusError> for ApiError {
+    fn from(e: bus::BusError) -> Self {
+        tracing::warn!(event = "bus_error", error = %e);
+        match e {
+            bus::BusError::Unavailable(_) => Self::BusUnavailable,
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<store::StoreError> for ApiError {
+    fn from(e: store::StoreError) -> Self {
+        tracing::warn!(event = "store_error", error = %e);
+        match e {
+            store::StoreError::Unavailable(_) => Self::StoreUnavailable,
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let Self::Internal(detail) = &self {
+            // The detail goes to the log, not to the client.
+            tracing::error!(event = "internal_error", detail = %detail);
+        }
+        crate::telemetry::request_failed(code);
+        let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
+        (status, Json(body)).into_response()
+    }
+}

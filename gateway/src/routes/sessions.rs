@@ -1,0 +1,72 @@
+//! `POST /v1/sessions` and `DELETE /v1/sessions/{id}`.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use schemas::SessionId;
+use serde::Deserialize;
+use store::SessionRecord;
+
+use super::messages::{TokenQuery, read_json};
+use crate::{AppState, auth, error::ApiError, telemetry};
+
+/// Longest accepted `user`, in characters.
+const MAX_USER_CHARS: usize = 128;
+/// Most metadata accepted, keys and values together, in bytes.
+const MAX_METADATA_BYTES: usize = 4096;
+/// Largest accepted request body.
+const MAX_BODY_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Default, Deserialize)]
+struct NewSession {
+    user: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+#[tracing::instrument(name = "create_session", skip_all, fields(session_id))]
+pub(crate) async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    auth::authorize_api_key(&state.config.api_keys, auth::bearer(&headers, None))?;
+    let request: NewSession = read_json(body, MAX_BODY_BYTES, true).await?.unwrap_or_default();
+    if let Some(user) = &request.user
+        && user.chars().count() > MAX_USER_CHARS
+    {
+        return Err(ApiError::Invalid(format!("user is longer than {MAX_USER_CHARS} characters")));
+    }
+    let metadata_bytes: usize = request.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if metadata_bytes > MAX_METADATA_BYTES {
+        return Err(ApiError::Invalid(format!("metadata takes {metadata_bytes} bytes; at most {MAX_METADATA_BYTES} are allowed")));
+    }
+
+    let session = SessionRecord {
+        id: SessionId::generate(),
+        user: request.user,
+        metadata: request.metadata,
+        created_at: time::OffsetDateTime::now_utc(),
+    };
+    tracing::Span::current().record("session_id", tracing::field::display(&session.id));
+    state.store.create_session(&session).await?;
+    telemetry::session_created();
+    tracing::info!(event = "session_created", "session created");
+    let token = state.tokens.issue(&session.id);
+    Ok((StatusCode::CREATED, Json(serde_json::json!({"session_id": session.id, "token": token}))).into_response())
+}
+
+#[tracing::instrument(name = "delete_session", skip_all, fields(session_id = %session_id))]
+pub(crate) async fn delete(
+    State(state): State<AppState>,
+    Path(session_id): Path<String>,
+    Query(query): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let session = auth::authorize_session(&state.tokens, auth::bearer(&headers, query.access_token.as_deref()), &session_id)?;
+    if !state.store.delete_session(&session).await? {
+        return Err(ApiError::SessionNotFound);
+    }
+    tracing::info!(event = "session_deleted", "session deleted");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,43 @@
+//! The gateway's metrics, named in one place.
+
+use metrics::{counter, gauge, histogram};
+
+/// Requests that failed, by error code.
+pub const REQUEST_ERRORS: &str = "chatfleet_gateway_request_errors_total";
+/// Messages accepted onto the bus (`duplicate` = "true" for repeated idempotency keys).
+pub const MESSAGES_ACCEPTED: &str = "chatfleet_gateway_messages_accepted_total";
+/// Seconds the bus took to confirm an enqueued message.
+pub const ENQUEUE_SECONDS: &str = "chatfleet_gateway_enqueue_seconds";
+/// Reply streams open now.
+pub const OPEN_STREAMS: &str = "chatfleet_gateway_open_streams";
+/// Sessions created.
+pub const SESSIONS_CREATED: &str = "chatfleet_gateway_sessions_created_total";
+
+pub fn request_failed(code: &'static str) {
+    counter!(REQUEST_ERRORS, "code" => code).increment(1);
+}
+
+pub fn message_accepted(duplicate: bool, seconds: f64) {
+    counter!(MESSAGES_ACCEPTED, "duplicate" => if duplicate { "true" } else { "false" }).increment(1);
+    histogram!(ENQUEUE_SECONDS).record(seconds);
+}
+
+pub fn session_created() {
+    counter!(SESSIONS_CREATED).increment(1);
+}
+
+/// Counts an open stream for as long as the guard lives.
+pub struct StreamGuard(());
+
+impl StreamGuard {
+    pub fn open() -> Self {
+        gauge!(OPEN_STREAMS).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        gauge!(OPEN_STREAMS).decrement(1.0);
+    }
+}
