@@ -20,6 +20,7 @@ use bus::Bus;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rand::RngCore;
 use store::Store;
+use tokio_util::sync::CancellationToken;
 
 pub use auth::TokenKey;
 pub use error::ApiError;
@@ -67,6 +68,9 @@ pub(crate) struct AppState {
     pub(crate) tokens: TokenKey,
     pub(crate) config: Arc<GatewayConfig>,
     pub(crate) metrics: Option<PrometheusHandle>,
+    /// Cancelled when the gateway shuts down; open reply streams end then, so that a
+    /// graceful shutdown does not wait forever on them.
+    pub(crate) closing: CancellationToken,
 }
 
 /// Name of the store-held token key.
@@ -101,7 +105,7 @@ impl Gateway {
                 store.shared_secret(TOKEN_KEY_NAME, &proposed).await?
             }
         };
-        let state = AppState { bus, store, tokens: TokenKey::new(key), config: Arc::new(config), metrics };
+        let state = AppState { bus, store, tokens: TokenKey::new(key), config: Arc::new(config), metrics, closing: CancellationToken::new() };
         Ok(Self { state })
     }
 
@@ -113,6 +117,11 @@ impl Gateway {
     /// Serves on `listener` until `shutdown` resolves; open streams are then closed.
     pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
         let router = self.router();
-        axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+        let closing = self.state.closing.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            closing.cancel();
+        });
+        axum::serve(listener, router).with_graceful_shutdown(self.state.closing.clone().cancelled_owned()).await
     }
 }

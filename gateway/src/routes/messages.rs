@@ -168,10 +168,12 @@ fn outcome_event(session: &SessionId, message_id: &MessageId, outcome: Outcome) 
 
 fn sse_response(state: &AppState, events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
     let guard = telemetry::StreamGuard::open();
-    let events = events.map(move |e| {
-        let _ = &guard;
-        e
-    });
+    let events = events
+        .map(move |e| {
+            let _ = &guard;
+            e
+        })
+        .take_until(state.closing.clone().cancelled_owned());
     Sse::new(events)
         .keep_alive(KeepAlive::new().interval(state.config.keep_alive).text("keep-alive"))
         .into_response()

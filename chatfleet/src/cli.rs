@@ -1,0 +1,238 @@
+//! The command line (`../shared/operator-interface.md`). Every flag can also be given as the
+//! environment variable named beside it; flags win.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// chatfleet serves a chatbot to many users at once: a stateless HTTP gateway publishes user
+/// messages to a message bus partitioned by session, a pool of workers answers each session in
+/// order with a language model, and replies stream back as they are generated.
+///
+/// With no command, `chatfleet` runs `dev`: everything in one process on embedded defaults,
+/// with a chat page at http://127.0.0.1:8080.
+#[derive(Debug, Parser)]
+#[command(name = "chatfleet", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub dev: DevArgs,
+}
+
+impl Cli {
+    pub fn log_format(&self) -> LogFormat {
+        match &self.command {
+            None => self.dev.log.log_format,
+            Some(Command::Dev(a)) => a.log.log_format,
+            Some(Command::Gateway(a)) => a.log.log_format,
+            Some(Command::Worker(a)) => a.log.log_format,
+            Some(Command::MockLlm(a)) => a.log.log_format,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Everything in one process: gateway, worker pool, in-process bus, embedded store (the
+    /// default command).
+    Dev(DevArgs),
+    /// The HTTP gateway only: stateless, run as many as needed.
+    Gateway(GatewayArgs),
+    /// One worker process: consumes partitions, generates replies, streams them back.
+    Worker(WorkerArgs),
+    /// A local OpenAI-compatible chat-completions server for demos, tests and load tests.
+    MockLlm(MockLlmArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log line format. Verbosity follows RUST_LOG (default: info).
+    #[arg(long, env = "CHATFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PartitionArgs {
+    /// Number of session partitions; fixed for a deployment, the same on every gateway and
+    /// worker.
+    #[arg(long, env = "CHATFLEET_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub partitions: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Base URL of any OpenAI-compatible endpoint (OpenAI, Azure OpenAI, vLLM, Ollama,
+    /// llama.cpp server, `chatfleet mock-llm`), e.g. https://api.openai.com/v1.
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub llm_base_url: Option<String>,
+
+    /// The endpoint's API key; never logged.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<String>,
+
+    /// Model name sent to the endpoint.
+    #[arg(long, env = "CHATFLEET_MODEL", default_value = "gpt-4o-mini")]
+    pub model: String,
+
+    /// Seconds to wait for the model's first token, and at most between two tokens, before
+    /// the attempt counts as failed and is retried.
+    #[arg(long, env = "CHATFLEET_LLM_TIMEOUT", default_value_t = 60)]
+    pub llm_timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerTuning {
+    /// System prompt sent at the start of every conversation.
+    #[arg(long, env = "CHATFLEET_SYSTEM_PROMPT", default_value = "You are a helpful assistant.")]
+    pub system_prompt: String,
+
+    /// Estimated tokens of context (system prompt plus the most recent messages that fit).
+    #[arg(long, env = "CHATFLEET_CONTEXT_TOKENS", default_value_t = 3000)]
+    pub context_tokens: usize,
+
+    /// Generations one worker runs at the same time (across all its sessions).
+    #[arg(long, env = "CHATFLEET_MAX_INFLIGHT", default_value_t = 512)]
+    pub max_inflight: usize,
+
+    /// Model attempts per message, the first included, before the user gets an error event.
+    #[arg(long, env = "CHATFLEET_LLM_MAX_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub llm_max_attempts: u32,
+
+    /// Seconds in-flight generations may take to finish after SIGTERM.
+    #[arg(long, env = "CHATFLEET_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayTuning {
+    /// An API key allowed to create sessions (repeatable). None: anyone may.
+    #[arg(long = "api-key", env = "CHATFLEET_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+
+    /// The key that signs session tokens, shared by every gateway. Default: a key kept in the
+    /// store, created by the first gateway.
+    #[arg(long, env = "CHATFLEET_TOKEN_KEY", hide_env_values = true)]
+    pub token_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// Address of the chat page and the API.
+    #[arg(long, env = "CHATFLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// The bus: `memory:` (in-process, the default here), `nats://host:4222`.
+    #[arg(long, env = "CHATFLEET_BUS", default_value = "memory:")]
+    pub bus: String,
+
+    /// The store: a file path for the embedded store, or `mongodb://...`.
+    #[arg(long, env = "CHATFLEET_STORE", default_value = ".chatfleet/dev.redb")]
+    pub store: String,
+
+    /// Workers run inside this process.
+    #[arg(long, env = "CHATFLEET_DEV_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub worker: WorkerTuning,
+    #[command(flatten)]
+    pub gateway: GatewayTuning,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address of the API and the chat page.
+    #[arg(long, env = "CHATFLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// The bus: `nats://host:4222`.
+    #[arg(long, env = "CHATFLEET_BUS")]
+    pub bus: String,
+
+    /// The store: `mongodb://...`.
+    #[arg(long, env = "CHATFLEET_STORE")]
+    pub store: String,
+
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
+    #[command(flatten)]
+    pub gateway: GatewayTuning,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Address of the worker's /healthz, /readyz and /metrics.
+    #[arg(long, env = "CHATFLEET_LISTEN", default_value = "127.0.0.1:9091")]
+    pub listen: SocketAddr,
+
+    /// The bus: `nats://host:4222`.
+    #[arg(long, env = "CHATFLEET_BUS")]
+    pub bus: String,
+
+    /// The store: `mongodb://...`.
+    #[arg(long, env = "CHATFLEET_STORE")]
+    pub store: String,
+
+    /// This worker's name in logs and metrics (default: host name and process id).
+    #[arg(long, env = "CHATFLEET_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub worker: WorkerTuning,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MockLlmArgs {
+    /// Address to serve the OpenAI-compatible API on (`/v1/chat/completions`, `/v1/models`).
+    #[arg(long, env = "CHATFLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Milliseconds before the first token.
+    #[arg(long, default_value_t = 200)]
+    pub first_token_ms: u64,
+
+    /// Milliseconds between tokens.
+    #[arg(long, default_value_t = 20)]
+    pub token_ms: u64,
+
+    /// Tokens per reply (at least; the echo of the user's message may make it longer).
+    #[arg(long, default_value_t = 32)]
+    pub reply_tokens: usize,
+
+    /// Characters of the last user message echoed at the start of each reply.
+    #[arg(long, default_value_t = 48)]
+    pub echo_chars: usize,
+
+    /// Model name the server reports.
+    #[arg(long, env = "CHATFLEET_MODEL", default_value = "chatfleet-mock")]
+    pub model: String,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+

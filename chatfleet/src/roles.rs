@@ -1,0 +1,218 @@
+//! The four roles. Each builds its parts from settings, serves until shutdown, and stops in
+//! order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use bus::Bus;
+use gateway::{Gateway, GatewayConfig};
+use llm::ChatModel;
+use schemas::PartitionCount;
+use store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use worker::{ContextSettings, RetryPolicy, Worker, WorkerConfig};
+
+use crate::cli::{DevArgs, GatewayArgs, GatewayTuning, MockLlmArgs, WorkerArgs, WorkerTuning};
+use crate::wiring::{self, BusChoice};
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("--listen / CHATFLEET_LISTEN: cannot listen on {addr}"))
+}
+
+fn partitions(n: u32) -> anyhow::Result<PartitionCount> {
+    PartitionCount::new(n).map_err(|e| anyhow::anyhow!("--partitions / CHATFLEET_PARTITIONS: {e}"))
+}
+
+/// Fans one shutdown future out to every part of the process.
+fn shutdown_token(shutdown: impl Future<Output = ()> + Send + 'static) -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+    token
+}
+
+fn worker_config(worker_id: String, tuning: &WorkerTuning) -> WorkerConfig {
+    WorkerConfig {
+        worker_id,
+        context: ContextSettings {
+            system_prompt: tuning.system_prompt.clone(),
+            token_budget: tuning.context_tokens,
+            ..ContextSettings::default()
+        },
+        max_inflight: tuning.max_inflight,
+        retry: RetryPolicy { max_attempts: tuning.llm_max_attempts, ..RetryPolicy::default() },
+        shutdown_grace: Duration::from_secs(tuning.shutdown_grace),
+        ..WorkerConfig::default()
+    }
+}
+
+fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
+    GatewayConfig {
+        api_keys: tuning.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect(),
+        token_key: tuning.token_key.as_ref().map(|k| k.as_bytes().to_vec()),
+        ..GatewayConfig::default()
+    }
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| "worker".into())
+}
+
+/// `chatfleet dev`: gateway, workers, bus and store in one process.
+pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    llm::openai::install_crypto_provider();
+    let partitions = partitions(args.partitions.partitions)?;
+    let bus_choice = wiring::parse_bus(&args.bus)?;
+    let model: Arc<dyn ChatModel> = match wiring::connect_model(&args.model)? {
+        Some(model) => model,
+        None => {
+            println!(
+                "chatfleet: no model configured, so replies come from the built-in stand-in model (it echoes your message); \
+                 set OPENAI_BASE_URL, OPENAI_API_KEY and CHATFLEET_MODEL (or --llm-base-url, --llm-api-key, --model) to use a real one"
+            );
+            Arc::new(llm::stand_in::StandInModel::new(llm::mock_reply::MockSettings::default()))
+        }
+    };
+    let store = wiring::connect_store(&args.store, true).await?;
+    if !wiring::is_mongodb(&args.store) {
+        let shown = std::path::absolute(&args.store).unwrap_or_else(|_| args.store.clone().into());
+        println!("chatfleet: conversations are kept in {}", shown.display());
+    }
+    let bus = wiring::connect_bus(bus_choice, partitions, "chatfleet-dev").await?;
+    let listener = bind(args.listen).await?;
+    let address = listener.local_addr()?;
+
+    let stop = shutdown_token(shutdown);
+    let mut workers = tokio::task::JoinSet::new();
+    for i in 0..args.workers.max(1) {
+        let config = worker_config(format!("dev-worker-{i}"), &args.worker);
+        let worker = Worker::new(bus.clone(), store.clone(), model.clone(), config);
+        workers.spawn(worker.run(stop.clone().cancelled_owned()));
+    }
+    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway), crate::telemetry::metrics())
+        .await
+        .context("cannot prepare the gateway")?;
+    println!("chatfleet: ready; open http://{address}");
+    tracing::info!(event = "dev_started", listen = %address, model = %model.describe());
+    gateway.serve(listener, stop.clone().cancelled_owned()).await?;
+    while workers.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// `chatfleet gateway`.
+pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let partitions = partitions(args.partitions.partitions)?;
+    let bus_choice = match wiring::parse_bus(&args.bus)? {
+        BusChoice::Memory => anyhow::bail!("--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222"),
+        other => other,
+    };
+    let store = wiring::connect_store(&args.store, false).await?;
+    let bus = wiring::connect_bus(bus_choice, partitions, "chatfleet-gateway").await?;
+    let listener = bind(args.listen).await?;
+    let address = listener.local_addr()?;
+    let described = bus.describe();
+    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway), crate::telemetry::metrics())
+        .await
+        .context("--store / CHATFLEET_STORE: cannot load the session token key")?;
+    tracing::info!(event = "gateway_started", listen = %address, bus = %described, "gateway listening on http://{address}");
+    gateway.serve(listener, shutdown).await?;
+    Ok(())
+}
+
+/// `chatfleet worker`.
+pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    llm::openai::install_crypto_provider();
+    let partitions = partitions(args.partitions.partitions)?;
+    let bus_choice = match wiring::parse_bus(&args.bus)? {
+        BusChoice::Memory => anyhow::bail!("--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222"),
+        other => other,
+    };
+    let model = wiring::connect_model(&args.model)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "--llm-base-url / OPENAI_BASE_URL is required for a worker: the base URL of an OpenAI-compatible endpoint \
+             (for a local stand-in, run `chatfleet mock-llm` and use http://127.0.0.1:8080/v1)"
+        )
+    })?;
+    let store = wiring::connect_store(&args.store, false).await?;
+    let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
+    let bus = wiring::connect_bus(bus_choice, partitions, &format!("chatfleet-worker-{worker_id}")).await?;
+    let listener = bind(args.listen).await?;
+    let address = listener.local_addr()?;
+
+    let stop = shutdown_token(shutdown);
+    let ops = ops_router(bus.clone(), store.clone());
+    let ops_stop = stop.clone();
+    let ops_server = tokio::spawn(async move {
+        axum::serve(listener, ops).with_graceful_shutdown(ops_stop.cancelled_owned()).await
+    });
+    tracing::info!(event = "worker_ops_listening", listen = %address, "health and metrics on http://{address}");
+    let worker = Worker::new(bus, store, model, worker_config(worker_id, &args.worker));
+    worker.run(stop.clone().cancelled_owned()).await;
+    stop.cancel();
+    let _ = ops_server.await;
+    Ok(())
+}
+
+/// What a worker's operational endpoints look at.
+#[derive(Clone)]
+struct OpsState {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// A worker's operational endpoints: /healthz, /readyz, /metrics.
+fn ops_router(bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Router {
+    let state = OpsState { bus, store, metrics: crate::telemetry::metrics() };
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ops_ready))
+        .route("/metrics", get(ops_metrics))
+        .with_state(state)
+}
+
+async fn ops_ready(axum::extract::State(state): axum::extract::State<OpsState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let timeout = Duration::from_secs(1);
+    let bus_ok = matches!(tokio::time::timeout(timeout, state.bus.ping()).await, Ok(Ok(())));
+    let store_ok = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
+    let status = if bus_ok && store_ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let label = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let body: std::collections::BTreeMap<&str, &str> = [("bus", label(bus_ok)), ("store", label(store_ok))].into_iter().collect();
+    (status, axum::Json(body)).into_response()
+}
+
+async fn ops_metrics(axum::extract::State(state): axum::extract::State<OpsState>) -> String {
+    state.metrics.map(|m| m.render()).unwrap_or_default()
+}
+
+/// `chatfleet mock-llm`.
+pub async fn mock_llm(args: MockLlmArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listener = bind(args.listen).await?;
+    let address = listener.local_addr()?;
+    let config = llm::mock_server::MockServerConfig {
+        settings: llm::mock_reply::MockSettings {
+            first_token_delay: Duration::from_millis(args.first_token_ms),
+            token_delay: Duration::from_millis(args.token_ms),
+            reply_tokens: args.reply_tokens,
+            echo_chars: args.echo_chars,
+        },
+        model: args.model,
+    };
+    println!("chatfleet mock-llm: OpenAI-compatible API at http://{address}/v1");
+    llm::mock_server::serve(listener, config, shutdown).await?;
+    Ok(())
+}
