@@ -5,6 +5,9 @@
 //! Invariant: a store never decides anything about ordering or retries; it only guarantees
 //! uniqueness (one user message per message id, one reply per user message, one message per
 //! conversation position) so that redelivered work cannot produce a second answer.
+//!
+//! Both stores keep times in UTC to the millisecond (MongoDB's datetime precision), so a
+//! record read back may differ from the one written by its sub-millisecond digits.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +18,9 @@ use time::OffsetDateTime;
 
 pub mod embedded;
 pub mod mongo;
+
+pub use embedded::EmbeddedStore;
+pub use mongo::MongoStore;
 
 /// A chat session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +117,8 @@ pub trait Store: Send + Sync + 'static {
     /// Succeeds while the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Stores a new session. Repeating the call with the same record succeeds without
+    /// writing; a different session under an existing id is a [`StoreError::Conflict`].
     async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError>;
 
     async fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError>;
@@ -125,17 +133,34 @@ pub trait Store: Send + Sync + 'static {
     async fn recent(&self, id: &SessionId, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// A message of the session by id (message id or reply id).
-    async fn message(&self, session: &SessionId, id: &str) -> Result<Option<StoredMessage>, StoreError>;
+    async fn message(
+        &self,
+        session: &SessionId,
+        id: &str,
+    ) -> Result<Option<StoredMessage>, StoreError>;
 
-    /// Inserts a message unless one with the same id exists. Another message at the same
-    /// position of the same session is a [`StoreError::Conflict`].
+    /// Inserts a message unless one with the same id exists in the session
+    /// ([`Inserted::AlreadyPresent`], and nothing is written). Another message at the same
+    /// position of the same session, or the same id in another session, is a
+    /// [`StoreError::Conflict`].
     async fn insert_message(&self, message: &StoredMessage) -> Result<Inserted, StoreError>;
 
-    /// Records that a user message will not be answered.
-    async fn mark_failed(&self, session: &SessionId, message: &MessageId, failure: &Failure) -> Result<(), StoreError>;
+    /// Records that a user message will not be answered. The message must have been
+    /// inserted (as a user message of that session); otherwise this is a
+    /// [`StoreError::Fatal`].
+    async fn mark_failed(
+        &self,
+        session: &SessionId,
+        message: &MessageId,
+        failure: &Failure,
+    ) -> Result<(), StoreError>;
 
     /// What became of a user message: its reply, its failure, or nothing yet.
-    async fn outcome(&self, session: &SessionId, message: &MessageId) -> Result<Option<Outcome>, StoreError> {
+    async fn outcome(
+        &self,
+        session: &SessionId,
+        message: &MessageId,
+    ) -> Result<Option<Outcome>, StoreError> {
         let reply_id = schemas::ReplyId::for_message(message);
         if let Some(reply) = self.message(session, reply_id.as_str()).await? {
             return Ok(Some(Outcome::Replied(reply)));
@@ -150,4 +175,13 @@ pub trait Store: Send + Sync + 'static {
     /// A deployment-wide secret named `name`: the stored one, or `proposed` stored now if
     /// there is none yet. Concurrent callers all get the same value.
     async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError>;
+}
+
+/// `t` as the stores keep it: in UTC, to the millisecond.
+pub(crate) fn to_stored_time(t: OffsetDateTime) -> Result<OffsetDateTime, StoreError> {
+    let utc = t
+        .checked_to_offset(time::UtcOffset::UTC)
+        .ok_or_else(|| StoreError::Fatal(format!("time {t} cannot be stored")))?;
+    utc.replace_nanosecond(utc.nanosecond() / 1_000_000 * 1_000_000)
+        .map_err(|e| StoreError::Fatal(format!("time {t} cannot be stored: {e}")))
 }

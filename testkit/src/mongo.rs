@@ -78,6 +78,7 @@ impl MongoServer {
 
     /// Starts a server whose data lives in `path` (created if missing, reopened if it holds
     /// data), so that it survives [`MongoServer::restart`] and can be reused by a new server.
+    /// Every acknowledged write is synced to disk, so it also survives [`MongoServer::stop`].
     pub async fn start_with_storage(path: impl AsRef<Path>) -> MongoServer {
         Self::start_in(Storage::Dir(path.as_ref().to_path_buf())).await
     }
@@ -90,13 +91,14 @@ impl MongoServer {
         // An explicit, empty configuration file: without one, SecantusDB reads whichever
         // secantusd.toml it finds in the working directory or the home directory.
         let config = work_dir.path().join("secantusd.toml");
-        std::fs::write(&config, "").unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        std::fs::write(&config, "")
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
         let port = crate::free_port();
         let storage_arg = match &storage {
             Storage::Memory => ":memory:".to_owned(),
             Storage::Dir(dir) => dir.to_string_lossy().into_owned(),
         };
-        let args = vec![
+        let mut args = vec![
             "--config".to_owned(),
             config.to_string_lossy().into_owned(),
             "--host".to_owned(),
@@ -106,6 +108,13 @@ impl MongoServer {
             "--storage-path".to_owned(),
             storage_arg,
         ];
+        if matches!(storage, Storage::Dir(_)) {
+            // By default SecantusDB flushes its log about once a second, so a killed server
+            // forgets writes it had acknowledged just before. A mongod loses at most its
+            // 100 ms journal interval; syncing every commit makes the test server at least as
+            // safe, so that a crash test finds the store's faults and not the server's.
+            args.push("--sync-on-commit".to_owned());
+        }
         let process = ServerProcess::new(
             "SecantusDB",
             mongo_server_binary(),
@@ -113,7 +122,11 @@ impl MongoServer {
             port,
             work_dir.path().join("secantusd.log"),
         );
-        let mut server = MongoServer { process, storage, work_dir };
+        let mut server = MongoServer {
+            process,
+            storage,
+            work_dir,
+        };
         server.process.start(READY_TIMEOUT).await;
         server
     }

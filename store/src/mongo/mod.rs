@@ -1,0 +1,359 @@
+//! The MongoDB store, for fleets: one document per session, message and secret, with
+//! uniqueness enforced by the server's indexes so that concurrent workers cannot write two
+//! answers to one message.
+//!
+//! Nothing here uses transactions: every operation is a single-document write, or (for
+//! deleting a session) a sequence of writes that is safe to repeat.
+
+mod documents;
+mod errors;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use mongodb::bson::{Binary, doc, spec::BinarySubtype};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use schemas::{MessageId, SessionId};
+
+use crate::{Failure, Inserted, SessionRecord, Store, StoreError, StoredMessage};
+use documents::{MessageDoc, SecretDoc, SessionDoc};
+use errors::{classify, is_duplicate_key};
+
+/// The database used when the URL names none.
+pub const DEFAULT_DATABASE: &str = "chatfleet";
+
+/// The name of the unique index on `messages` that allows one message per conversation
+/// position.
+pub const SESSION_POSITION_INDEX: &str = "session_position_unique";
+
+/// How long an operation waits for a usable server unless the URL says otherwise
+/// (`serverSelectionTimeoutMS`). Short, so that an unreachable store fails a request quickly
+/// and the caller's own retry takes over, instead of every request hanging for the driver's
+/// default 30 seconds.
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long opening a connection may take unless the URL says otherwise (`connectTimeoutMS`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A [`Store`] on a MongoDB deployment. Cheap to clone; clones share one connection pool.
+#[derive(Clone)]
+pub struct MongoStore {
+    client: Client,
+    db: Database,
+    sessions: Collection<SessionDoc>,
+    messages: Collection<MessageDoc>,
+    secrets: Collection<SecretDoc>,
+}
+
+impl std::fmt::Debug for MongoStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoStore")
+            .field("database", &self.db.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MongoStore {
+    /// Connects to the deployment at `url` and creates the indexes the store relies on.
+    ///
+    /// The database is the one named in the URL's path, or [`DEFAULT_DATABASE`]. Fails with
+    /// [`StoreError::Unavailable`] if no server answers within the server-selection timeout
+    /// (2 s unless the URL sets `serverSelectionTimeoutMS`), and with [`StoreError::Fatal`]
+    /// for a malformed URL. Messages name the URL without its credentials.
+    pub async fn connect(url: &str) -> Result<MongoStore, StoreError> {
+        let shown = redact_url(url);
+        let mut options = ClientOptions::parse(url)
+            .await
+            .map_err(|e| StoreError::Fatal(format!("invalid MongoDB URL {shown}: {}", e.kind)))?;
+        options
+            .server_selection_timeout
+            .get_or_insert(SERVER_SELECTION_TIMEOUT);
+        options.connect_timeout.get_or_insert(CONNECT_TIMEOUT);
+        options
+            .app_name
+            .get_or_insert_with(|| "chatfleet".to_owned());
+        let db_name = options
+            .default_database
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        let client = Client::with_options(options).map_err(|e| {
+            StoreError::Fatal(format!(
+                "cannot configure a MongoDB client for {shown}: {}",
+                e.kind
+            ))
+        })?;
+        let db = client.database(&db_name);
+        let store = MongoStore {
+            sessions: db.collection("sessions"),
+            messages: db.collection("messages"),
+            secrets: db.collection("secrets"),
+            client,
+            db,
+        };
+        // Creating the index is also the first round trip, so an unreachable server is found
+        // here rather than at the first request.
+        store.create_indexes().await.map_err(|e| match e {
+            StoreError::Unavailable(m) => {
+                StoreError::Unavailable(format!("cannot reach MongoDB at {shown}: {m}"))
+            }
+            StoreError::Fatal(m) => {
+                StoreError::Fatal(format!("cannot prepare MongoDB at {shown}: {m}"))
+            }
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    /// The name of the database in use.
+    pub fn database_name(&self) -> &str {
+        self.db.name()
+    }
+
+    /// The driver's client, for callers that need more than the [`Store`] trait (metrics,
+    /// administration in tests).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn create_indexes(&self) -> Result<(), StoreError> {
+        // Sessions and secrets are keyed by `_id`, which is unique already; messages are too
+        // (message id or reply id, so one reply per message), and need one more rule.
+        let index = IndexModel::builder()
+            .keys(doc! { "session_id": 1, "position": 1 })
+            .options(
+                IndexOptions::builder()
+                    .unique(true)
+                    .name(SESSION_POSITION_INDEX.to_owned())
+                    .build(),
+            )
+            .build();
+        self.messages
+            .create_index(index)
+            .await
+            .map_err(|e| classify(e, "creating the messages index"))?;
+        Ok(())
+    }
+
+    async fn find_message_by_id(&self, id: &str) -> Result<Option<MessageDoc>, StoreError> {
+        self.messages
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(|e| classify(e, "reading a message"))
+    }
+
+    async fn find_messages(
+        &self,
+        session: &SessionId,
+        newest_first: bool,
+        limit: Option<i64>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let order = if newest_first { -1 } else { 1 };
+        let mut find = self
+            .messages
+            .find(doc! { "session_id": session.as_str() })
+            .sort(doc! { "position": order });
+        if let Some(limit) = limit {
+            find = find.limit(limit);
+        }
+        let docs: Vec<MessageDoc> = find
+            .await
+            .map_err(|e| classify(e, "reading a conversation"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "reading a conversation"))?;
+        docs.into_iter().map(MessageDoc::into_record).collect()
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.db
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, "pinging"))
+    }
+
+    async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
+        let doc = SessionDoc::from_record(session)?;
+        match self.sessions.insert_one(&doc).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => {
+                // A repeated create (say, after a lost acknowledgement) is not an error;
+                // a different session under the same id is.
+                let existing = self.session(&session.id).await?;
+                if existing.as_ref() == Some(&doc.into_record()?) {
+                    Ok(())
+                } else {
+                    Err(StoreError::Conflict(format!(
+                        "session {} already exists",
+                        session.id
+                    )))
+                }
+            }
+            Err(e) => Err(classify(e, "creating a session")),
+        }
+    }
+
+    async fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
+        self.sessions
+            .find_one(doc! { "_id": id.as_str() })
+            .await
+            .map_err(|e| classify(e, "reading a session"))?
+            .map(SessionDoc::into_record)
+            .transpose()
+    }
+
+    async fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError> {
+        // Messages go first: if this is interrupted, the session is still there and a repeat
+        // of the delete finishes the job; the other order could leave history that no
+        // session owns.
+        self.messages
+            .delete_many(doc! { "session_id": id.as_str() })
+            .await
+            .map_err(|e| classify(e, "deleting a conversation"))?;
+        let deleted = self
+            .sessions
+            .delete_one(doc! { "_id": id.as_str() })
+            .await
+            .map_err(|e| classify(e, "deleting a session"))?;
+        Ok(deleted.deleted_count > 0)
+    }
+
+    async fn history(&self, id: &SessionId) -> Result<Vec<StoredMessage>, StoreError> {
+        self.find_messages(id, false, None).await
+    }
+
+    async fn recent(&self, id: &SessionId, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        // A limit of 0 means "no limit" to MongoDB.
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut newest_first = self.find_messages(id, true, Some(limit)).await?;
+        newest_first.reverse();
+        Ok(newest_first)
+    }
+
+    async fn message(
+        &self,
+        session: &SessionId,
+        id: &str,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        self.messages
+            .find_one(doc! { "_id": id, "session_id": session.as_str() })
+            .await
+            .map_err(|e| classify(e, "reading a message"))?
+            .map(MessageDoc::into_record)
+            .transpose()
+    }
+
+    async fn insert_message(&self, message: &StoredMessage) -> Result<Inserted, StoreError> {
+        let doc = MessageDoc::from_record(message)?;
+        match self.messages.insert_one(&doc).await {
+            Ok(_) => Ok(Inserted::New),
+            // Either the id or the position is taken; which one decides the answer.
+            Err(e) if is_duplicate_key(&e) => match self.find_message_by_id(&message.id).await? {
+                Some(existing) if existing.session_id == message.session_id => {
+                    Ok(Inserted::AlreadyPresent)
+                }
+                Some(existing) => Err(StoreError::Conflict(format!(
+                    "message id {} already belongs to session {}",
+                    message.id, existing.session_id
+                ))),
+                None => Err(StoreError::Conflict(format!(
+                    "session {} already has another message at position {} (turn {})",
+                    message.session_id,
+                    message.position(),
+                    message.turn
+                ))),
+            },
+            Err(e) => Err(classify(e, "inserting a message")),
+        }
+    }
+
+    async fn mark_failed(
+        &self,
+        session: &SessionId,
+        message: &MessageId,
+        failure: &Failure,
+    ) -> Result<(), StoreError> {
+        let failure_doc = doc! { "code": &failure.code, "message": &failure.message };
+        let updated = self
+            .messages
+            .update_one(
+                doc! { "_id": message.as_str(), "session_id": session.as_str(), "role": "user" },
+                doc! { "$set": { "failure": failure_doc } },
+            )
+            .await
+            .map_err(|e| classify(e, "marking a message failed"))?;
+        if updated.matched_count == 0 {
+            return Err(StoreError::Fatal(format!(
+                "cannot mark message {message} failed: session {session} has no such user message"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let doc = SecretDoc {
+            name: name.to_owned(),
+            value: Binary {
+                subtype: BinarySubtype::Generic,
+                bytes: proposed.to_vec(),
+            },
+        };
+        match self.secrets.insert_one(&doc).await {
+            Ok(_) => return Ok(proposed.to_vec()),
+            // Someone stored it first: theirs wins.
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(classify(e, "storing a secret")),
+        }
+        let stored = self
+            .secrets
+            .find_one(doc! { "_id": name })
+            .await
+            .map_err(|e| classify(e, "reading a secret"))?;
+        stored.map(|s| s.value.bytes).ok_or_else(|| {
+            StoreError::Fatal(format!(
+                "secret {name} was reported present but cannot be read"
+            ))
+        })
+    }
+}
+
+/// `url` with any user name and password replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // Not a URL at all; it might still be a bare credential, so show nothing of it.
+        return "(malformed URL)".to_owned();
+    };
+    // Credentials end at the last '@' before the options: a password may itself contain an
+    // unescaped '@' or '/', so the first '/' is not a reliable end of the host list.
+    let before_options = rest.split('?').next().unwrap_or(rest);
+    match before_options.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacted_urls_keep_hosts_and_options_but_not_credentials() {
+        assert_eq!(
+            redact_url("mongodb://alice:s3cr@t/x@db1:27017,db2/chat?replicaSet=rs0"),
+            "mongodb://***@db1:27017,db2/chat?replicaSet=rs0"
+        );
+        assert_eq!(
+            redact_url("mongodb://127.0.0.1:27017/?directConnection=true"),
+            "mongodb://127.0.0.1:27017/?directConnection=true"
+        );
+        assert_eq!(redact_url("not a url"), "(malformed URL)");
+    }
+}

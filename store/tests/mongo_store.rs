@@ -1,0 +1,106 @@
+//! What only the MongoDB store does: connect by URL, prepare its indexes, and report an
+//! unreachable server as something to retry.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chatfleet_store::mongo::SESSION_POSITION_INDEX;
+use chatfleet_store::{MongoStore, SessionRecord, Store, StoreError};
+use schemas::SessionId;
+use testkit::MongoServer;
+use time::macros::datetime;
+
+fn session() -> SessionRecord {
+    SessionRecord {
+        id: SessionId::parse("s1").unwrap(),
+        user: Some("u".to_owned()),
+        metadata: BTreeMap::new(),
+        created_at: datetime!(2026-01-01 00:00:00 UTC),
+    }
+}
+
+#[tokio::test]
+async fn connecting_to_a_closed_port_fails_quickly_as_unavailable_without_credentials() {
+    let port = testkit::free_port();
+    let url = format!("mongodb://chat:hunter2@127.0.0.1:{port}/chat?directConnection=true");
+    let started = Instant::now();
+
+    let result = MongoStore::connect(&url).await;
+
+    let elapsed = started.elapsed();
+    let Err(StoreError::Unavailable(message)) = result else {
+        panic!("expected Unavailable, got {result:?}");
+    };
+    assert!(elapsed < Duration::from_secs(4), "took {elapsed:?}");
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+#[tokio::test]
+async fn a_malformed_url_is_fatal() {
+    let result = MongoStore::connect("mongodb://127.0.0.1:27017/?directConnection=maybe").await;
+
+    assert!(matches!(result, Err(StoreError::Fatal(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn the_database_is_named_by_the_url_or_defaults_to_chatfleet() {
+    let server = MongoServer::start().await;
+
+    let named = MongoStore::connect(&server.url_for_db("tenant_a"))
+        .await
+        .unwrap();
+    let unnamed = MongoStore::connect(&server.url()).await.unwrap();
+    named.create_session(&session()).await.unwrap();
+
+    assert_eq!(named.database_name(), "tenant_a");
+    assert_eq!(unnamed.database_name(), "chatfleet");
+    assert_eq!(unnamed.session(&session().id).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn connecting_prepares_the_position_index_and_can_be_repeated() {
+    let server = MongoServer::start().await;
+    MongoStore::connect(&server.url()).await.unwrap();
+
+    let again = MongoStore::connect(&server.url()).await.unwrap();
+
+    let indexes = again
+        .client()
+        .database(again.database_name())
+        .collection::<mongodb::bson::Document>("messages")
+        .list_index_names()
+        .await
+        .unwrap();
+    assert!(
+        indexes.iter().any(|name| name == SESSION_POSITION_INDEX),
+        "{indexes:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_server_makes_the_store_unavailable_until_it_is_back() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = MongoServer::start_with_storage(data.path()).await;
+    let store = MongoStore::connect(&server.url()).await.unwrap();
+    store.create_session(&session()).await.unwrap();
+
+    server.stop().await;
+    let started = Instant::now();
+    let while_down = store.ping().await;
+    let waited = started.elapsed();
+    server.restart().await;
+    let after_restart = store.session(&session().id).await;
+
+    assert!(
+        matches!(while_down, Err(StoreError::Unavailable(_))),
+        "{while_down:?}"
+    );
+    assert!(waited < Duration::from_secs(4), "took {waited:?}");
+    assert_eq!(
+        after_restart.unwrap(),
+        Some(session()),
+        "{}",
+        server.log_tail()
+    );
+}

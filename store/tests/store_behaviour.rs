@@ -1,0 +1,468 @@
+//! The behaviour every [`Store`] promises, written once and run against both implementations:
+//! the embedded redb file and MongoDB (a SecantusDB server per test).
+
+use std::any::Any;
+use std::collections::BTreeMap;
+
+use chatfleet_store::{
+    EmbeddedStore, Failure, Inserted, MongoStore, Outcome, Role, SessionRecord, Store, StoreError,
+    StoredMessage,
+};
+use schemas::{FinishReason, MessageId, ReplyId, SessionId, Usage};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+/// A store under test, with whatever must stay alive while it is used.
+struct Fixture {
+    store: Box<dyn Store>,
+    _keep: Box<dyn Any>,
+}
+
+async fn embedded() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    Fixture {
+        store: Box::new(store),
+        _keep: Box::new(dir),
+    }
+}
+
+async fn mongo() -> Fixture {
+    let server = testkit::MongoServer::start().await;
+    let store = MongoStore::connect(&server.url_for_db("behaviour"))
+        .await
+        .unwrap();
+    Fixture {
+        store: Box::new(store),
+        _keep: Box::new(server),
+    }
+}
+
+/// Runs each named behaviour against one implementation, as one test per behaviour.
+macro_rules! suite {
+    ($backend:ident, $fixture:path, [$($behaviour:ident),* $(,)?]) => {
+        mod $backend {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    let fixture = $fixture().await;
+                    super::$behaviour(fixture.store.as_ref()).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! behaviours {
+    ($($behaviour:ident),* $(,)?) => {
+        suite!(embedded_store, super::embedded, [$($behaviour),*]);
+        suite!(mongo_store, super::mongo, [$($behaviour),*]);
+    };
+}
+
+behaviours![
+    ping_succeeds_on_a_reachable_store,
+    created_sessions_are_returned_and_unknown_ones_are_not,
+    creating_a_session_again_is_accepted_but_a_different_one_conflicts,
+    deleting_a_session_removes_its_history_and_nothing_else,
+    history_is_returned_in_conversation_order,
+    records_round_trip_with_times_kept_to_the_millisecond,
+    a_repeated_message_id_is_reported_already_present_and_changes_nothing,
+    a_different_message_at_a_taken_position_is_a_conflict,
+    a_message_id_taken_in_another_session_is_a_conflict,
+    messages_are_found_only_in_their_own_session,
+    recent_returns_the_newest_messages_in_conversation_order,
+    outcome_is_the_reply_the_failure_or_nothing,
+    marking_an_unknown_message_failed_is_an_error,
+    shared_secret_gives_every_caller_the_first_value,
+];
+
+const CREATED: OffsetDateTime = datetime!(2026-03-04 05:06:07.890 UTC);
+
+fn session_id(name: &str) -> SessionId {
+    SessionId::parse(name).unwrap()
+}
+
+fn session(name: &str) -> SessionRecord {
+    SessionRecord {
+        id: session_id(name),
+        user: Some("u-1".to_owned()),
+        metadata: BTreeMap::from([("plan".to_owned(), "free".to_owned())]),
+        created_at: CREATED,
+    }
+}
+
+fn message_id(session: &str, turn: u64) -> MessageId {
+    MessageId::parse(format!("m_{session}_{turn}")).unwrap()
+}
+
+fn user_message(session: &str, turn: u64, text: &str) -> StoredMessage {
+    StoredMessage {
+        id: message_id(session, turn).into_string(),
+        session_id: session_id(session),
+        turn,
+        role: Role::User,
+        text: text.to_owned(),
+        created_at: CREATED,
+        reply_to: None,
+        finish_reason: None,
+        usage: None,
+        failure: None,
+    }
+}
+
+fn reply(session: &str, turn: u64, text: &str) -> StoredMessage {
+    let to = message_id(session, turn);
+    StoredMessage {
+        id: ReplyId::for_message(&to).into_string(),
+        session_id: session_id(session),
+        turn,
+        role: Role::Assistant,
+        text: text.to_owned(),
+        created_at: CREATED,
+        reply_to: Some(to),
+        finish_reason: Some(FinishReason::Stop),
+        usage: Some(Usage {
+            prompt_tokens: 12,
+            completion_tokens: 34,
+        }),
+        failure: None,
+    }
+}
+
+fn texts(messages: &[StoredMessage]) -> Vec<&str> {
+    messages.iter().map(|m| m.text.as_str()).collect()
+}
+
+async fn insert(store: &dyn Store, message: StoredMessage) {
+    assert_eq!(
+        store.insert_message(&message).await.unwrap(),
+        Inserted::New,
+        "inserting {}",
+        message.id
+    );
+}
+
+async fn ping_succeeds_on_a_reachable_store(store: &dyn Store) {
+    let result = store.ping().await;
+
+    assert!(result.is_ok(), "{result:?}");
+}
+
+async fn created_sessions_are_returned_and_unknown_ones_are_not(store: &dyn Store) {
+    let created = session("s1");
+
+    store.create_session(&created).await.unwrap();
+
+    assert_eq!(
+        store.session(&session_id("s1")).await.unwrap(),
+        Some(created)
+    );
+    assert_eq!(store.session(&session_id("s2")).await.unwrap(), None);
+}
+
+async fn creating_a_session_again_is_accepted_but_a_different_one_conflicts(store: &dyn Store) {
+    let first = session("s1");
+    let different = SessionRecord {
+        user: Some("someone-else".to_owned()),
+        ..session("s1")
+    };
+    store.create_session(&first).await.unwrap();
+
+    let repeated = store.create_session(&first).await;
+    let clashing = store.create_session(&different).await;
+
+    assert!(repeated.is_ok(), "{repeated:?}");
+    assert!(
+        matches!(clashing, Err(StoreError::Conflict(_))),
+        "{clashing:?}"
+    );
+    assert_eq!(store.session(&first.id).await.unwrap(), Some(first));
+}
+
+async fn deleting_a_session_removes_its_history_and_nothing_else(store: &dyn Store) {
+    for name in ["doomed", "kept"] {
+        store.create_session(&session(name)).await.unwrap();
+        insert(store, user_message(name, 1, "hello")).await;
+        insert(store, reply(name, 1, "hi")).await;
+    }
+
+    let deleted = store.delete_session(&session_id("doomed")).await.unwrap();
+    let deleted_again = store.delete_session(&session_id("doomed")).await.unwrap();
+
+    assert!(deleted);
+    assert!(!deleted_again);
+    assert_eq!(store.session(&session_id("doomed")).await.unwrap(), None);
+    assert!(
+        store
+            .history(&session_id("doomed"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let gone = store
+        .message(&session_id("doomed"), message_id("doomed", 1).as_str())
+        .await
+        .unwrap();
+    assert_eq!(gone, None);
+    assert!(store.session(&session_id("kept")).await.unwrap().is_some());
+    assert_eq!(
+        texts(&store.history(&session_id("kept")).await.unwrap()),
+        ["hello", "hi"]
+    );
+    // Nothing of the deleted session lingers to make a new message look like a repeat.
+    assert_eq!(
+        store
+            .insert_message(&user_message("doomed", 1, "again"))
+            .await
+            .unwrap(),
+        Inserted::New
+    );
+}
+
+async fn history_is_returned_in_conversation_order(store: &dyn Store) {
+    store.create_session(&session("s1")).await.unwrap();
+    // Written out of order, as concurrent workers and redeliveries may.
+    insert(store, user_message("s1", 2, "u2")).await;
+    insert(store, user_message("s1", 1, "u1")).await;
+    insert(store, reply("s1", 2, "r2")).await;
+    insert(store, reply("s1", 1, "r1")).await;
+    insert(store, user_message("s1", 10, "u10")).await;
+
+    let history = store.history(&session_id("s1")).await.unwrap();
+
+    assert_eq!(texts(&history), ["u1", "r1", "u2", "r2", "u10"]);
+    assert!(
+        store
+            .history(&session_id("empty"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn records_round_trip_with_times_kept_to_the_millisecond(store: &dyn Store) {
+    let precise = datetime!(2026-03-04 05:06:07.123_456_789 +02:00);
+    let kept = datetime!(2026-03-04 03:06:07.123 UTC);
+    let awkward_metadata = BTreeMap::from([
+        ("$where".to_owned(), "1".to_owned()),
+        ("a.b".to_owned(), "dotted".to_owned()),
+        (String::new(), "empty key".to_owned()),
+    ]);
+    let created = SessionRecord {
+        metadata: awkward_metadata,
+        user: None,
+        created_at: precise,
+        ..session("s1")
+    };
+    let answer = StoredMessage {
+        created_at: precise,
+        finish_reason: Some(FinishReason::Other("tool_calls".to_owned())),
+        text: "multi\nline ✓".to_owned(),
+        ..reply("s1", 7, "")
+    };
+
+    store.create_session(&created).await.unwrap();
+    insert(store, answer.clone()).await;
+    let read_session = store.session(&created.id).await.unwrap().unwrap();
+    let read_message = store
+        .message(&created.id, &answer.id)
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert_eq!(
+        read_session,
+        SessionRecord {
+            created_at: kept,
+            ..created
+        }
+    );
+    assert_eq!(read_session.created_at.offset(), time::UtcOffset::UTC);
+    assert_eq!(
+        read_message,
+        StoredMessage {
+            created_at: kept,
+            ..answer
+        }
+    );
+    assert_eq!(read_message.position(), 15);
+}
+
+async fn a_repeated_message_id_is_reported_already_present_and_changes_nothing(store: &dyn Store) {
+    store.create_session(&session("s1")).await.unwrap();
+    let original = reply("s1", 1, "first answer");
+    insert(store, original.clone()).await;
+    let regenerated = StoredMessage {
+        text: "second answer".to_owned(),
+        ..original.clone()
+    };
+
+    let result = store.insert_message(&regenerated).await.unwrap();
+
+    assert_eq!(result, Inserted::AlreadyPresent);
+    assert_eq!(store.history(&session_id("s1")).await.unwrap(), [original]);
+}
+
+async fn a_different_message_at_a_taken_position_is_a_conflict(store: &dyn Store) {
+    store.create_session(&session("s1")).await.unwrap();
+    let first = user_message("s1", 1, "first");
+    insert(store, first.clone()).await;
+    let other = StoredMessage {
+        id: "m_other".to_owned(),
+        text: "other".to_owned(),
+        ..first.clone()
+    };
+
+    let result = store.insert_message(&other).await;
+
+    assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+    assert_eq!(store.history(&session_id("s1")).await.unwrap(), [first]);
+    assert_eq!(
+        store.message(&session_id("s1"), "m_other").await.unwrap(),
+        None
+    );
+}
+
+async fn a_message_id_taken_in_another_session_is_a_conflict(store: &dyn Store) {
+    let first = user_message("s1", 1, "first");
+    insert(store, first.clone()).await;
+    let elsewhere = StoredMessage {
+        session_id: session_id("s2"),
+        ..first.clone()
+    };
+
+    let result = store.insert_message(&elsewhere).await;
+
+    assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+    assert!(store.history(&session_id("s2")).await.unwrap().is_empty());
+}
+
+async fn messages_are_found_only_in_their_own_session(store: &dyn Store) {
+    let message = user_message("s1", 1, "hello");
+    insert(store, message.clone()).await;
+
+    let own = store.message(&session_id("s1"), &message.id).await.unwrap();
+    let foreign = store.message(&session_id("s2"), &message.id).await.unwrap();
+    let unknown = store.message(&session_id("s1"), "m_unknown").await.unwrap();
+
+    assert_eq!(own, Some(message));
+    assert_eq!(foreign, None);
+    assert_eq!(unknown, None);
+}
+
+async fn recent_returns_the_newest_messages_in_conversation_order(store: &dyn Store) {
+    for turn in 1..=3 {
+        insert(store, user_message("s1", turn, &format!("u{turn}"))).await;
+        insert(store, reply("s1", turn, &format!("r{turn}"))).await;
+    }
+    insert(store, user_message("other", 9, "not mine")).await;
+    let id = session_id("s1");
+
+    let newest_three = store.recent(&id, 3).await.unwrap();
+    let more_than_all = store.recent(&id, 100).await.unwrap();
+    let none = store.recent(&id, 0).await.unwrap();
+
+    assert_eq!(texts(&newest_three), ["r2", "u3", "r3"]);
+    assert_eq!(texts(&more_than_all), ["u1", "r1", "u2", "r2", "u3", "r3"]);
+    assert!(none.is_empty());
+}
+
+async fn outcome_is_the_reply_the_failure_or_nothing(store: &dyn Store) {
+    let id = session_id("s1");
+    let answered = reply("s1", 1, "answer");
+    insert(store, user_message("s1", 1, "q1")).await;
+    insert(store, answered.clone()).await;
+    insert(store, user_message("s1", 2, "q2")).await;
+    insert(store, user_message("s1", 3, "q3")).await;
+    let failure = Failure {
+        code: "model_unavailable".to_owned(),
+        message: "the model did not answer".to_owned(),
+    };
+
+    store
+        .mark_failed(&id, &message_id("s1", 2), &failure)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store.outcome(&id, &message_id("s1", 1)).await.unwrap(),
+        Some(Outcome::Replied(answered))
+    );
+    assert_eq!(
+        store.outcome(&id, &message_id("s1", 2)).await.unwrap(),
+        Some(Outcome::Failed(failure.clone()))
+    );
+    assert_eq!(
+        store.outcome(&id, &message_id("s1", 3)).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.outcome(&id, &message_id("s1", 4)).await.unwrap(),
+        None
+    );
+    let failed = store
+        .message(&id, message_id("s1", 2).as_str())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.failure, Some(failure));
+    assert_eq!(failed.text, "q2");
+}
+
+async fn marking_an_unknown_message_failed_is_an_error(store: &dyn Store) {
+    insert(store, user_message("s1", 1, "q1")).await;
+    insert(store, reply("s1", 1, "a1")).await;
+    let failure = Failure {
+        code: "x".to_owned(),
+        message: "y".to_owned(),
+    };
+    let reply_as_message_id =
+        MessageId::parse(ReplyId::for_message(&message_id("s1", 1)).into_string()).unwrap();
+
+    let unknown = store
+        .mark_failed(&session_id("s1"), &message_id("s1", 5), &failure)
+        .await;
+    let wrong_session = store
+        .mark_failed(&session_id("s2"), &message_id("s1", 1), &failure)
+        .await;
+    let not_a_user_message = store
+        .mark_failed(&session_id("s1"), &reply_as_message_id, &failure)
+        .await;
+
+    assert!(matches!(unknown, Err(StoreError::Fatal(_))), "{unknown:?}");
+    assert!(
+        matches!(wrong_session, Err(StoreError::Fatal(_))),
+        "{wrong_session:?}"
+    );
+    assert!(
+        matches!(not_a_user_message, Err(StoreError::Fatal(_))),
+        "{not_a_user_message:?}"
+    );
+    assert!(
+        store
+            .history(&session_id("s1"))
+            .await
+            .unwrap()
+            .iter()
+            .all(|m| m.failure.is_none())
+    );
+}
+
+async fn shared_secret_gives_every_caller_the_first_value(store: &dyn Store) {
+    let proposals: Vec<Vec<u8>> = (0u8..8).map(|i| vec![i; 32]).collect();
+
+    let concurrent =
+        futures::future::join_all(proposals.iter().map(|p| store.shared_secret("signing", p)))
+            .await;
+    let later = store.shared_secret("signing", b"too late").await.unwrap();
+    let other_name = store.shared_secret("other", b"independent").await.unwrap();
+
+    let winner = concurrent[0].as_ref().unwrap().clone();
+    assert!(proposals.contains(&winner));
+    for result in &concurrent {
+        assert_eq!(result.as_ref().unwrap(), &winner);
+    }
+    assert_eq!(later, winner);
+    assert_eq!(other_name, b"independent");
+}
