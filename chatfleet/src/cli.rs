@@ -124,6 +124,10 @@ pub struct GatewayTuning {
     /// store, created by the first gateway.
     #[arg(long, env = "CHATFLEET_TOKEN_KEY", hide_env_values = true)]
     pub token_key: Option<String>,
+
+    /// Seconds between keep-alive comments on an idle reply stream.
+    #[arg(long, env = "CHATFLEET_SSE_KEEP_ALIVE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=15))]
+    pub sse_keep_alive: u64,
 }
 
 #[derive(Debug, Clone, Args)]

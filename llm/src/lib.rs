@@ -17,6 +17,8 @@ pub mod mock_server;
 pub mod openai;
 pub mod stand_in;
 
+pub use openai::install_crypto_provider;
+
 /// Who wrote a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatRole {

@@ -56,11 +56,8 @@ impl Default for MockSettings {
 }
 
 /// Words that pad a reply after the echo, cycled in order.
-const FILLER: &[&str] = &[
-    "This", "is", "a", "stand-in", "reply,", "streamed", "one", "word", "at", "a", "time", "so",
-    "the", "whole", "fleet", "can", "be", "exercised", "without", "a", "real", "model", "behind",
-    "it.",
-];
+const FILLER: &str = "This is a stand-in reply, streamed one word at a time so the whole fleet can \
+                      be exercised without a real model behind it.";
 
 /// The tokens of the reply to `last_user_text`, in order. Concatenated, they form the reply.
 ///
@@ -68,15 +65,18 @@ const FILLER: &[&str] = &[
 /// of the text with its whitespace collapsed to single spaces. Every token is a word carrying
 /// its trailing space, except the last, which has none.
 pub fn reply_tokens(last_user_text: &str, settings: &MockSettings) -> Vec<String> {
-    let collapsed = last_user_text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let collapsed = last_user_text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let echoed: String = collapsed.chars().take(settings.echo_chars).collect();
     let echo = format!("You said: \"{}\". ", echoed.trim_end());
 
     let mut tokens: Vec<String> = echo.split_inclusive(' ').map(str::to_owned).collect();
-    let mut filler = FILLER.iter().cycle();
+    let mut filler = FILLER.split_whitespace().cycle();
     while tokens.len() < settings.reply_tokens {
         // The cycle never ends, so there is always a next word.
-        let word = filler.next().copied().unwrap_or("more");
+        let word = filler.next().unwrap_or("more");
         tokens.push(format!("{word} "));
     }
     if let Some(last) = tokens.last_mut() {
@@ -107,7 +107,11 @@ pub fn estimate_prompt_tokens<'a>(message_texts: impl IntoIterator<Item = &'a st
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultDirective {
     /// Fail with this HTTP status.
-    Status { status: u16, retry_after: Duration, times: u32 },
+    Status {
+        status: u16,
+        retry_after: Duration,
+        times: u32,
+    },
     /// Stream this many tokens, then drop the connection.
     Cut { after_tokens: usize, times: u32 },
     /// Delay the first token by this much more.
@@ -117,7 +121,9 @@ pub enum FaultDirective {
 impl FaultDirective {
     fn times(&self) -> u32 {
         match *self {
-            Self::Status { times, .. } | Self::Cut { times, .. } | Self::Stall { times, .. } => times,
+            Self::Status { times, .. } | Self::Cut { times, .. } | Self::Stall { times, .. } => {
+                times
+            }
         }
     }
 }
@@ -132,7 +138,9 @@ pub fn parse_directives(text: &str) -> Vec<FaultDirective> {
     let mut rest = text;
     while let Some(start) = rest.find(OPEN) {
         let body_and_more = &rest[start + OPEN.len()..];
-        let Some(end) = body_and_more.find(']') else { break };
+        let Some(end) = body_and_more.find(']') else {
+            break;
+        };
         if let Some(directive) = parse_directive_body(&body_and_more[..end]) {
             found.push(directive);
         }
@@ -152,7 +160,14 @@ fn parse_directive_body(body: &str) -> Option<FaultDirective> {
         let (key, value) = pair.split_once('=')?;
         let value = value.trim();
         match key.trim() {
-            "status" => status = Some(value.parse::<u16>().ok().filter(|s| (100..600).contains(s))?),
+            "status" => {
+                status = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|s| (100..600).contains(s))?,
+                )
+            }
             "cut" => cut = Some(value.parse::<usize>().ok()?),
             "stall" => stall = Some(value.parse::<u64>().ok()?),
             "times" => times = value.parse::<u32>().ok()?,
@@ -166,12 +181,14 @@ fn parse_directive_body(body: &str) -> Option<FaultDirective> {
             retry_after: retry_after_ms.map_or(DEFAULT_RETRY_AFTER, Duration::from_millis),
             times,
         }),
-        (None, Some(after_tokens), None) if retry_after_ms.is_none() => {
-            Some(FaultDirective::Cut { after_tokens, times })
-        }
-        (None, None, Some(ms)) if retry_after_ms.is_none() => {
-            Some(FaultDirective::Stall { delay: Duration::from_millis(ms), times })
-        }
+        (None, Some(after_tokens), None) if retry_after_ms.is_none() => Some(FaultDirective::Cut {
+            after_tokens,
+            times,
+        }),
+        (None, None, Some(ms)) if retry_after_ms.is_none() => Some(FaultDirective::Stall {
+            delay: Duration::from_millis(ms),
+            times,
+        }),
         _ => None,
     }
 }
@@ -217,7 +234,10 @@ impl FaultBook {
         let earlier = {
             // A poisoned lock only means another request panicked mid-count; the count is
             // still usable.
-            let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let count = seen.entry(last_user_text.to_owned()).or_insert(0);
             let earlier = *count;
             *count = count.saturating_add(1);
@@ -227,8 +247,15 @@ impl FaultBook {
         let mut faults = Faults::default();
         for directive in directives.into_iter().filter(|d| earlier < d.times()) {
             match directive {
-                FaultDirective::Status { status, retry_after, .. } => {
-                    faults.status.get_or_insert(StatusFault { status, retry_after });
+                FaultDirective::Status {
+                    status,
+                    retry_after,
+                    ..
+                } => {
+                    faults.status.get_or_insert(StatusFault {
+                        status,
+                        retry_after,
+                    });
                 }
                 FaultDirective::Cut { after_tokens, .. } => {
                     faults.cut_after.get_or_insert(after_tokens);
@@ -281,7 +308,10 @@ impl ReplyPlan {
         Self {
             tokens,
             finish_reason,
-            usage: Usage { prompt_tokens, completion_tokens },
+            usage: Usage {
+                prompt_tokens,
+                completion_tokens,
+            },
             first_token_delay: settings.first_token_delay + faults.stall.unwrap_or_default(),
             token_delay: settings.token_delay,
             cut_after: faults.cut_after,
@@ -305,16 +335,23 @@ mod tests {
     use super::*;
 
     fn settings(reply_tokens: usize, echo_chars: usize) -> MockSettings {
-        MockSettings { reply_tokens, echo_chars, ..MockSettings::default() }
+        MockSettings {
+            reply_tokens,
+            echo_chars,
+            ..MockSettings::default()
+        }
     }
 
     #[test]
     fn a_reply_begins_with_the_collapsed_start_of_the_user_message() {
         let text = "  hello\n\tthere   fleet, how are you today? ";
 
-        let reply = reply_tokens(text, &settings(32, 18)).concat();
+        let reply = reply_tokens(text, &settings(32, 20)).concat();
 
-        assert!(reply.starts_with("You said: \"hello there fleet, h\". "), "{reply}");
+        assert!(
+            reply.starts_with("You said: \"hello there fleet, h\". "),
+            "{reply}"
+        );
     }
 
     #[test]
@@ -322,7 +359,11 @@ mod tests {
         let tokens = reply_tokens("hi", &settings(32, 48));
 
         assert_eq!(tokens.len(), 32);
-        assert!(tokens[..31].iter().all(|t| t.ends_with(' ') && !t.trim().is_empty()));
+        assert!(
+            tokens[..31]
+                .iter()
+                .all(|t| t.ends_with(' ') && !t.trim().is_empty())
+        );
         assert!(!tokens[31].ends_with(' '));
     }
 
@@ -361,23 +402,35 @@ mod tests {
 
     #[test]
     fn directives_are_parsed_with_times_defaulting_to_one() {
-        let text = "x [mock:status=429,times=2,retry_after_ms=7] y [mock:cut=3] [mock:stall=40,times=5]";
+        let text =
+            "x [mock:status=429,times=2,retry_after_ms=7] y [mock:cut=3] [mock:stall=40,times=5]";
 
         let directives = parse_directives(text);
 
         assert_eq!(
             directives,
             vec![
-                FaultDirective::Status { status: 429, retry_after: Duration::from_millis(7), times: 2 },
-                FaultDirective::Cut { after_tokens: 3, times: 1 },
-                FaultDirective::Stall { delay: Duration::from_millis(40), times: 5 },
+                FaultDirective::Status {
+                    status: 429,
+                    retry_after: Duration::from_millis(7),
+                    times: 2
+                },
+                FaultDirective::Cut {
+                    after_tokens: 3,
+                    times: 1
+                },
+                FaultDirective::Stall {
+                    delay: Duration::from_millis(40),
+                    times: 5
+                },
             ]
         );
     }
 
     #[test]
     fn malformed_directives_are_ignored() {
-        let text = "[mock:status=abc] [mock:cut=2,stall=3] [mock:teapot=1] [mock:status=99] [mock:cut=1";
+        let text =
+            "[mock:status=abc] [mock:cut=2,stall=3] [mock:teapot=1] [mock:status=99] [mock:cut=1";
 
         assert!(parse_directives(text).is_empty());
     }
@@ -387,8 +440,9 @@ mod tests {
         let book = FaultBook::new();
         let text = "please fail [mock:status=503,times=2]";
 
-        let outcomes: Vec<Option<u16>> =
-            (0..3).map(|_| book.record(text).status.map(|s| s.status)).collect();
+        let outcomes: Vec<Option<u16>> = (0..3)
+            .map(|_| book.record(text).status.map(|s| s.status))
+            .collect();
 
         assert_eq!(outcomes, vec![Some(503), Some(503), None]);
         assert_eq!(book.record("another text").status, None);
@@ -409,7 +463,10 @@ mod tests {
 
     #[test]
     fn a_plan_honours_the_token_limit_and_the_stall() {
-        let faults = Faults { stall: Some(Duration::from_millis(30)), ..Faults::default() };
+        let faults = Faults {
+            stall: Some(Duration::from_millis(30)),
+            ..Faults::default()
+        };
         let settings = MockSettings {
             first_token_delay: Duration::from_millis(5),
             token_delay: Duration::from_millis(2),
@@ -420,7 +477,13 @@ mod tests {
 
         assert_eq!(plan.tokens.len(), 4);
         assert_eq!(plan.finish_reason, FinishReason::Length);
-        assert_eq!(plan.usage, Usage { prompt_tokens: 9, completion_tokens: 4 });
+        assert_eq!(
+            plan.usage,
+            Usage {
+                prompt_tokens: 9,
+                completion_tokens: 4
+            }
+        );
         assert_eq!(plan.first_token_delay, Duration::from_millis(35));
         assert_eq!(plan.total_delay(), Duration::from_millis(41));
     }

@@ -129,17 +129,16 @@ async fn enqueue(state: &AppState, message: &UserMessage) -> Result<(), ApiError
 
 /// The events of one message's reply, ending after its `done` or `error`.
 fn reply_stream(events: bus::EventStream, message_id: MessageId) -> impl Stream<Item = ReplyEvent> + Send {
-    events
-        .filter(move |e| futures::future::ready(e.message_id == message_id))
-        .scan(false, |finished, event| {
-            let out = if *finished {
-                None
-            } else {
-                *finished = event.kind.is_terminal();
-                Some(event)
-            };
-            futures::future::ready(out)
-        })
+    let mine = events.filter(move |e| futures::future::ready(e.message_id == message_id));
+    // End right after the terminal event rather than when the next event arrives.
+    futures::stream::unfold((mine, false), |(mut events, finished)| async move {
+        if finished {
+            return None;
+        }
+        let event = events.next().await?;
+        let finished = event.kind.is_terminal();
+        Some((event, (events, finished)))
+    })
 }
 
 /// The terminal event of a message that was answered (or given up on) before.

@@ -1,0 +1,399 @@
+//! The test kit of the end-to-end tests: starts a whole chatfleet (gateway and workers through
+//! the same `chatfleet::run` as the binary) against real services on free ports, plus a
+//! client that speaks the public API.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use chatfleet::cli::Cli;
+use clap::Parser;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use testkit::{MongoServer, NatsServer, free_port};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Which bus and store the fleet runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `chatfleet dev`: the in-process bus and the embedded store.
+    Dev,
+    /// `chatfleet gateway` and `chatfleet worker` on NATS JetStream and a MongoDB-wire server.
+    NatsMongo,
+}
+
+/// How a test wants its fleet.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub api_keys: Vec<String>,
+    pub workers: usize,
+    pub llm_max_attempts: u32,
+    pub keep_alive_secs: u64,
+    pub first_token_ms: u64,
+    pub token_ms: u64,
+    pub reply_tokens: usize,
+    pub partitions: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            workers: 1,
+            llm_max_attempts: 3,
+            keep_alive_secs: 15,
+            first_token_ms: 5,
+            token_ms: 2,
+            reply_tokens: 12,
+            partitions: 8,
+        }
+    }
+}
+
+/// A running mock LLM.
+pub struct MockLlm {
+    pub base_url: String,
+    stop: CancellationToken,
+}
+
+impl MockLlm {
+    pub async fn start(options: &Options) -> MockLlm {
+        llm::openai::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let config = llm::mock_server::MockServerConfig {
+            settings: llm::mock_reply::MockSettings {
+                first_token_delay: Duration::from_millis(options.first_token_ms),
+                token_delay: Duration::from_millis(options.token_ms),
+                reply_tokens: options.reply_tokens,
+                echo_chars: 48,
+            },
+            model: "mock".into(),
+        };
+        tokio::spawn(llm::mock_server::serve(listener, config, stop.clone().cancelled_owned()));
+        MockLlm { base_url, stop }
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// One role running inside the test process.
+struct Role {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+fn spawn_role(args: Vec<String>) -> Role {
+    let cli = Cli::try_parse_from(args).expect("test arguments parse");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(chatfleet::run(cli, stop.clone().cancelled_owned()));
+    Role { stop, task }
+}
+
+/// A running fleet and a client for it.
+pub struct TestApp {
+    pub backend: Backend,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub nats: Option<NatsServer>,
+    pub mongo: Option<MongoServer>,
+    pub mock: MockLlm,
+    pub options: Options,
+    gateway: Option<Role>,
+    workers: Vec<Role>,
+    dir: tempfile::TempDir,
+}
+
+/// A session as the API returned it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: String,
+    pub token: String,
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: String,
+    pub data: Value,
+}
+
+pub fn s(x: impl ToString) -> String {
+    x.to_string()
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, Options::default()).await
+    }
+
+    pub async fn spawn_with(backend: Backend, options: Options) -> TestApp {
+        let mock = MockLlm::start(&options).await;
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut app = TestApp {
+            backend,
+            base,
+            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            nats: None,
+            mongo: None,
+            mock,
+            options,
+            gateway: None,
+            workers: Vec::new(),
+            dir,
+        };
+        match backend {
+            Backend::Dev => {
+                let mut args = vec![
+                    s("chatfleet"),
+                    s("dev"),
+                    s("--listen"),
+                    format!("127.0.0.1:{port}"),
+                    s("--store"),
+                    app.dir.path().join("dev.redb").display().to_string(),
+                    s("--workers"),
+                    app.options.workers.to_string(),
+                ];
+                args.extend(app.model_args());
+                args.extend(app.gateway_args());
+                app.gateway = Some(spawn_role(args));
+            }
+            Backend::NatsMongo => {
+                let (nats, mongo) = tokio::join!(NatsServer::start(), MongoServer::start());
+                app.nats = Some(nats);
+                app.mongo = Some(mongo);
+                let mut args = vec![s("chatfleet"), s("gateway"), s("--listen"), format!("127.0.0.1:{port}")];
+                args.extend(app.wiring_args());
+                args.extend(app.gateway_args());
+                app.gateway = Some(spawn_role(args));
+                for _ in 0..app.options.workers {
+                    app.add_worker();
+                }
+            }
+        }
+        app.wait_ready().await;
+        app
+    }
+
+    fn wiring_args(&self) -> Vec<String> {
+        vec![
+            s("--bus"),
+            self.nats.as_ref().map(|n| n.url()).unwrap_or_else(|| s("memory:")),
+            s("--store"),
+            self.mongo.as_ref().map(|m| m.url_for_db("chatfleet_test")).unwrap_or_default(),
+            s("--partitions"),
+            self.options.partitions.to_string(),
+        ]
+    }
+
+    fn model_args(&self) -> Vec<String> {
+        vec![
+            s("--llm-base-url"),
+            self.mock.base_url.clone(),
+            s("--model"),
+            s("mock"),
+            s("--llm-timeout"),
+            s("5"),
+            s("--llm-max-attempts"),
+            self.options.llm_max_attempts.to_string(),
+            s("--shutdown-grace"),
+            s("5"),
+        ]
+    }
+
+    fn gateway_args(&self) -> Vec<String> {
+        let mut args = vec![s("--sse-keep-alive"), self.options.keep_alive_secs.to_string()];
+        for key in &self.options.api_keys {
+            args.push(s("--api-key"));
+            args.push(key.clone());
+        }
+        args
+    }
+
+    /// Starts one more in-process worker (NATS and MongoDB fleets only).
+    pub fn add_worker(&mut self) {
+        let mut args = vec![s("chatfleet"), s("worker"), s("--listen"), format!("127.0.0.1:{}", free_port())];
+        args.extend(self.wiring_args());
+        args.extend(self.model_args());
+        args.push(s("--worker-id"));
+        args.push(format!("test-worker-{}", self.workers.len()));
+        self.workers.push(spawn_role(args));
+    }
+
+    /// Waits until the gateway answers /readyz with 200.
+    pub async fn wait_ready(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            if let Some(role) = &self.gateway
+                && role.task.is_finished()
+            {
+                let role = self.gateway.take().unwrap();
+                panic!("the gateway stopped during start-up: {:?}", role.task.await);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the fleet did not become ready within 20 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn create_session(&self) -> Session {
+        let r = self.http.post(self.url("/v1/sessions")).json(&json!({})).send().await.unwrap();
+        assert_eq!(r.status(), 201, "creating a session");
+        let body: Value = r.json().await.unwrap();
+        Session { id: body["session_id"].as_str().unwrap().to_owned(), token: body["token"].as_str().unwrap().to_owned() }
+    }
+
+    /// `POST .../messages` asking for JSON.
+    pub async fn post_message(&self, session: &Session, body: Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/v1/sessions/{}/messages", session.id)))
+            .bearer_auth(&session.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST .../messages` asking for the reply as a stream; returns every event until the
+    /// stream ends.
+    pub async fn send_streaming(&self, session: &Session, body: Value) -> Vec<SseEvent> {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/sessions/{}/messages", session.id)))
+            .bearer_auth(&session.token)
+            .header("Accept", "text/event-stream")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "streaming post: {}", r.text().await.unwrap_or_default());
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        collect_events(r, Duration::from_secs(60)).await
+    }
+
+    pub async fn history(&self, session: &Session) -> Vec<Value> {
+        let r = self
+            .http
+            .get(self.url(&format!("/v1/sessions/{}/messages", session.id)))
+            .bearer_auth(&session.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["session_id"], session.id.as_str());
+        body["messages"].as_array().unwrap().clone()
+    }
+
+    /// Polls the history until it holds `n` assistant messages (or fails after `within`).
+    pub async fn wait_for_replies(&self, session: &Session, n: usize, within: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let history = self.history(session).await;
+            let replies = history.iter().filter(|m| m["role"] == "assistant").count();
+            if replies >= n {
+                return history;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "only {replies} of {n} replies after {within:?}: {history:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn nats_mut(&mut self) -> &mut NatsServer {
+        self.nats.as_mut().expect("a NATS-backed fleet")
+    }
+
+    /// Stops every role and waits for them to end.
+    pub async fn shutdown(mut self) {
+        for role in self.workers.drain(..).chain(self.gateway.take()) {
+            role.stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(10), role.task).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        for role in self.workers.iter().chain(self.gateway.iter()) {
+            role.stop.cancel();
+        }
+    }
+}
+
+/// Reads a reply stream until it ends (or `within` passes).
+pub async fn collect_events(response: reqwest::Response, within: Duration) -> Vec<SseEvent> {
+    let mut stream = response.bytes_stream().eventsource();
+    let mut events = Vec::new();
+    let read = async {
+        while let Some(item) = stream.next().await {
+            let e = item.expect("a well-formed event stream");
+            events.push(SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).expect("JSON data") });
+        }
+    };
+    tokio::time::timeout(within, read).await.expect("the reply stream ended in time");
+    events
+}
+
+/// Reads events from an open stream until `n` terminal events (`done`/`error`) have arrived.
+pub async fn read_until_terminals(response: reqwest::Response, n: usize, within: Duration) -> Vec<SseEvent> {
+    let mut stream = response.bytes_stream().eventsource();
+    let mut events = Vec::new();
+    let mut terminals = 0;
+    let read = async {
+        while terminals < n {
+            let Some(item) = stream.next().await else { break };
+            let e = item.expect("a well-formed event stream");
+            if e.event == "done" || e.event == "error" {
+                terminals += 1;
+            }
+            events.push(SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).expect("JSON data") });
+        }
+    };
+    tokio::time::timeout(within, read).await.expect("the events arrived in time");
+    events
+}
+
+/// The text the deltas of one reply add up to, honouring `reset` events.
+pub fn assembled_text(events: &[SseEvent]) -> String {
+    let mut text = String::new();
+    let mut expected_index = 0;
+    for e in events {
+        match e.event.as_str() {
+            "delta" => {
+                assert_eq!(e.data["index"], expected_index, "delta indexes count 0, 1, 2, ...");
+                expected_index += 1;
+                text.push_str(e.data["text"].as_str().unwrap());
+            }
+            "reset" => {
+                text.clear();
+                expected_index = 0;
+            }
+            _ => {}
+        }
+    }
+    text
+}
+
+/// The beginning every mock reply has for `text` (echo of at most 48 characters).
+pub fn echo_of(text: &str) -> String {
+    let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let echo: String = collapsed.chars().take(48).collect();
+    format!("You said: \"{}\".", echo.trim_end())
+}

@@ -1,0 +1,724 @@
+//! [`OpenAiModel`]: a [`ChatModel`] over any OpenAI-compatible chat completions endpoint, built
+//! on async-openai, streaming with usage reported at the end.
+//!
+//! Two things are done below async-openai's client, in a small HTTP service of our own:
+//!
+//! * async-openai's default transport retries 429s, 5xxs and connection errors by itself. Here
+//!   retrying is the worker's decision, so the default transport is replaced by one that sends
+//!   each request exactly once.
+//! * async-openai drops the response headers of a failed request and hides whether a stream
+//!   ended with `data: [DONE]` or just stopped. The service keeps `Retry-After` for the error,
+//!   and watches the body for the `[DONE]` line, so a reply whose connection was cut is not
+//!   mistaken for a finished one.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::error::{ApiError, OpenAIError, WrappedError};
+use async_openai::middleware::HttpRequestFactory;
+use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent,
+    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
+    ChatCompletionRequestUserMessageContent, ChatCompletionResponseStream,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, FinishReason as OpenAiFinishReason,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER};
+use schemas::{FinishReason, Usage};
+use tokio::time::Instant;
+
+use crate::{ChatChunk, ChatMessage, ChatModel, ChatRequest, ChatRole, ChunkStream, LlmError};
+
+/// Installs rustls' ring crypto provider for this process. reqwest is built without a default
+/// provider, so this must run before any reqwest client is built; calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Where the model is and how patient to be with it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OpenAiSettings {
+    /// The API root, including any version segment: `https://api.openai.com/v1`,
+    /// `http://127.0.0.1:8080/v1`. Requests go to `<base_url>/chat/completions`.
+    pub base_url: String,
+    /// Sent as `Authorization: Bearer <key>`; no header at all when `None`.
+    pub api_key: Option<String>,
+    pub model: String,
+    /// Longest wait from sending a request to the first streamed chunk.
+    pub first_token_timeout: Duration,
+    /// Longest wait between two streamed chunks.
+    pub idle_timeout: Duration,
+    /// A ceiling on every reply's length; a request's own limit can only lower it.
+    pub max_tokens: Option<u32>,
+}
+
+// Written out by hand so the key never reaches a log line.
+impl fmt::Debug for OpenAiSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiSettings")
+            .field("base_url", &redact_url(&self.base_url))
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("model", &self.model)
+            .field("first_token_timeout", &self.first_token_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_tokens", &self.max_tokens)
+            .finish()
+    }
+}
+
+/// A chat model behind an OpenAI-compatible HTTP endpoint. Holds one pooled HTTP client, shared
+/// by every request it makes.
+pub struct OpenAiModel {
+    client: Client<OpenAIConfig>,
+    http: reqwest::Client,
+    send_key: bool,
+    model: String,
+    /// The base URL with any user name and password removed, for logs.
+    shown_url: String,
+    first_token_timeout: Duration,
+    idle_timeout: Duration,
+    max_tokens: Option<u32>,
+}
+
+impl fmt::Debug for OpenAiModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenAiModel")
+            .field("model", &self.model)
+            .field("base_url", &self.shown_url)
+            .field("first_token_timeout", &self.first_token_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_tokens", &self.max_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenAiModel {
+    /// Checks the settings and builds the HTTP client. Fails with a permanent
+    /// `model_misconfigured` error for an unusable base URL or an empty model name.
+    pub fn new(settings: OpenAiSettings) -> Result<Self, LlmError> {
+        install_crypto_provider();
+
+        let misconfigured = |message: String| LlmError::Permanent {
+            code: "model_misconfigured".into(),
+            message,
+        };
+        let base_url = settings.base_url.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&base_url).map_err(|error| {
+            misconfigured(format!(
+                "model base URL {:?} is not a URL: {error}",
+                redact_url(&base_url)
+            ))
+        })?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(misconfigured(format!(
+                "model base URL {:?} must be http or https",
+                redact_url(&base_url)
+            )));
+        }
+        if settings.model.trim().is_empty() {
+            return Err(misconfigured("the model name is empty".into()));
+        }
+        // A key read from a file often ends in a newline; async-openai would panic building the
+        // header from it, so it is trimmed, and a key that still cannot be a header is refused.
+        let api_key = settings.api_key.as_deref().map(str::trim);
+        if let Some(key) = api_key
+            && reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).is_err()
+        {
+            return Err(misconfigured(
+                "the API key has characters not allowed in a header".into(),
+            ));
+        }
+
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("chatfleet/", env!("CARGO_PKG_VERSION")))
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()
+            .map_err(|error| misconfigured(format!("cannot build the HTTP client: {error}")))?;
+
+        // Every field is set explicitly: `OpenAIConfig::new()` would otherwise pick up
+        // OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_ORG_ID and OPENAI_PROJECT_ID from the
+        // environment, and the settings are meant to be the whole truth.
+        let config = OpenAIConfig::new()
+            .with_api_base(base_url.clone())
+            .with_api_key(api_key.unwrap_or_default())
+            .with_org_id("")
+            .with_project_id("");
+        let client = Client::build(http.clone(), config);
+
+        Ok(Self {
+            client,
+            http,
+            send_key: api_key.is_some(),
+            model: settings.model,
+            shown_url: redact_url(&base_url),
+            first_token_timeout: settings.first_token_timeout,
+            idle_timeout: settings.idle_timeout,
+            max_tokens: settings.max_tokens,
+        })
+    }
+
+    fn completion_request(&self, request: &ChatRequest) -> CreateChatCompletionRequest {
+        let max_completion_tokens = match (request.max_tokens, self.max_tokens) {
+            (Some(asked), Some(ceiling)) => Some(asked.min(ceiling)),
+            (asked, ceiling) => asked.or(ceiling),
+        };
+        CreateChatCompletionRequest {
+            model: self.model.clone(),
+            messages: request.messages.iter().map(openai_message).collect(),
+            stream: Some(true),
+            stream_options: Some(ChatCompletionStreamOptions {
+                include_usage: Some(true),
+                include_obfuscation: None,
+            }),
+            max_completion_tokens,
+            ..Default::default()
+        }
+    }
+}
+
+#[async_trait]
+impl ChatModel for OpenAiModel {
+    async fn stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
+        let first_chunk_deadline = Instant::now() + self.first_token_timeout;
+        let body = self.completion_request(&request);
+
+        // A client per request costs a few clones (the HTTP pool is shared); it lets this
+        // request's transport report whether its own stream saw `[DONE]`.
+        let saw_done = Arc::new(AtomicBool::new(false));
+        let client = self.client.clone().with_http_service(SendOnce {
+            http: self.http.clone(),
+            send_key: self.send_key,
+            saw_done: Some(Arc::clone(&saw_done)),
+        });
+        let opened =
+            tokio::time::timeout_at(first_chunk_deadline, client.chat().create_stream(body))
+                .await
+                .map_err(|_| first_chunk_timeout(self.first_token_timeout))?
+                .map_err(|error| classify(&error))?;
+
+        let progress = Progress {
+            inner: opened,
+            first_chunk_deadline,
+            first_token_timeout: self.first_token_timeout,
+            idle_timeout: self.idle_timeout,
+            seen_chunk: false,
+            finish_reason: None,
+            usage: None,
+            saw_done,
+            ended: false,
+        };
+        Ok(
+            futures::stream::unfold(progress, |mut progress| async move {
+                let item = progress.next_item().await?;
+                Some((item, progress))
+            })
+            .boxed(),
+        )
+    }
+
+    fn describe(&self) -> String {
+        format!("{} at {}", self.model, self.shown_url)
+    }
+}
+
+fn openai_message(message: &ChatMessage) -> ChatCompletionRequestMessage {
+    let text = message.content.clone();
+    match message.role {
+        ChatRole::System => {
+            ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
+                content: ChatCompletionRequestSystemMessageContent::Text(text),
+                name: None,
+            })
+        }
+        ChatRole::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+            content: ChatCompletionRequestUserMessageContent::Text(text),
+            name: None,
+        }),
+        ChatRole::Assistant => {
+            ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
+                content: Some(ChatCompletionRequestAssistantMessageContent::Text(text)),
+                ..Default::default()
+            })
+        }
+    }
+}
+
+/// The state of one streamed reply as it is turned into [`ChatChunk`]s.
+struct Progress {
+    inner: ChatCompletionResponseStream,
+    first_chunk_deadline: Instant,
+    first_token_timeout: Duration,
+    idle_timeout: Duration,
+    seen_chunk: bool,
+    /// Set when the model said why it stopped. The reply then ends at the next end of stream,
+    /// which normally first brings the usage chunk.
+    finish_reason: Option<FinishReason>,
+    usage: Option<Usage>,
+    saw_done: Arc<AtomicBool>,
+    ended: bool,
+}
+
+impl Progress {
+    async fn next_item(&mut self) -> Option<Result<ChatChunk, LlmError>> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            let next = if self.seen_chunk {
+                tokio::time::timeout(self.idle_timeout, self.inner.next()).await
+            } else {
+                tokio::time::timeout_at(self.first_chunk_deadline, self.inner.next()).await
+            };
+            let event = match next {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => {
+                    self.ended = true;
+                    // Without a finish reason only `[DONE]` tells a complete reply from one
+                    // whose connection closed early.
+                    if self.finish_reason.is_none() && !self.saw_done.load(Ordering::Acquire) {
+                        return Some(Err(LlmError::Transient {
+                            message: "the model's stream ended before the reply was finished"
+                                .into(),
+                            retry_after: None,
+                        }));
+                    }
+                    return Some(Ok(self.finished()));
+                }
+                Ok(Some(Err(error))) => {
+                    self.ended = true;
+                    // Once the finish reason is in, the reply is whole; a failure while
+                    // waiting for the usage chunk costs only the usage.
+                    if self.finish_reason.is_some() {
+                        return Some(Ok(self.finished()));
+                    }
+                    return Some(Err(classify(&error)));
+                }
+                Err(_elapsed) => {
+                    self.ended = true;
+                    if self.finish_reason.is_some() {
+                        return Some(Ok(self.finished()));
+                    }
+                    if !self.seen_chunk {
+                        return Some(Err(first_chunk_timeout(self.first_token_timeout)));
+                    }
+                    return Some(Err(LlmError::Transient {
+                        message: format!(
+                            "the model sent nothing for {} ms mid-reply",
+                            self.idle_timeout.as_millis()
+                        ),
+                        retry_after: None,
+                    }));
+                }
+            };
+
+            self.seen_chunk = true;
+            if let Some(usage) = event.usage {
+                self.usage = Some(Usage {
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                });
+            }
+            // One reply is asked for, so only the first choice matters.
+            if let Some(choice) = event.choices.into_iter().find(|choice| choice.index == 0) {
+                if let Some(reason) = choice.finish_reason {
+                    self.finish_reason = Some(finish_reason(reason));
+                }
+                if let Some(text) = choice.delta.content
+                    && !text.is_empty()
+                {
+                    return Some(Ok(ChatChunk::Delta(text)));
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self) -> ChatChunk {
+        ChatChunk::Finished {
+            finish_reason: self.finish_reason.take().unwrap_or(FinishReason::Stop),
+            usage: self.usage,
+        }
+    }
+}
+
+fn finish_reason(reason: OpenAiFinishReason) -> FinishReason {
+    match reason {
+        OpenAiFinishReason::Stop => FinishReason::Stop,
+        OpenAiFinishReason::Length => FinishReason::Length,
+        OpenAiFinishReason::ContentFilter => FinishReason::ContentFilter,
+        OpenAiFinishReason::ToolCalls => FinishReason::Other("tool_calls".into()),
+        OpenAiFinishReason::FunctionCall => FinishReason::Other("function_call".into()),
+    }
+}
+
+fn first_chunk_timeout(limit: Duration) -> LlmError {
+    LlmError::Transient {
+        message: format!("no reply from the model within {} ms", limit.as_millis()),
+        retry_after: None,
+    }
+}
+
+/// Sorts an async-openai error into what the caller should do next.
+fn classify(error: &OpenAIError) -> LlmError {
+    match error {
+        OpenAIError::Boxed(inner) => match inner.downcast_ref::<HttpFailure>() {
+            Some(failure) => error_for_status(
+                failure.status,
+                &failure.detail,
+                failure.api_code.as_deref(),
+                failure.retry_after,
+            ),
+            None => transient(format!("model request failed: {inner}")),
+        },
+        // Our transport turns every non-2xx answer into `HttpFailure`, so this only happens if
+        // async-openai itself starts reporting statuses in a new place.
+        OpenAIError::ApiError(response) => error_for_status(
+            response.status_code.as_u16(),
+            &response.api_error.message,
+            api_code(&response.api_error),
+            None,
+        ),
+        OpenAIError::Reqwest(error) if error.is_builder() => LlmError::Permanent {
+            code: "model_misconfigured".into(),
+            message: format!("cannot build the model request: {error}"),
+        },
+        OpenAIError::Reqwest(error) => transient(format!("model connection failed: {error}")),
+        OpenAIError::StreamError(error) => transient(format!("model stream failed: {error}")),
+        OpenAIError::JSONDeserialize(error, content) => {
+            // OpenAI reports failures that happen mid-stream as an error object in place of a
+            // chunk; those are the server's trouble and worth another try.
+            if let Ok(wrapped) = serde_json::from_str::<WrappedError>(content) {
+                return transient(format!("model failed mid-reply: {}", wrapped.error.message));
+            }
+            LlmError::Permanent {
+                code: "model_bad_response".into(),
+                message: format!("the model sent something that is not a chat chunk: {error}"),
+            }
+        }
+        OpenAIError::InvalidArgument(message) => LlmError::Permanent {
+            code: "model_bad_request".into(),
+            message: message.clone(),
+        },
+        other => LlmError::Permanent {
+            code: "model_client_error".into(),
+            message: other.to_string(),
+        },
+    }
+}
+
+fn transient(message: String) -> LlmError {
+    LlmError::Transient {
+        message,
+        retry_after: None,
+    }
+}
+
+fn api_code(error: &ApiError) -> Option<&str> {
+    error.code.as_deref().or(error.r#type.as_deref())
+}
+
+/// The error for an HTTP failure status. Shared with the stand-in model, so that both classify
+/// a fault directive alike.
+///
+/// 408, 409, 425, 429 and 5xx are transient (except a 429 for exhausted quota); other 4xx are
+/// permanent, with codes `model_bad_request` (400, 422), `model_unauthorized` (401),
+/// `model_forbidden` (403), `model_not_found` (404), `model_request_too_large` (413),
+/// `model_context_too_long` (a 400 saying so), `model_quota_exhausted`, or `model_rejected`.
+pub(crate) fn error_for_status(
+    status: u16,
+    detail: &str,
+    api_code: Option<&str>,
+    retry_after: Option<Duration>,
+) -> LlmError {
+    let message = if detail.is_empty() {
+        format!("the model answered HTTP {status}")
+    } else {
+        format!("the model answered HTTP {status}: {detail}")
+    };
+    if api_code == Some("insufficient_quota") {
+        return LlmError::Permanent {
+            code: "model_quota_exhausted".into(),
+            message,
+        };
+    }
+    if matches!(status, 408 | 409 | 425 | 429) || (500..=599).contains(&status) {
+        return LlmError::Transient {
+            message,
+            retry_after,
+        };
+    }
+    let code = match status {
+        400 if api_code == Some("context_length_exceeded") => "model_context_too_long",
+        400 | 422 => "model_bad_request",
+        401 => "model_unauthorized",
+        403 => "model_forbidden",
+        404 => "model_not_found",
+        413 => "model_request_too_large",
+        _ => "model_rejected",
+    };
+    LlmError::Permanent {
+        code: code.into(),
+        message,
+    }
+}
+
+/// A non-2xx answer, with what async-openai would otherwise drop.
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP {status}: {detail}")]
+struct HttpFailure {
+    status: u16,
+    retry_after: Option<Duration>,
+    /// The error message from the body, or the start of the body.
+    detail: String,
+    api_code: Option<String>,
+}
+
+/// The transport under async-openai: sends each request once, with no retries, keeps failures'
+/// headers, and marks `saw_done` when the body carries the `[DONE]` line.
+#[derive(Clone)]
+struct SendOnce {
+    http: reqwest::Client,
+    send_key: bool,
+    saw_done: Option<Arc<AtomicBool>>,
+}
+
+impl tower::Service<HttpRequestFactory> for SendOnce {
+    type Response = reqwest::Response;
+    type Error = OpenAIError;
+    type Future = BoxFuture<'static, Result<reqwest::Response, OpenAIError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut request = factory.build().await?;
+            if !this.send_key {
+                request.headers_mut().remove(AUTHORIZATION);
+            }
+            let response = this.http.execute(request).await?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(OpenAIError::Boxed(Box::new(read_failure(response).await)));
+            }
+            let Some(saw_done) = this.saw_done else {
+                return Ok(response);
+            };
+
+            let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+            let chunks = reqwest::Response::from(http::Response::new(body)).bytes_stream();
+            let watched = watch_for_done(chunks, saw_done);
+            Ok(reqwest::Response::from(http::Response::from_parts(
+                parts,
+                reqwest::Body::wrap_stream(watched),
+            )))
+        })
+    }
+}
+
+async fn read_failure(response: reqwest::Response) -> HttpFailure {
+    const MAX_DETAIL_CHARS: usize = 500;
+    let status = response.status().as_u16();
+    let retry_after = retry_after(response.headers());
+    // The status alone classifies the failure, so a body that cannot be read costs only detail.
+    let body = response.bytes().await.unwrap_or_default();
+    let (detail, api_code) = match serde_json::from_slice::<WrappedError>(&body) {
+        Ok(wrapped) => {
+            let code = api_code(&wrapped.error).map(str::to_owned);
+            (wrapped.error.message, code)
+        }
+        Err(_) => (String::from_utf8_lossy(&body).trim().to_owned(), None),
+    };
+    let detail = detail.chars().take(MAX_DETAIL_CHARS).collect();
+    HttpFailure {
+        status,
+        retry_after,
+        detail,
+        api_code,
+    }
+}
+
+/// The wait a failure asks for: `retry-after-ms` (OpenAI and Azure send it), else
+/// `Retry-After` in seconds. The HTTP-date form of `Retry-After` is not understood.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let number = |name| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().parse::<f64>().ok())
+    };
+    let from_ms = number(reqwest::header::HeaderName::from_static("retry-after-ms"))
+        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok());
+    from_ms.or_else(|| number(RETRY_AFTER).and_then(|s| Duration::try_from_secs_f64(s).ok()))
+}
+
+/// Passes the body through unchanged, setting `flag` once a line reading `data: [DONE]` goes by.
+fn watch_for_done(
+    body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    flag: Arc<AtomicBool>,
+) -> impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static {
+    let mut lines = DoneLine::default();
+    body.inspect(move |chunk| {
+        if let Ok(bytes) = chunk
+            && lines.feed(bytes)
+        {
+            flag.store(true, Ordering::Release);
+        }
+    })
+}
+
+/// Finds `data: [DONE]` lines in a byte stream cut at arbitrary places, keeping only the start
+/// of the current line.
+#[derive(Default)]
+struct DoneLine {
+    line: Vec<u8>,
+    too_long: bool,
+}
+
+impl DoneLine {
+    const LONGEST: usize = 16;
+
+    /// Feeds more bytes; true if a `[DONE]` line ended among them.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        let mut found = false;
+        for &byte in bytes {
+            if byte == b'\n' || byte == b'\r' {
+                let line = self.line.trim_ascii();
+                found |= !self.too_long && (line == b"data: [DONE]" || line == b"data:[DONE]");
+                self.line.clear();
+                self.too_long = false;
+            } else if self.line.len() < Self::LONGEST {
+                self.line.push(byte);
+            } else {
+                self.too_long = true;
+            }
+        }
+        found
+    }
+}
+
+/// The URL with any user name and password taken out.
+fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string().trim_end_matches('/').to_owned()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_lines_are_found_even_when_split_across_chunks() {
+        let mut lines = DoneLine::default();
+
+        let first = lines.feed(b"data: {\"x\":1}\n\ndata: [DO");
+        let second = lines.feed(b"NE]\n\n");
+
+        assert!(!first);
+        assert!(second);
+    }
+
+    #[test]
+    fn done_inside_content_is_not_taken_for_the_end_of_the_stream() {
+        let mut lines = DoneLine::default();
+
+        let found = lines.feed(b"data: {\"content\":\"data: [DONE]\"}\n\n");
+
+        assert!(!found);
+    }
+
+    #[test]
+    fn retry_after_prefers_milliseconds_over_seconds() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "2".parse().unwrap());
+        let seconds_only = retry_after(&headers);
+        headers.insert("retry-after-ms", "50".parse().unwrap());
+
+        let both = retry_after(&headers);
+
+        assert_eq!(seconds_only, Some(Duration::from_secs(2)));
+        assert_eq!(both, Some(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn statuses_are_sorted_into_transient_and_permanent() {
+        let wait = Some(Duration::from_millis(5));
+
+        let rate_limited = error_for_status(429, "slow down", None, wait);
+        let no_quota = error_for_status(429, "no money", Some("insufficient_quota"), None);
+        let unavailable = error_for_status(503, "", None, None);
+        let unauthorized = error_for_status(401, "bad key", None, None);
+        let too_long = error_for_status(400, "too long", Some("context_length_exceeded"), None);
+
+        assert_eq!(
+            rate_limited,
+            LlmError::Transient {
+                message: "the model answered HTTP 429: slow down".into(),
+                retry_after: wait
+            }
+        );
+        assert!(
+            matches!(no_quota, LlmError::Permanent { code, .. } if code == "model_quota_exhausted")
+        );
+        assert!(unavailable.is_transient());
+        assert!(
+            matches!(unauthorized, LlmError::Permanent { code, .. } if code == "model_unauthorized")
+        );
+        assert!(
+            matches!(too_long, LlmError::Permanent { code, .. } if code == "model_context_too_long")
+        );
+    }
+
+    #[test]
+    fn the_key_and_url_credentials_stay_out_of_debug_output() {
+        let settings = OpenAiSettings {
+            base_url: "https://user:hunter2@models.example/v1".into(),
+            api_key: Some("sk-secret-value".into()),
+            model: "m".into(),
+            first_token_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_tokens: None,
+        };
+
+        let settings_debug = format!("{settings:?}");
+        let model = OpenAiModel::new(settings).unwrap();
+        let model_debug = format!("{model:?} {}", model.describe());
+
+        for shown in [settings_debug, model_debug] {
+            assert!(!shown.contains("sk-secret-value"), "{shown}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn an_unusable_base_url_is_a_permanent_misconfiguration() {
+        let settings = OpenAiSettings {
+            base_url: "ftp://models.example".into(),
+            api_key: None,
+            model: "m".into(),
+            first_token_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_tokens: None,
+        };
+
+        let error = OpenAiModel::new(settings).unwrap_err();
+
+        assert!(matches!(error, LlmError::Permanent { code, .. } if code == "model_misconfigured"));
+    }
+}
