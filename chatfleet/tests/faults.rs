@@ -1,0 +1,94 @@
+//! What happens when the broker goes away or delivers twice.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{Backend, TestApp, read_until_terminals};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_recovers() {
+    let mut app = TestApp::spawn(Backend::NatsMongo).await;
+    let session = app.create_session().await;
+    app.send_streaming(&session, json!({"text": "before the outage"})).await;
+
+    app.nats_mut().stop().await;
+    let started = Instant::now();
+    let during = app.post_message(&session, json!({"text": "during the outage", "client_message_id": "outage-1"})).await;
+    let took = started.elapsed();
+    let streaming = app
+        .http
+        .post(app.url(&format!("/v1/sessions/{}/messages", session.id)))
+        .bearer_auth(&session.token)
+        .header("Accept", "text/event-stream")
+        .json(&json!({"text": "streaming during the outage"}))
+        .send()
+        .await
+        .unwrap();
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+
+    assert_eq!(during.status(), 503);
+    assert!(took < Duration::from_secs(2), "503 took {took:?}");
+    let body: serde_json::Value = during.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bus_unavailable");
+    assert_eq!(streaming.status(), 503);
+    assert_eq!(ready.status(), 503);
+
+    app.nats_mut().restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = app.post_message(&session, json!({"text": "during the outage", "client_message_id": "outage-1"})).await;
+        if r.status() == 202 {
+            break;
+        }
+        assert_eq!(r.status(), 503);
+        assert!(Instant::now() < deadline, "the gateway did not recover within 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let history = app.wait_for_replies(&session, 2, Duration::from_secs(30)).await;
+    assert_eq!(app.http.get(app.url("/readyz")).send().await.unwrap().status(), 200);
+    let texts: Vec<&str> = history.iter().filter(|m| m["role"] == "user").map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["before the outage", "during the outage"], "the retried message is answered exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_twice_by_the_bus_is_answered_once() {
+    let app = TestApp::spawn(Backend::NatsMongo).await;
+    let session = app.create_session().await;
+    let listener = app
+        .http
+        .get(app.url(&format!("/v1/sessions/{}/events", session.id)))
+        .bearer_auth(&session.token)
+        .send()
+        .await
+        .unwrap();
+
+    // Publish the same envelope twice without a deduplication id, as a redelivery would.
+    let client = async_nats::connect(app.nats.as_ref().unwrap().url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let session_id = schemas::SessionId::parse(&session.id).unwrap();
+    let partition = schemas::PartitionCount::new(app.options.partitions).unwrap().of(&session_id);
+    let subject = schemas::subjects::Names::default().input_subject(partition, &session_id);
+    let envelope = schemas::UserMessage {
+        v: schemas::ENVELOPE_VERSION,
+        session_id,
+        message_id: schemas::MessageId::parse("m_twice").unwrap(),
+        text: "say it once".into(),
+        accepted_at: time::OffsetDateTime::now_utc(),
+    };
+    let payload = serde_json::to_vec(&envelope).unwrap();
+    for _ in 0..2 {
+        js.publish(subject.clone(), payload.clone().into()).await.unwrap().await.unwrap();
+    }
+    // A later message of the same session is handled after both copies.
+    let after: serde_json::Value = app.post_message(&session, json!({"text": "and then this"})).await.json().await.unwrap();
+    let events = read_until_terminals(listener, 2, Duration::from_secs(30)).await;
+    let history = app.history(&session).await;
+
+    let dones: Vec<_> = events.iter().filter(|e| e.event == "done").map(|e| e.data["message_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(dones, ["m_twice", after["message_id"].as_str().unwrap()], "one done per message, in order");
+    assert_eq!(history.iter().filter(|m| m["reply_to"] == "m_twice").count(), 1);
+    assert_eq!(history.iter().filter(|m| m["message_id"] == "m_twice").count(), 1);
+    assert_eq!(history.len(), 4);
+}
