@@ -239,4 +239,3 @@ pub struct MockLlmArgs {
     #[command(flatten)]
     pub log: LogArgs,
 }
-

@@ -117,7 +117,9 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
 pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let partitions = partitions(args.partitions.partitions)?;
     let bus_choice = match wiring::parse_bus(&args.bus)? {
-        BusChoice::Memory => anyhow::bail!("--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222"),
+        BusChoice::Memory => {
+            anyhow::bail!("--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222")
+        }
         other => other,
     };
     let store = wiring::connect_store(&args.store, false).await?;
@@ -138,7 +140,9 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
     llm::openai::install_crypto_provider();
     let partitions = partitions(args.partitions.partitions)?;
     let bus_choice = match wiring::parse_bus(&args.bus)? {
-        BusChoice::Memory => anyhow::bail!("--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222"),
+        BusChoice::Memory => {
+            anyhow::bail!("--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222")
+        }
         other => other,
     };
     let model = wiring::connect_model(&args.model)?.ok_or_else(|| {
@@ -156,9 +160,10 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
     let stop = shutdown_token(shutdown);
     let ops = ops_router(bus.clone(), store.clone());
     let ops_stop = stop.clone();
-    let ops_server = tokio::spawn(async move {
-        axum::serve(listener, ops).with_graceful_shutdown(ops_stop.cancelled_owned()).await
-    });
+    let ops_server =
+        tokio::spawn(
+            async move { axum::serve(listener, ops).with_graceful_shutdown(ops_stop.cancelled_owned()).await },
+        );
     tracing::info!(event = "worker_ops_listening", listen = %address, "health and metrics on http://{address}");
     let worker = Worker::new(bus, store, model, worker_config(worker_id, &args.worker));
     worker.run(stop.clone().cancelled_owned()).await;
@@ -190,9 +195,11 @@ async fn ops_ready(axum::extract::State(state): axum::extract::State<OpsState>) 
     let timeout = Duration::from_secs(1);
     let bus_ok = matches!(tokio::time::timeout(timeout, state.bus.ping()).await, Ok(Ok(())));
     let store_ok = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
-    let status = if bus_ok && store_ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let status =
+        if bus_ok && store_ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
     let label = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let body: std::collections::BTreeMap<&str, &str> = [("bus", label(bus_ok)), ("store", label(store_ok))].into_iter().collect();
+    let body: std::collections::BTreeMap<&str, &str> =
+        [("bus", label(bus_ok)), ("store", label(store_ok))].into_iter().collect();
     (status, axum::Json(body)).into_response()
 }
 

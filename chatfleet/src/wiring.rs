@@ -32,7 +32,11 @@ pub fn parse_bus(url: &str) -> anyhow::Result<BusChoice> {
     }
 }
 
-pub async fn connect_bus(choice: BusChoice, partitions: PartitionCount, client_name: &str) -> anyhow::Result<Arc<dyn Bus>> {
+pub async fn connect_bus(
+    choice: BusChoice,
+    partitions: PartitionCount,
+    client_name: &str,
+) -> anyhow::Result<Arc<dyn Bus>> {
     match choice {
         BusChoice::Memory => Ok(Arc::new(MemoryBus::new(partitions))),
         BusChoice::Nats(url) => {
@@ -69,7 +73,9 @@ pub async fn connect_store(url: &str, allow_embedded: bool) -> anyhow::Result<Ar
 
 /// The model named by the settings; None when no endpoint is configured.
 pub fn connect_model(args: &ModelArgs) -> anyhow::Result<Option<Arc<dyn ChatModel>>> {
-    let Some(base_url) = &args.llm_base_url else { return Ok(None) };
+    let Some(base_url) = &args.llm_base_url else {
+        return Ok(None);
+    };
     if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
         bail!("--llm-base-url / OPENAI_BASE_URL: {base_url:?} is not an http(s) URL");
     }

@@ -64,7 +64,9 @@ async fn creating_a_session_returns_an_id_and_a_token(backend: Backend) {
 
 async fn session_creation_validates_user_and_metadata(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let post = |body: String| app.http.post(app.url("/v1/sessions")).header("content-type", "application/json").body(body).send();
+    let post = |body: String| {
+        app.http.post(app.url("/v1/sessions")).header("content-type", "application/json").body(body).send()
+    };
 
     let ok = post(json!({"user": "u-1", "metadata": {"plan": "pro"}}).to_string()).await.unwrap();
     let long_user = post(json!({"user": "x".repeat(129)}).to_string()).await.unwrap();
@@ -82,7 +84,11 @@ async fn session_creation_validates_user_and_metadata(backend: Backend) {
 }
 
 async fn api_keys_guard_session_creation_when_configured(backend: Backend) {
-    let app = TestApp::spawn_with(backend, Options { api_keys: vec!["key-one".into(), "key-two".into()], ..Options::default() }).await;
+    let app = TestApp::spawn_with(
+        backend,
+        Options { api_keys: vec!["key-one".into(), "key-two".into()], ..Options::default() },
+    )
+    .await;
 
     let none = app.http.post(app.url("/v1/sessions")).send().await.unwrap();
     let wrong = app.http.post(app.url("/v1/sessions")).bearer_auth("key-three").send().await.unwrap();
@@ -243,14 +249,8 @@ async fn calls_without_a_token_get_401_and_with_a_foreign_token_403(backend: Bac
     let none = app.http.get(&history_url).send().await.unwrap();
     let garbage = app.http.get(&history_url).bearer_auth("v1.nope.nope").send().await.unwrap();
     let foreign = app.http.get(&history_url).bearer_auth(&theirs.token).send().await.unwrap();
-    let foreign_post = app
-        .http
-        .post(&history_url)
-        .bearer_auth(&theirs.token)
-        .json(&json!({"text": "sneaky"}))
-        .send()
-        .await
-        .unwrap();
+    let foreign_post =
+        app.http.post(&history_url).bearer_auth(&theirs.token).json(&json!({"text": "sneaky"})).send().await.unwrap();
     let foreign_events = app
         .http
         .get(app.url(&format!("/v1/sessions/{}/events", mine.id)))
@@ -258,7 +258,8 @@ async fn calls_without_a_token_get_401_and_with_a_foreign_token_403(backend: Bac
         .send()
         .await
         .unwrap();
-    let foreign_delete = app.http.delete(app.url(&format!("/v1/sessions/{}", mine.id))).bearer_auth(&theirs.token).send().await.unwrap();
+    let foreign_delete =
+        app.http.delete(app.url(&format!("/v1/sessions/{}", mine.id))).bearer_auth(&theirs.token).send().await.unwrap();
 
     assert_eq!(none.status(), 401);
     assert_eq!(error_code(&none.json().await.unwrap()), "unauthorized");
@@ -307,7 +308,9 @@ async fn bad_message_bodies_get_clear_errors(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let session = app.create_session().await;
     let url = app.url(&format!("/v1/sessions/{}/messages", session.id));
-    let raw = |body: String| app.http.post(&url).bearer_auth(&session.token).header("content-type", "application/json").body(body).send();
+    let raw = |body: String| {
+        app.http.post(&url).bearer_auth(&session.token).header("content-type", "application/json").body(body).send()
+    };
 
     let cases = [
         ("{not json".to_owned(), 400, "invalid_json"),
@@ -330,7 +333,12 @@ async fn bad_message_bodies_get_clear_errors(backend: Backend) {
     }
     let exactly_max = raw(json!({"text": "a".repeat(16384)}).to_string()).await.unwrap();
     assert_eq!(exactly_max.status(), 202);
-    let unknown = app.post_message(&support::Session { id: "no-such-session".into(), token: session.token.clone() }, json!({"text": "x"})).await;
+    let unknown = app
+        .post_message(
+            &support::Session { id: "no-such-session".into(), token: session.token.clone() },
+            json!({"text": "x"}),
+        )
+        .await;
     assert_eq!(unknown.status(), 403, "a token names its own session only");
 }
 
@@ -443,4 +451,3 @@ async fn hundreds_of_concurrent_sessions_each_get_their_own_reply(backend: Backe
         assert!(events.iter().all(|e| e.data["session_id"] == session.id.as_str()));
     }
 }
-

@@ -40,7 +40,16 @@ fn help_explains_every_role() {
         assert!(help.contains(role), "{help}");
     }
     let worker_help = String::from_utf8_lossy(&chatfleet(&["worker", "--help"]).stdout).to_string();
-    for flag in ["--bus", "--store", "--llm-base-url", "--llm-api-key", "--model", "--partitions", "CHATFLEET_BUS", "OPENAI_BASE_URL"] {
+    for flag in [
+        "--bus",
+        "--store",
+        "--llm-base-url",
+        "--llm-api-key",
+        "--model",
+        "--partitions",
+        "CHATFLEET_BUS",
+        "OPENAI_BASE_URL",
+    ] {
         assert!(worker_help.contains(flag), "worker --help lacks {flag}");
     }
 }
@@ -62,13 +71,20 @@ fn a_bad_bus_url_names_the_setting() {
 async fn an_unreachable_bus_ends_start_up_with_one_line() {
     let mongo = testkit::MongoServer::start().await;
     let (bus, store) = (format!("nats://127.0.0.1:{}", testkit::free_port()), mongo.url());
-    let out = tokio::task::spawn_blocking(move || chatfleet(&["gateway", "--bus", &bus, "--store", &store])).await.unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || chatfleet(&["gateway", "--bus", &bus, "--store", &store])).await.unwrap();
     assert_one_clear_line(&out, &["--bus", "cannot reach NATS"]);
 }
 
 #[test]
 fn an_unreachable_store_ends_start_up_with_one_line() {
-    let out = chatfleet(&["gateway", "--bus", "nats://127.0.0.1:4222", "--store", "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300"]);
+    let out = chatfleet(&[
+        "gateway",
+        "--bus",
+        "nats://127.0.0.1:4222",
+        "--store",
+        "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300",
+    ]);
     assert_one_clear_line(&out, &["--store", "127.0.0.1:1"]);
 }
 
@@ -125,8 +141,10 @@ async fn nats_server_older_than_2_11_is_refused_at_start_up() {
     let mongo = testkit::MongoServer::start().await;
     let url = format!("nats://127.0.0.1:{port}");
     let store = mongo.url();
-    let out = tokio::task::spawn_blocking(move || chatfleet(&["gateway", "--bus", &url, "--store", &store, "--listen", "127.0.0.1:0"]))
-        .await
-        .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        chatfleet(&["gateway", "--bus", &url, "--store", &store, "--listen", "127.0.0.1:0"])
+    })
+    .await
+    .unwrap();
     assert_one_clear_line(&out, &["2.9.10", "too old", "2.11"]);
 }

@@ -15,7 +15,8 @@ async fn the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_re
 
     app.nats_mut().stop().await;
     let started = Instant::now();
-    let during = app.post_message(&session, json!({"text": "during the outage", "client_message_id": "outage-1"})).await;
+    let during =
+        app.post_message(&session, json!({"text": "during the outage", "client_message_id": "outage-1"})).await;
     let took = started.elapsed();
     let streaming = app
         .http
@@ -48,7 +49,8 @@ async fn the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_re
     }
     let history = app.wait_for_replies(&session, 2, Duration::from_secs(30)).await;
     assert_eq!(app.http.get(app.url("/readyz")).send().await.unwrap().status(), 200);
-    let texts: Vec<&str> = history.iter().filter(|m| m["role"] == "user").map(|m| m["text"].as_str().unwrap()).collect();
+    let texts: Vec<&str> =
+        history.iter().filter(|m| m["role"] == "user").map(|m| m["text"].as_str().unwrap()).collect();
     assert_eq!(texts, ["before the outage", "during the outage"], "the retried message is answered exactly once");
 }
 
@@ -82,11 +84,16 @@ async fn a_message_delivered_twice_by_the_bus_is_answered_once() {
         js.publish(subject.clone(), payload.clone().into()).await.unwrap().await.unwrap();
     }
     // A later message of the same session is handled after both copies.
-    let after: serde_json::Value = app.post_message(&session, json!({"text": "and then this"})).await.json().await.unwrap();
+    let after: serde_json::Value =
+        app.post_message(&session, json!({"text": "and then this"})).await.json().await.unwrap();
     let events = read_until_terminals(listener, 2, Duration::from_secs(30)).await;
     let history = app.history(&session).await;
 
-    let dones: Vec<_> = events.iter().filter(|e| e.event == "done").map(|e| e.data["message_id"].as_str().unwrap().to_owned()).collect();
+    let dones: Vec<_> = events
+        .iter()
+        .filter(|e| e.event == "done")
+        .map(|e| e.data["message_id"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(dones, ["m_twice", after["message_id"].as_str().unwrap()], "one done per message, in order");
     assert_eq!(history.iter().filter(|m| m["reply_to"] == "m_twice").count(), 1);
     assert_eq!(history.iter().filter(|m| m["message_id"] == "m_twice").count(), 1);

@@ -52,8 +52,24 @@ async fn a_gateway_and_two_worker_processes_serve_many_sessions() {
     let worker_ports = [testkit::free_port(), testkit::free_port()];
     let s = |x: &str| x.to_owned();
 
-    let _mock = spawn(&[s("mock-llm"), s("--listen"), format!("127.0.0.1:{mock_port}"), s("--first-token-ms"), s("20"), s("--token-ms"), s("2")]);
-    let _gateway = spawn(&[s("gateway"), s("--listen"), format!("127.0.0.1:{gateway_port}"), s("--bus"), nats.url(), s("--store"), store.clone()]);
+    let _mock = spawn(&[
+        s("mock-llm"),
+        s("--listen"),
+        format!("127.0.0.1:{mock_port}"),
+        s("--first-token-ms"),
+        s("20"),
+        s("--token-ms"),
+        s("2"),
+    ]);
+    let _gateway = spawn(&[
+        s("gateway"),
+        s("--listen"),
+        format!("127.0.0.1:{gateway_port}"),
+        s("--bus"),
+        nats.url(),
+        s("--store"),
+        store.clone(),
+    ]);
     let _workers: Vec<Proc> = worker_ports
         .iter()
         .map(|port| {
@@ -83,7 +99,8 @@ async fn a_gateway_and_two_worker_processes_serve_many_sessions() {
         let (http, base) = (&http, &base);
         async move {
             let created: Value = http.post(format!("{base}/v1/sessions")).send().await.unwrap().json().await.unwrap();
-            let (id, token) = (created["session_id"].as_str().unwrap().to_owned(), created["token"].as_str().unwrap().to_owned());
+            let (id, token) =
+                (created["session_id"].as_str().unwrap().to_owned(), created["token"].as_str().unwrap().to_owned());
             let mut replies = Vec::new();
             for turn in 0..2 {
                 let text = format!("session {i} turn {turn} {id}");

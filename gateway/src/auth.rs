@@ -72,10 +72,12 @@ pub fn bearer(headers: &HeaderMap, access_token: Option<&str>) -> Option<String>
 
 /// Checks that the request carries a token for `session`.
 pub fn authorize_session(key: &TokenKey, token: Option<String>, session: &str) -> Result<SessionId, ApiError> {
-    let token = token.ok_or_else(|| ApiError::Unauthorized("this call needs the session's token, as 'Authorization: Bearer <token>' or '?access_token=<token>'".into()))?;
-    let owner = key
-        .verify(&token)
-        .ok_or_else(|| ApiError::Unauthorized("the session token is not valid".into()))?;
+    let token = token.ok_or_else(|| {
+        ApiError::Unauthorized(
+            "this call needs the session's token, as 'Authorization: Bearer <token>' or '?access_token=<token>'".into(),
+        )
+    })?;
+    let owner = key.verify(&token).ok_or_else(|| ApiError::Unauthorized("the session token is not valid".into()))?;
     if owner.as_str() != session {
         return Err(ApiError::Forbidden);
     }
@@ -87,7 +89,9 @@ pub fn authorize_api_key(keys: &[String], token: Option<String>) -> Result<(), A
     if keys.is_empty() {
         return Ok(());
     }
-    let token = token.ok_or_else(|| ApiError::Unauthorized("creating a session needs an API key, as 'Authorization: Bearer <api key>'".into()))?;
+    let token = token.ok_or_else(|| {
+        ApiError::Unauthorized("creating a session needs an API key, as 'Authorization: Bearer <api key>'".into())
+    })?;
     // Compare every key in full so that timing does not reveal how much of a key matched.
     let matched = keys.iter().fold(false, |found, key| found | constant_time_eq(key.as_bytes(), token.as_bytes()));
     if matched { Ok(()) } else { Err(ApiError::Unauthorized("the API key is not valid".into())) }

@@ -105,7 +105,14 @@ impl Gateway {
                 store.shared_secret(TOKEN_KEY_NAME, &proposed).await?
             }
         };
-        let state = AppState { bus, store, tokens: TokenKey::new(key), config: Arc::new(config), metrics, closing: CancellationToken::new() };
+        let state = AppState {
+            bus,
+            store,
+            tokens: TokenKey::new(key),
+            config: Arc::new(config),
+            metrics,
+            closing: CancellationToken::new(),
+        };
         Ok(Self { state })
     }
 
@@ -115,7 +122,11 @@ impl Gateway {
     }
 
     /// Serves on `listener` until `shutdown` resolves; open streams are then closed.
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let router = self.router();
         let closing = self.state.closing.clone();
         tokio::spawn(async move {

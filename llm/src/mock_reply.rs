@@ -65,10 +65,7 @@ const FILLER: &str = "This is a stand-in reply, streamed one word at a time so t
 /// of the text with its whitespace collapsed to single spaces. Every token is a word carrying
 /// its trailing space, except the last, which has none.
 pub fn reply_tokens(last_user_text: &str, settings: &MockSettings) -> Vec<String> {
-    let collapsed = last_user_text
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let collapsed = last_user_text.split_whitespace().collect::<Vec<_>>().join(" ");
     let echoed: String = collapsed.chars().take(settings.echo_chars).collect();
     let echo = format!("You said: \"{}\". ", echoed.trim_end());
 
@@ -97,21 +94,14 @@ pub fn estimate_tokens(text: &str) -> u32 {
 /// A rough prompt size: [`estimate_tokens`] of each message plus four tokens of framing each,
 /// about what OpenAI's chat format adds.
 pub fn estimate_prompt_tokens<'a>(message_texts: impl IntoIterator<Item = &'a str>) -> u32 {
-    message_texts
-        .into_iter()
-        .map(|text| estimate_tokens(text).saturating_add(4))
-        .fold(0u32, u32::saturating_add)
+    message_texts.into_iter().map(|text| estimate_tokens(text).saturating_add(4)).fold(0u32, u32::saturating_add)
 }
 
 /// One parsed `[mock:...]` directive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultDirective {
     /// Fail with this HTTP status.
-    Status {
-        status: u16,
-        retry_after: Duration,
-        times: u32,
-    },
+    Status { status: u16, retry_after: Duration, times: u32 },
     /// Stream this many tokens, then drop the connection.
     Cut { after_tokens: usize, times: u32 },
     /// Delay the first token by this much more.
@@ -121,9 +111,7 @@ pub enum FaultDirective {
 impl FaultDirective {
     fn times(&self) -> u32 {
         match *self {
-            Self::Status { times, .. } | Self::Cut { times, .. } | Self::Stall { times, .. } => {
-                times
-            }
+            Self::Status { times, .. } | Self::Cut { times, .. } | Self::Stall { times, .. } => times,
         }
     }
 }
@@ -160,14 +148,7 @@ fn parse_directive_body(body: &str) -> Option<FaultDirective> {
         let (key, value) = pair.split_once('=')?;
         let value = value.trim();
         match key.trim() {
-            "status" => {
-                status = Some(
-                    value
-                        .parse::<u16>()
-                        .ok()
-                        .filter(|s| (100..600).contains(s))?,
-                )
-            }
+            "status" => status = Some(value.parse::<u16>().ok().filter(|s| (100..600).contains(s))?),
             "cut" => cut = Some(value.parse::<usize>().ok()?),
             "stall" => stall = Some(value.parse::<u64>().ok()?),
             "times" => times = value.parse::<u32>().ok()?,
@@ -181,14 +162,12 @@ fn parse_directive_body(body: &str) -> Option<FaultDirective> {
             retry_after: retry_after_ms.map_or(DEFAULT_RETRY_AFTER, Duration::from_millis),
             times,
         }),
-        (None, Some(after_tokens), None) if retry_after_ms.is_none() => Some(FaultDirective::Cut {
-            after_tokens,
-            times,
-        }),
-        (None, None, Some(ms)) if retry_after_ms.is_none() => Some(FaultDirective::Stall {
-            delay: Duration::from_millis(ms),
-            times,
-        }),
+        (None, Some(after_tokens), None) if retry_after_ms.is_none() => {
+            Some(FaultDirective::Cut { after_tokens, times })
+        }
+        (None, None, Some(ms)) if retry_after_ms.is_none() => {
+            Some(FaultDirective::Stall { delay: Duration::from_millis(ms), times })
+        }
         _ => None,
     }
 }
@@ -234,10 +213,7 @@ impl FaultBook {
         let earlier = {
             // A poisoned lock only means another request panicked mid-count; the count is
             // still usable.
-            let mut seen = self
-                .seen
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let count = seen.entry(last_user_text.to_owned()).or_insert(0);
             let earlier = *count;
             *count = count.saturating_add(1);
@@ -247,15 +223,8 @@ impl FaultBook {
         let mut faults = Faults::default();
         for directive in directives.into_iter().filter(|d| earlier < d.times()) {
             match directive {
-                FaultDirective::Status {
-                    status,
-                    retry_after,
-                    ..
-                } => {
-                    faults.status.get_or_insert(StatusFault {
-                        status,
-                        retry_after,
-                    });
+                FaultDirective::Status { status, retry_after, .. } => {
+                    faults.status.get_or_insert(StatusFault { status, retry_after });
                 }
                 FaultDirective::Cut { after_tokens, .. } => {
                     faults.cut_after.get_or_insert(after_tokens);
@@ -308,10 +277,7 @@ impl ReplyPlan {
         Self {
             tokens,
             finish_reason,
-            usage: Usage {
-                prompt_tokens,
-                completion_tokens,
-            },
+            usage: Usage { prompt_tokens, completion_tokens },
             first_token_delay: settings.first_token_delay + faults.stall.unwrap_or_default(),
             token_delay: settings.token_delay,
             cut_after: faults.cut_after,
@@ -335,11 +301,7 @@ mod tests {
     use super::*;
 
     fn settings(reply_tokens: usize, echo_chars: usize) -> MockSettings {
-        MockSettings {
-            reply_tokens,
-            echo_chars,
-            ..MockSettings::default()
-        }
+        MockSettings { reply_tokens, echo_chars, ..MockSettings::default() }
     }
 
     #[test]
@@ -348,10 +310,7 @@ mod tests {
 
         let reply = reply_tokens(text, &settings(32, 20)).concat();
 
-        assert!(
-            reply.starts_with("You said: \"hello there fleet, h\". "),
-            "{reply}"
-        );
+        assert!(reply.starts_with("You said: \"hello there fleet, h\". "), "{reply}");
     }
 
     #[test]
@@ -359,11 +318,7 @@ mod tests {
         let tokens = reply_tokens("hi", &settings(32, 48));
 
         assert_eq!(tokens.len(), 32);
-        assert!(
-            tokens[..31]
-                .iter()
-                .all(|t| t.ends_with(' ') && !t.trim().is_empty())
-        );
+        assert!(tokens[..31].iter().all(|t| t.ends_with(' ') && !t.trim().is_empty()));
         assert!(!tokens[31].ends_with(' '));
     }
 
@@ -402,35 +357,23 @@ mod tests {
 
     #[test]
     fn directives_are_parsed_with_times_defaulting_to_one() {
-        let text =
-            "x [mock:status=429,times=2,retry_after_ms=7] y [mock:cut=3] [mock:stall=40,times=5]";
+        let text = "x [mock:status=429,times=2,retry_after_ms=7] y [mock:cut=3] [mock:stall=40,times=5]";
 
         let directives = parse_directives(text);
 
         assert_eq!(
             directives,
             vec![
-                FaultDirective::Status {
-                    status: 429,
-                    retry_after: Duration::from_millis(7),
-                    times: 2
-                },
-                FaultDirective::Cut {
-                    after_tokens: 3,
-                    times: 1
-                },
-                FaultDirective::Stall {
-                    delay: Duration::from_millis(40),
-                    times: 5
-                },
+                FaultDirective::Status { status: 429, retry_after: Duration::from_millis(7), times: 2 },
+                FaultDirective::Cut { after_tokens: 3, times: 1 },
+                FaultDirective::Stall { delay: Duration::from_millis(40), times: 5 },
             ]
         );
     }
 
     #[test]
     fn malformed_directives_are_ignored() {
-        let text =
-            "[mock:status=abc] [mock:cut=2,stall=3] [mock:teapot=1] [mock:status=99] [mock:cut=1";
+        let text = "[mock:status=abc] [mock:cut=2,stall=3] [mock:teapot=1] [mock:status=99] [mock:cut=1";
 
         assert!(parse_directives(text).is_empty());
     }
@@ -440,9 +383,7 @@ mod tests {
         let book = FaultBook::new();
         let text = "please fail [mock:status=503,times=2]";
 
-        let outcomes: Vec<Option<u16>> = (0..3)
-            .map(|_| book.record(text).status.map(|s| s.status))
-            .collect();
+        let outcomes: Vec<Option<u16>> = (0..3).map(|_| book.record(text).status.map(|s| s.status)).collect();
 
         assert_eq!(outcomes, vec![Some(503), Some(503), None]);
         assert_eq!(book.record("another text").status, None);
@@ -463,10 +404,7 @@ mod tests {
 
     #[test]
     fn a_plan_honours_the_token_limit_and_the_stall() {
-        let faults = Faults {
-            stall: Some(Duration::from_millis(30)),
-            ..Faults::default()
-        };
+        let faults = Faults { stall: Some(Duration::from_millis(30)), ..Faults::default() };
         let settings = MockSettings {
             first_token_delay: Duration::from_millis(5),
             token_delay: Duration::from_millis(2),
@@ -477,13 +415,7 @@ mod tests {
 
         assert_eq!(plan.tokens.len(), 4);
         assert_eq!(plan.finish_reason, FinishReason::Length);
-        assert_eq!(
-            plan.usage,
-            Usage {
-                prompt_tokens: 9,
-                completion_tokens: 4
-            }
-        );
+        assert_eq!(plan.usage, Usage { prompt_tokens: 9, completion_tokens: 4 });
         assert_eq!(plan.first_token_delay, Duration::from_millis(35));
         assert_eq!(plan.total_delay(), Duration::from_millis(41));
     }

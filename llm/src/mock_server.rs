@@ -48,10 +48,7 @@ pub struct MockServerConfig {
 
 impl Default for MockServerConfig {
     fn default() -> Self {
-        Self {
-            settings: MockSettings::default(),
-            model: "chatfleet-mock".to_owned(),
-        }
+        Self { settings: MockSettings::default(), model: "chatfleet-mock".to_owned() }
     }
 }
 
@@ -62,11 +59,7 @@ pub const LISTEN_BACKLOG: u32 = 8192;
 /// backlog of 1024, a burst of several thousand connections overflows the accept queue and
 /// some clients time out before they are ever served.
 pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     // Lets a restarted server take the port back while old connections linger in TIME_WAIT.
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
@@ -90,9 +83,7 @@ pub async fn serve(
             tracing::debug!(%error, "could not set TCP_NODELAY on a mock model connection");
         }
     });
-    axum::serve(listener, router(config))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(config)).with_graceful_shutdown(shutdown).await
 }
 
 /// The mock model's routes, for embedding in another server or a test.
@@ -146,11 +137,7 @@ async fn chat_completions(
         }
     };
     if request.messages.is_empty() {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "[] is too short - 'messages'",
-            None,
-        );
+        return error_response(StatusCode::BAD_REQUEST, "[] is too short - 'messages'", None);
     }
 
     let texts: Vec<String> = request.messages.iter().map(message_text).collect();
@@ -171,31 +158,15 @@ async fn chat_completions(
     // Older clients still send `max_tokens`; honour it when it is the only limit.
     let max_tokens = request.max_completion_tokens.or(request.max_tokens);
     let prompt_tokens = estimate_prompt_tokens(texts.iter().map(String::as_str));
-    let plan = ReplyPlan::new(
-        last_user_text,
-        prompt_tokens,
-        max_tokens,
-        &faults,
-        &state.settings,
-    );
+    let plan = ReplyPlan::new(last_user_text, prompt_tokens, max_tokens, &faults, &state.settings);
 
     let reply = ReplyContext {
-        id: format!(
-            "chatcmpl-mock-{}",
-            state.next_id.fetch_add(1, Ordering::Relaxed)
-        ),
+        id: format!("chatcmpl-mock-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
         created: unix_now(),
         model: request.model,
-        include_usage: request
-            .stream_options
-            .and_then(|options| options.include_usage)
-            .unwrap_or(false),
+        include_usage: request.stream_options.and_then(|options| options.include_usage).unwrap_or(false),
     };
-    if request.stream.unwrap_or(false) {
-        stream_reply(reply, plan)
-    } else {
-        whole_reply(reply, plan).await
-    }
+    if request.stream.unwrap_or(false) { stream_reply(reply, plan) } else { whole_reply(reply, plan).await }
 }
 
 /// The text of a message: its string content, or its text parts joined with newlines.
@@ -206,47 +177,39 @@ fn message_text(message: &ChatCompletionRequestMessage) -> String {
     match message {
         ChatCompletionRequestMessage::Developer(m) => match &m.content {
             ChatCompletionRequestDeveloperMessageContent::Text(text) => text.clone(),
-            ChatCompletionRequestDeveloperMessageContent::Array(parts) => join(parts.iter().map(
-                |ChatCompletionRequestDeveloperMessageContentPart::Text(p)| Some(p.text.as_str()),
-            )),
+            ChatCompletionRequestDeveloperMessageContent::Array(parts) => join(
+                parts.iter().map(|ChatCompletionRequestDeveloperMessageContentPart::Text(p)| Some(p.text.as_str())),
+            ),
         },
         ChatCompletionRequestMessage::System(m) => match &m.content {
             ChatCompletionRequestSystemMessageContent::Text(text) => text.clone(),
-            ChatCompletionRequestSystemMessageContent::Array(parts) => join(parts.iter().map(
-                |ChatCompletionRequestSystemMessageContentPart::Text(p)| Some(p.text.as_str()),
-            )),
+            ChatCompletionRequestSystemMessageContent::Array(parts) => {
+                join(parts.iter().map(|ChatCompletionRequestSystemMessageContentPart::Text(p)| Some(p.text.as_str())))
+            }
         },
         ChatCompletionRequestMessage::User(m) => match &m.content {
             ChatCompletionRequestUserMessageContent::Text(text) => text.clone(),
-            ChatCompletionRequestUserMessageContent::Array(parts) => {
-                join(parts.iter().map(|part| match part {
-                    ChatCompletionRequestUserMessageContentPart::Text(p) => Some(p.text.as_str()),
-                    _ => None,
-                }))
-            }
+            ChatCompletionRequestUserMessageContent::Array(parts) => join(parts.iter().map(|part| match part {
+                ChatCompletionRequestUserMessageContentPart::Text(p) => Some(p.text.as_str()),
+                _ => None,
+            })),
         },
         ChatCompletionRequestMessage::Assistant(m) => match &m.content {
             None => String::new(),
             Some(ChatCompletionRequestAssistantMessageContent::Text(text)) => text.clone(),
             Some(ChatCompletionRequestAssistantMessageContent::Array(parts)) => {
                 join(parts.iter().map(|part| match part {
-                    ChatCompletionRequestAssistantMessageContentPart::Text(p) => {
-                        Some(p.text.as_str())
-                    }
-                    ChatCompletionRequestAssistantMessageContentPart::Refusal(p) => {
-                        Some(p.refusal.as_str())
-                    }
+                    ChatCompletionRequestAssistantMessageContentPart::Text(p) => Some(p.text.as_str()),
+                    ChatCompletionRequestAssistantMessageContentPart::Refusal(p) => Some(p.refusal.as_str()),
                 }))
             }
         },
-        ChatCompletionRequestMessage::Tool(m) => {
-            match &m.content {
-                ChatCompletionRequestToolMessageContent::Text(text) => text.clone(),
-                ChatCompletionRequestToolMessageContent::Array(parts) => join(parts.iter().map(
-                    |ChatCompletionRequestToolMessageContentPart::Text(p)| Some(p.text.as_str()),
-                )),
+        ChatCompletionRequestMessage::Tool(m) => match &m.content {
+            ChatCompletionRequestToolMessageContent::Text(text) => text.clone(),
+            ChatCompletionRequestToolMessageContent::Array(parts) => {
+                join(parts.iter().map(|ChatCompletionRequestToolMessageContentPart::Text(p)| Some(p.text.as_str())))
             }
-        }
+        },
         ChatCompletionRequestMessage::Function(m) => m.content.clone().unwrap_or_default(),
     }
 }
@@ -264,11 +227,7 @@ const FINGERPRINT: &str = "fp_chatfleet_mock";
 
 impl ReplyContext {
     /// One `chat.completion.chunk` with the given choices, as an SSE event.
-    fn chunk_event(
-        &self,
-        choices: &[ChoiceJson<'_>],
-        usage: Option<&Usage>,
-    ) -> std::io::Result<Bytes> {
+    fn chunk_event(&self, choices: &[ChoiceJson<'_>], usage: Option<&Usage>) -> std::io::Result<Bytes> {
         let chunk = ChunkJson {
             id: &self.id,
             object: "chat.completion.chunk",
@@ -287,17 +246,9 @@ impl ReplyContext {
     }
 
     /// A chunk with a single choice carrying `delta`.
-    fn delta_event(
-        &self,
-        delta: DeltaJson<'_>,
-        finish_reason: Option<&FinishReason>,
-    ) -> std::io::Result<Bytes> {
-        let choice = ChoiceJson {
-            index: 0,
-            delta,
-            logprobs: None,
-            finish_reason: finish_reason.map(finish_reason_str),
-        };
+    fn delta_event(&self, delta: DeltaJson<'_>, finish_reason: Option<&FinishReason>) -> std::io::Result<Bytes> {
+        let choice =
+            ChoiceJson { index: 0, delta, logprobs: None, finish_reason: finish_reason.map(finish_reason_str) };
         self.chunk_event(&[choice], None)
     }
 }
@@ -377,14 +328,7 @@ enum Frame {
 }
 
 fn stream_reply(reply: ReplyContext, plan: ReplyPlan) -> Response {
-    let ReplyPlan {
-        tokens,
-        finish_reason,
-        usage,
-        first_token_delay,
-        token_delay,
-        cut_after,
-    } = plan;
+    let ReplyPlan { tokens, finish_reason, usage, first_token_delay, token_delay, cut_after } = plan;
     let mut frames: Vec<(Duration, Frame)> = Vec::with_capacity(tokens.len() + 4);
     frames.push((first_token_delay, Frame::Role));
     let keep = cut_after.map_or(tokens.len(), |k| k.min(tokens.len()));
@@ -415,21 +359,11 @@ fn stream_reply(reply: ReplyContext, plan: ReplyPlan) -> Response {
                 tokio::time::sleep(delay).await;
             }
             match frame {
-                Frame::Role => reply.delta_event(
-                    DeltaJson {
-                        role: Some("assistant"),
-                        content: Some(""),
-                        refusal: Some(None),
-                    },
-                    None,
-                ),
-                Frame::Token(token) => reply.delta_event(
-                    DeltaJson {
-                        content: Some(&token),
-                        ..DeltaJson::default()
-                    },
-                    None,
-                ),
+                Frame::Role => reply
+                    .delta_event(DeltaJson { role: Some("assistant"), content: Some(""), refusal: Some(None) }, None),
+                Frame::Token(token) => {
+                    reply.delta_event(DeltaJson { content: Some(&token), ..DeltaJson::default() }, None)
+                }
                 Frame::Finish => reply.delta_event(DeltaJson::default(), Some(&finish_reason)),
                 Frame::Usage => reply.chunk_event(&[], Some(&usage)),
                 Frame::Done => Ok(Bytes::from_static(b"data: [DONE]\n\n")),
@@ -442,10 +376,7 @@ fn stream_reply(reply: ReplyContext, plan: ReplyPlan) -> Response {
 
     let mut response = Body::from_stream(body).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
@@ -455,16 +386,11 @@ async fn whole_reply(reply: ReplyContext, plan: ReplyPlan) -> Response {
         // Wait as long as generating the first tokens would take, then drop the connection
         // after the headers, before any body.
         let tokens_sent = u32::try_from(cut_after).unwrap_or(u32::MAX);
-        tokio::time::sleep(plan.first_token_delay + plan.token_delay.saturating_mul(tokens_sent))
-            .await;
-        let body = futures::stream::once(async {
-            Err::<Bytes, _>(std::io::Error::other("mock fault: connection cut"))
-        });
+        tokio::time::sleep(plan.first_token_delay + plan.token_delay.saturating_mul(tokens_sent)).await;
+        let body =
+            futures::stream::once(async { Err::<Bytes, _>(std::io::Error::other("mock fault: connection cut")) });
         let mut response = Body::from_stream(body).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return response;
     }
 
@@ -518,21 +444,13 @@ fn error_response(status: StatusCode, message: &str, retry_after: Option<Duratio
     let mut response = (status, Json(body)).into_response();
     if let Some(wait) = retry_after {
         let headers = response.headers_mut();
-        headers.insert(
-            "retry-after-ms",
-            HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
-        );
+        headers.insert("retry-after-ms", HeaderValue::from(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)));
         let seconds = wait.as_millis().div_ceil(1000);
-        headers.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(u64::try_from(seconds).unwrap_or(u64::MAX)),
-        );
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(u64::try_from(seconds).unwrap_or(u64::MAX)));
     }
     response
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs())
 }

@@ -22,11 +22,10 @@ use async_openai::config::OpenAIConfig;
 use async_openai::error::{ApiError, OpenAIError, WrappedError};
 use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent,
-    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
-    ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
-    ChatCompletionRequestUserMessageContent, ChatCompletionResponseStream,
-    ChatCompletionStreamOptions, CreateChatCompletionRequest, FinishReason as OpenAiFinishReason,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
+    ChatCompletionRequestUserMessageContent, ChatCompletionResponseStream, ChatCompletionStreamOptions,
+    CreateChatCompletionRequest, FinishReason as OpenAiFinishReason,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -107,22 +106,13 @@ impl OpenAiModel {
     pub fn new(settings: OpenAiSettings) -> Result<Self, LlmError> {
         install_crypto_provider();
 
-        let misconfigured = |message: String| LlmError::Permanent {
-            code: "model_misconfigured".into(),
-            message,
-        };
+        let misconfigured = |message: String| LlmError::Permanent { code: "model_misconfigured".into(), message };
         let base_url = settings.base_url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base_url).map_err(|error| {
-            misconfigured(format!(
-                "model base URL {:?} is not a URL: {error}",
-                redact_url(&base_url)
-            ))
+            misconfigured(format!("model base URL {:?} is not a URL: {error}", redact_url(&base_url)))
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(misconfigured(format!(
-                "model base URL {:?} must be http or https",
-                redact_url(&base_url)
-            )));
+            return Err(misconfigured(format!("model base URL {:?} must be http or https", redact_url(&base_url))));
         }
         if settings.model.trim().is_empty() {
             return Err(misconfigured("the model name is empty".into()));
@@ -133,9 +123,7 @@ impl OpenAiModel {
         if let Some(key) = api_key
             && reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).is_err()
         {
-            return Err(misconfigured(
-                "the API key has characters not allowed in a header".into(),
-            ));
+            return Err(misconfigured("the API key has characters not allowed in a header".into()));
         }
 
         let http = reqwest::Client::builder()
@@ -175,10 +163,7 @@ impl OpenAiModel {
             model: self.model.clone(),
             messages: request.messages.iter().map(openai_message).collect(),
             stream: Some(true),
-            stream_options: Some(ChatCompletionStreamOptions {
-                include_usage: Some(true),
-                include_obfuscation: None,
-            }),
+            stream_options: Some(ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None }),
             max_completion_tokens,
             ..Default::default()
         }
@@ -199,11 +184,10 @@ impl ChatModel for OpenAiModel {
             send_key: self.send_key,
             saw_done: Some(Arc::clone(&saw_done)),
         });
-        let opened =
-            tokio::time::timeout_at(first_chunk_deadline, client.chat().create_stream(body))
-                .await
-                .map_err(|_| first_chunk_timeout(self.first_token_timeout))?
-                .map_err(|error| classify(&error))?;
+        let opened = tokio::time::timeout_at(first_chunk_deadline, client.chat().create_stream(body))
+            .await
+            .map_err(|_| first_chunk_timeout(self.first_token_timeout))?
+            .map_err(|error| classify(&error))?;
 
         let progress = Progress {
             inner: opened,
@@ -216,13 +200,11 @@ impl ChatModel for OpenAiModel {
             saw_done,
             ended: false,
         };
-        Ok(
-            futures::stream::unfold(progress, |mut progress| async move {
-                let item = progress.next_item().await?;
-                Some((item, progress))
-            })
-            .boxed(),
-        )
+        Ok(futures::stream::unfold(progress, |mut progress| async move {
+            let item = progress.next_item().await?;
+            Some((item, progress))
+        })
+        .boxed())
     }
 
     fn describe(&self) -> String {
@@ -233,22 +215,18 @@ impl ChatModel for OpenAiModel {
 fn openai_message(message: &ChatMessage) -> ChatCompletionRequestMessage {
     let text = message.content.clone();
     match message.role {
-        ChatRole::System => {
-            ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
-                content: ChatCompletionRequestSystemMessageContent::Text(text),
-                name: None,
-            })
-        }
+        ChatRole::System => ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage {
+            content: ChatCompletionRequestSystemMessageContent::Text(text),
+            name: None,
+        }),
         ChatRole::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
             content: ChatCompletionRequestUserMessageContent::Text(text),
             name: None,
         }),
-        ChatRole::Assistant => {
-            ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
-                content: Some(ChatCompletionRequestAssistantMessageContent::Text(text)),
-                ..Default::default()
-            })
-        }
+        ChatRole::Assistant => ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage {
+            content: Some(ChatCompletionRequestAssistantMessageContent::Text(text)),
+            ..Default::default()
+        }),
     }
 }
 
@@ -286,8 +264,7 @@ impl Progress {
                     // whose connection closed early.
                     if self.finish_reason.is_none() && !self.saw_done.load(Ordering::Acquire) {
                         return Some(Err(LlmError::Transient {
-                            message: "the model's stream ended before the reply was finished"
-                                .into(),
+                            message: "the model's stream ended before the reply was finished".into(),
                             retry_after: None,
                         }));
                     }
@@ -311,10 +288,7 @@ impl Progress {
                         return Some(Err(first_chunk_timeout(self.first_token_timeout)));
                     }
                     return Some(Err(LlmError::Transient {
-                        message: format!(
-                            "the model sent nothing for {} ms mid-reply",
-                            self.idle_timeout.as_millis()
-                        ),
+                        message: format!("the model sent nothing for {} ms mid-reply", self.idle_timeout.as_millis()),
                         retry_after: None,
                     }));
                 }
@@ -322,10 +296,8 @@ impl Progress {
 
             self.seen_chunk = true;
             if let Some(usage) = event.usage {
-                self.usage = Some(Usage {
-                    prompt_tokens: usage.prompt_tokens,
-                    completion_tokens: usage.completion_tokens,
-                });
+                self.usage =
+                    Some(Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens });
             }
             // One reply is asked for, so only the first choice matters.
             if let Some(choice) = event.choices.into_iter().find(|choice| choice.index == 0) {
@@ -370,12 +342,9 @@ fn first_chunk_timeout(limit: Duration) -> LlmError {
 fn classify(error: &OpenAIError) -> LlmError {
     match error {
         OpenAIError::Boxed(inner) => match inner.downcast_ref::<HttpFailure>() {
-            Some(failure) => error_for_status(
-                failure.status,
-                &failure.detail,
-                failure.api_code.as_deref(),
-                failure.retry_after,
-            ),
+            Some(failure) => {
+                error_for_status(failure.status, &failure.detail, failure.api_code.as_deref(), failure.retry_after)
+            }
             None => transient(format!("model request failed: {inner}")),
         },
         // Our transport turns every non-2xx answer into `HttpFailure`, so this only happens if
@@ -403,22 +372,15 @@ fn classify(error: &OpenAIError) -> LlmError {
                 message: format!("the model sent something that is not a chat chunk: {error}"),
             }
         }
-        OpenAIError::InvalidArgument(message) => LlmError::Permanent {
-            code: "model_bad_request".into(),
-            message: message.clone(),
-        },
-        other => LlmError::Permanent {
-            code: "model_client_error".into(),
-            message: other.to_string(),
-        },
+        OpenAIError::InvalidArgument(message) => {
+            LlmError::Permanent { code: "model_bad_request".into(), message: message.clone() }
+        }
+        other => LlmError::Permanent { code: "model_client_error".into(), message: other.to_string() },
     }
 }
 
 fn transient(message: String) -> LlmError {
-    LlmError::Transient {
-        message,
-        retry_after: None,
-    }
+    LlmError::Transient { message, retry_after: None }
 }
 
 fn api_code(error: &ApiError) -> Option<&str> {
@@ -444,16 +406,10 @@ pub(crate) fn error_for_status(
         format!("the model answered HTTP {status}: {detail}")
     };
     if api_code == Some("insufficient_quota") {
-        return LlmError::Permanent {
-            code: "model_quota_exhausted".into(),
-            message,
-        };
+        return LlmError::Permanent { code: "model_quota_exhausted".into(), message };
     }
     if matches!(status, 408 | 409 | 425 | 429) || (500..=599).contains(&status) {
-        return LlmError::Transient {
-            message,
-            retry_after,
-        };
+        return LlmError::Transient { message, retry_after };
     }
     let code = match status {
         400 if api_code == Some("context_length_exceeded") => "model_context_too_long",
@@ -464,10 +420,7 @@ pub(crate) fn error_for_status(
         413 => "model_request_too_large",
         _ => "model_rejected",
     };
-    LlmError::Permanent {
-        code: code.into(),
-        message,
-    }
+    LlmError::Permanent { code: code.into(), message }
 }
 
 /// A non-2xx answer, with what async-openai would otherwise drop.
@@ -518,10 +471,7 @@ impl tower::Service<HttpRequestFactory> for SendOnce {
             let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
             let chunks = reqwest::Response::from(http::Response::new(body)).bytes_stream();
             let watched = watch_for_done(chunks, saw_done);
-            Ok(reqwest::Response::from(http::Response::from_parts(
-                parts,
-                reqwest::Body::wrap_stream(watched),
-            )))
+            Ok(reqwest::Response::from(http::Response::from_parts(parts, reqwest::Body::wrap_stream(watched))))
         })
     }
 }
@@ -540,22 +490,14 @@ async fn read_failure(response: reqwest::Response) -> HttpFailure {
         Err(_) => (String::from_utf8_lossy(&body).trim().to_owned(), None),
     };
     let detail = detail.chars().take(MAX_DETAIL_CHARS).collect();
-    HttpFailure {
-        status,
-        retry_after,
-        detail,
-        api_code,
-    }
+    HttpFailure { status, retry_after, detail, api_code }
 }
 
 /// The wait a failure asks for: `retry-after-ms` (OpenAI and Azure send it), else
 /// `Retry-After` in seconds. The HTTP-date form of `Retry-After` is not understood.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let number = |name| {
-        headers
-            .get(name)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<f64>().ok())
+        headers.get(name).and_then(|value| value.to_str().ok()).and_then(|value| value.trim().parse::<f64>().ok())
     };
     let from_ms = number(reqwest::header::HeaderName::from_static("retry-after-ms"))
         .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok());
@@ -668,21 +610,12 @@ mod tests {
 
         assert_eq!(
             rate_limited,
-            LlmError::Transient {
-                message: "the model answered HTTP 429: slow down".into(),
-                retry_after: wait
-            }
+            LlmError::Transient { message: "the model answered HTTP 429: slow down".into(), retry_after: wait }
         );
-        assert!(
-            matches!(no_quota, LlmError::Permanent { code, .. } if code == "model_quota_exhausted")
-        );
+        assert!(matches!(no_quota, LlmError::Permanent { code, .. } if code == "model_quota_exhausted"));
         assert!(unavailable.is_transient());
-        assert!(
-            matches!(unauthorized, LlmError::Permanent { code, .. } if code == "model_unauthorized")
-        );
-        assert!(
-            matches!(too_long, LlmError::Permanent { code, .. } if code == "model_context_too_long")
-        );
+        assert!(matches!(unauthorized, LlmError::Permanent { code, .. } if code == "model_unauthorized"));
+        assert!(matches!(too_long, LlmError::Permanent { code, .. } if code == "model_context_too_long"));
     }
 
     #[test]

@@ -20,10 +20,7 @@ pub struct StandInModel {
 
 impl StandInModel {
     pub fn new(settings: MockSettings) -> Self {
-        Self {
-            settings,
-            faults: FaultBook::new(),
-        }
+        Self { settings, faults: FaultBook::new() }
     }
 }
 
@@ -46,40 +43,17 @@ impl ChatModel for StandInModel {
         if let Some(fault) = faults.status {
             // The mock server sends retry headers with 429 and 503 only; the same here.
             let retry_after = matches!(fault.status, 429 | 503).then_some(fault.retry_after);
-            return Err(error_for_status(
-                fault.status,
-                "mock fault",
-                None,
-                retry_after,
-            ));
+            return Err(error_for_status(fault.status, "mock fault", None, retry_after));
         }
 
-        let prompt_tokens =
-            estimate_prompt_tokens(request.messages.iter().map(|m| m.content.as_str()));
-        let plan = ReplyPlan::new(
-            last_user_text,
-            prompt_tokens,
-            request.max_tokens,
-            &faults,
-            &self.settings,
-        );
+        let prompt_tokens = estimate_prompt_tokens(request.messages.iter().map(|m| m.content.as_str()));
+        let plan = ReplyPlan::new(last_user_text, prompt_tokens, request.max_tokens, &faults, &self.settings);
 
-        let ReplyPlan {
-            tokens,
-            finish_reason,
-            usage,
-            first_token_delay,
-            token_delay,
-            cut_after,
-        } = plan;
+        let ReplyPlan { tokens, finish_reason, usage, first_token_delay, token_delay, cut_after } = plan;
         let keep = cut_after.map_or(tokens.len(), |k| k.min(tokens.len()));
         let mut steps: Vec<(Duration, Step)> = Vec::with_capacity(keep + 1);
         for (i, token) in tokens.into_iter().take(keep).enumerate() {
-            let delay = if i == 0 {
-                first_token_delay
-            } else {
-                token_delay
-            };
+            let delay = if i == 0 { first_token_delay } else { token_delay };
             steps.push((delay, Step::Chunk(ChatChunk::Delta(token))));
         }
         // Timing as the server's: the reply ends right after its last token, or is cut when
@@ -87,13 +61,7 @@ impl ChatModel for StandInModel {
         // delay.
         let (end, mut end_delay) = match cut_after {
             Some(_) => (Step::Cut, token_delay),
-            None => (
-                Step::Chunk(ChatChunk::Finished {
-                    finish_reason,
-                    usage: Some(usage),
-                }),
-                Duration::ZERO,
-            ),
+            None => (Step::Chunk(ChatChunk::Finished { finish_reason, usage: Some(usage) }), Duration::ZERO),
         };
         if keep == 0 {
             end_delay += first_token_delay;

@@ -28,25 +28,14 @@ async fn a_streamed_reply_begins_with_the_echo_and_finishes_with_stop_and_usage(
     let drained = drain(stream).await;
 
     let expected = reply_tokens(text, &quick_settings());
-    assert!(
-        drained
-            .text()
-            .starts_with("You said: \"Hello there, fleet! How are you?\". ")
-    );
+    assert!(drained.text().starts_with("You said: \"Hello there, fleet! How are you?\". "));
     assert_eq!(drained.deltas, expected);
-    let Some(Ok(ChatChunk::Finished {
-        finish_reason,
-        usage,
-    })) = drained.end
-    else {
+    let Some(Ok(ChatChunk::Finished { finish_reason, usage })) = drained.end else {
         panic!("the reply did not finish: {:?}", drained.end);
     };
     assert_eq!(finish_reason, FinishReason::Stop);
     let usage = usage.expect("usage was asked for");
-    assert_eq!(
-        usage.completion_tokens,
-        u32::try_from(expected.len()).unwrap()
-    );
+    assert_eq!(usage.completion_tokens, u32::try_from(expected.len()).unwrap());
     assert!(usage.prompt_tokens > 0);
 }
 
@@ -64,10 +53,7 @@ async fn the_request_token_limit_cuts_the_reply_with_finish_length() {
         drained.end,
         Some(Ok(ChatChunk::Finished {
             finish_reason: FinishReason::Length,
-            usage: Some(Usage {
-                completion_tokens: 4,
-                ..
-            })
+            usage: Some(Usage { completion_tokens: 4, .. })
         }))
     ));
 }
@@ -89,23 +75,11 @@ async fn the_non_streaming_endpoint_returns_a_whole_chat_completion() {
     assert_eq!(completion.object, "chat.completion");
     assert_eq!(completion.model, "any-name");
     let expected = reply_tokens(text, &quick_settings());
-    assert_eq!(
-        completion.choices[0].message.content.as_deref(),
-        Some(expected.concat().as_str())
-    );
-    assert_eq!(
-        completion.choices[0].finish_reason,
-        Some(async_openai::types::chat::FinishReason::Stop)
-    );
+    assert_eq!(completion.choices[0].message.content.as_deref(), Some(expected.concat().as_str()));
+    assert_eq!(completion.choices[0].finish_reason, Some(async_openai::types::chat::FinishReason::Stop));
     let usage = completion.usage.unwrap();
-    assert_eq!(
-        usage.completion_tokens,
-        u32::try_from(expected.len()).unwrap()
-    );
-    assert_eq!(
-        usage.total_tokens,
-        usage.prompt_tokens + usage.completion_tokens
-    );
+    assert_eq!(usage.completion_tokens, u32::try_from(expected.len()).unwrap());
+    assert_eq!(usage.total_tokens, usage.prompt_tokens + usage.completion_tokens);
 }
 
 #[tokio::test]
@@ -130,17 +104,11 @@ async fn a_raw_stream_is_shaped_like_openai_chunks_and_ends_with_done() {
     let events: Vec<&str> = body
         .split("\n\n")
         .filter(|event| !event.is_empty())
-        .map(|event| {
-            event
-                .strip_prefix("data: ")
-                .expect("every event is a data line")
-        })
+        .map(|event| event.strip_prefix("data: ").expect("every event is a data line"))
         .collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|event| serde_json::from_str(event).unwrap())
-        .collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|event| serde_json::from_str(event).unwrap()).collect();
     for chunk in &chunks {
         serde_json::from_value::<CreateChatCompletionStreamResponse>(chunk.clone()).unwrap();
         assert_eq!(chunk["object"], "chat.completion.chunk");
@@ -154,32 +122,17 @@ async fn a_raw_stream_is_shaped_like_openai_chunks_and_ends_with_done() {
     assert_eq!(finish["choices"][0]["delta"], json!({}));
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(
-        usage["usage"]["completion_tokens"],
-        quick_settings().reply_tokens
-    );
-    let content: String = chunks
-        .iter()
-        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
-        .collect();
-    assert_eq!(
-        content,
-        reply_tokens("shape check", &quick_settings()).concat()
-    );
+    assert_eq!(usage["usage"]["completion_tokens"], quick_settings().reply_tokens);
+    let content: String = chunks.iter().filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(content, reply_tokens("shape check", &quick_settings()).concat());
 }
 
 #[tokio::test]
 async fn the_models_endpoint_lists_the_configured_model() {
     let server = MockServer::start(quick_settings()).await;
 
-    let listing: Value = raw_client()
-        .get(format!("{}/models", server.base_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listing: Value =
+        raw_client().get(format!("{}/models", server.base_url)).send().await.unwrap().json().await.unwrap();
 
     assert_eq!(listing["object"], "list");
     assert_eq!(listing["data"][0]["id"], MODEL);
@@ -200,11 +153,7 @@ async fn a_malformed_request_gets_an_openai_shaped_error() {
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty())
-    );
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     assert!(body["error"].as_object().unwrap().contains_key("param"));
     assert!(body["error"].as_object().unwrap().contains_key("code"));
 }
@@ -218,22 +167,9 @@ async fn a_503_fault_fails_the_first_call_as_transient_and_the_second_succeeds()
     let first = model.stream(user_request(text)).await.err();
     let second = drain(model.stream(user_request(text)).await.unwrap()).await;
 
-    assert!(
-        matches!(first, Some(LlmError::Transient { .. })),
-        "{first:?}"
-    );
-    assert!(
-        second
-            .text()
-            .starts_with("You said: \"try twice [mock:status=503,times=1]\".")
-    );
-    assert!(matches!(
-        second.end,
-        Some(Ok(ChatChunk::Finished {
-            finish_reason: FinishReason::Stop,
-            ..
-        }))
-    ));
+    assert!(matches!(first, Some(LlmError::Transient { .. })), "{first:?}");
+    assert!(second.text().starts_with("You said: \"try twice [mock:status=503,times=1]\"."));
+    assert!(matches!(second.end, Some(Ok(ChatChunk::Finished { finish_reason: FinishReason::Stop, .. }))));
 }
 
 #[tokio::test]
@@ -241,10 +177,7 @@ async fn a_429_fault_is_transient_and_carries_the_wait_the_server_asked_for() {
     let server = MockServer::start(quick_settings()).await;
     let model = server.patient_model();
 
-    let error = model
-        .stream(user_request("busy [mock:status=429,retry_after_ms=120]"))
-        .await
-        .err();
+    let error = model.stream(user_request("busy [mock:status=429,retry_after_ms=120]")).await.err();
 
     assert!(
         matches!(error, Some(LlmError::Transient { retry_after: Some(wait), .. }) if wait == Duration::from_millis(120)),
@@ -268,13 +201,7 @@ async fn client_error_faults_are_permanent_with_a_code_naming_the_cause() {
 
     assert_eq!(
         codes,
-        [
-            "model_bad_request",
-            "model_unauthorized",
-            "model_forbidden",
-            "model_not_found",
-            "model_bad_request"
-        ]
+        ["model_bad_request", "model_unauthorized", "model_forbidden", "model_not_found", "model_bad_request"]
     );
 }
 
@@ -289,19 +216,9 @@ async fn a_cut_stream_gives_three_deltas_then_a_transient_error_and_the_retry_is
 
     let expected = reply_tokens(text, &quick_settings());
     assert_eq!(cut.deltas, expected[..3]);
-    assert!(
-        matches!(cut.end, Some(Err(LlmError::Transient { .. }))),
-        "{:?}",
-        cut.end
-    );
+    assert!(matches!(cut.end, Some(Err(LlmError::Transient { .. }))), "{:?}", cut.end);
     assert_eq!(retry.deltas, expected);
-    assert!(matches!(
-        retry.end,
-        Some(Ok(ChatChunk::Finished {
-            finish_reason: FinishReason::Stop,
-            ..
-        }))
-    ));
+    assert!(matches!(retry.end, Some(Ok(ChatChunk::Finished { finish_reason: FinishReason::Stop, .. }))));
 }
 
 #[tokio::test]
@@ -318,34 +235,21 @@ async fn a_stall_beyond_the_first_token_timeout_is_transient() {
     let waited = started.elapsed();
     let retry = drain(model.stream(user_request(text)).await.unwrap()).await;
 
-    assert!(
-        matches!(outcome, Some(Err(LlmError::Transient { .. }))),
-        "{outcome:?}"
-    );
-    assert!(
-        waited < Duration::from_millis(350),
-        "gave up only after {waited:?}"
-    );
+    assert!(matches!(outcome, Some(Err(LlmError::Transient { .. }))), "{outcome:?}");
+    assert!(waited < Duration::from_millis(350), "gave up only after {waited:?}");
     assert!(matches!(retry.end, Some(Ok(ChatChunk::Finished { .. }))));
 }
 
 #[tokio::test]
 async fn a_gap_between_tokens_longer_than_the_idle_timeout_is_transient() {
-    let slow_tokens = MockSettings {
-        token_delay: Duration::from_millis(300),
-        ..quick_settings()
-    };
+    let slow_tokens = MockSettings { token_delay: Duration::from_millis(300), ..quick_settings() };
     let server = MockServer::start(slow_tokens).await;
     let model = server.model(Duration::from_secs(10), Duration::from_millis(60));
 
     let drained = drain(model.stream(user_request("drip feed")).await.unwrap()).await;
 
     assert_eq!(drained.deltas.len(), 1);
-    assert!(
-        matches!(drained.end, Some(Err(LlmError::Transient { .. }))),
-        "{:?}",
-        drained.end
-    );
+    assert!(matches!(drained.end, Some(Err(LlmError::Transient { .. }))), "{:?}", drained.end);
 }
 
 #[tokio::test]
@@ -365,10 +269,7 @@ async fn an_endpoint_nobody_listens_on_is_transient() {
 
     let error = model.stream(user_request("anyone there?")).await.err();
 
-    assert!(
-        matches!(error, Some(LlmError::Transient { .. })),
-        "{error:?}"
-    );
+    assert!(matches!(error, Some(LlmError::Transient { .. })), "{error:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,20 +293,8 @@ async fn two_hundred_concurrent_streams_each_get_their_own_echo() {
     }
 
     for (text, drained) in results {
-        assert!(
-            drained
-                .text()
-                .starts_with(&format!("You said: \"{text}\". ")),
-            "{}",
-            drained.text()
-        );
-        assert!(matches!(
-            drained.end,
-            Some(Ok(ChatChunk::Finished {
-                finish_reason: FinishReason::Stop,
-                ..
-            }))
-        ));
+        assert!(drained.text().starts_with(&format!("You said: \"{text}\". ")), "{}", drained.text());
+        assert!(matches!(drained.end, Some(Ok(ChatChunk::Finished { finish_reason: FinishReason::Stop, .. }))));
     }
 }
 

@@ -46,13 +46,7 @@ async fn a_stream_that_says_done_without_a_finish_reason_finishes_with_stop() {
     let drained = drain(model.stream(user_request("hi")).await.unwrap()).await;
 
     assert_eq!(drained.deltas, ["hello"]);
-    assert_eq!(
-        drained.end,
-        Some(Ok(ChatChunk::Finished {
-            finish_reason: FinishReason::Stop,
-            usage: None
-        }))
-    );
+    assert_eq!(drained.end, Some(Ok(ChatChunk::Finished { finish_reason: FinishReason::Stop, usage: None })));
 }
 
 #[tokio::test]
@@ -62,11 +56,7 @@ async fn a_stream_that_closes_without_done_or_a_finish_reason_is_transient() {
     let drained = drain(model.stream(user_request("hi")).await.unwrap()).await;
 
     assert_eq!(drained.deltas, ["hello"]);
-    assert!(
-        matches!(drained.end, Some(Err(LlmError::Transient { .. }))),
-        "{:?}",
-        drained.end
-    );
+    assert!(matches!(drained.end, Some(Err(LlmError::Transient { .. }))), "{:?}", drained.end);
 }
 
 #[tokio::test]
@@ -91,11 +81,5 @@ async fn a_finish_reason_without_usage_or_done_still_finishes_the_reply() {
 
     let drained = drain(model.stream(user_request("hi")).await.unwrap()).await;
 
-    assert_eq!(
-        drained.end,
-        Some(Ok(ChatChunk::Finished {
-            finish_reason: FinishReason::Length,
-            usage: None
-        }))
-    );
+    assert_eq!(drained.end, Some(Ok(ChatChunk::Finished { finish_reason: FinishReason::Length, usage: None })));
 }

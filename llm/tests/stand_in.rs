@@ -23,10 +23,7 @@ async fn the_stand_in_gives_the_same_tokens_and_usage_as_the_mock_server() {
     assert_eq!(from_stand_in.deltas, from_server.deltas);
     assert!(matches!(
         from_stand_in.end,
-        Some(Ok(ChatChunk::Finished {
-            finish_reason: FinishReason::Stop,
-            usage: Some(_)
-        }))
+        Some(Ok(ChatChunk::Finished { finish_reason: FinishReason::Stop, usage: Some(_) }))
     ));
     assert_eq!(from_stand_in.end, from_server.end);
 }
@@ -37,25 +34,11 @@ async fn the_stand_in_obeys_status_directives_like_the_server() {
     let text = "[mock:status=503,times=1] hello";
 
     let first = stand_in.stream(user_request(text)).await.err();
-    let refused = stand_in
-        .stream(user_request("[mock:status=401] hi"))
-        .await
-        .err();
+    let refused = stand_in.stream(user_request("[mock:status=401] hi")).await.err();
     let second = drain(stand_in.stream(user_request(text)).await.unwrap()).await;
 
-    assert!(
-        matches!(
-            first,
-            Some(LlmError::Transient {
-                retry_after: Some(_),
-                ..
-            })
-        ),
-        "{first:?}"
-    );
-    assert!(
-        matches!(refused, Some(LlmError::Permanent { code, .. }) if code == "model_unauthorized")
-    );
+    assert!(matches!(first, Some(LlmError::Transient { retry_after: Some(_), .. })), "{first:?}");
+    assert!(matches!(refused, Some(LlmError::Permanent { code, .. }) if code == "model_unauthorized"));
     assert!(matches!(second.end, Some(Ok(ChatChunk::Finished { .. }))));
 }
 
@@ -75,10 +58,7 @@ async fn the_stand_in_cuts_a_stream_after_the_given_number_of_tokens() {
 
 #[tokio::test]
 async fn the_stand_in_waits_the_first_token_delay_and_any_stall() {
-    let settings = MockSettings {
-        first_token_delay: Duration::from_millis(40),
-        ..quick_settings()
-    };
+    let settings = MockSettings { first_token_delay: Duration::from_millis(40), ..quick_settings() };
     let stand_in = StandInModel::new(settings);
 
     let started = tokio::time::Instant::now();
@@ -86,18 +66,12 @@ async fn the_stand_in_waits_the_first_token_delay_and_any_stall() {
     futures::StreamExt::next(&mut plain).await;
     let plain_wait = started.elapsed();
     let started = tokio::time::Instant::now();
-    let mut stalled = stand_in
-        .stream(user_request("[mock:stall=60] stalled"))
-        .await
-        .unwrap();
+    let mut stalled = stand_in.stream(user_request("[mock:stall=60] stalled")).await.unwrap();
     futures::StreamExt::next(&mut stalled).await;
     let stalled_wait = started.elapsed();
 
     assert!(plain_wait >= Duration::from_millis(40), "{plain_wait:?}");
-    assert!(
-        stalled_wait >= Duration::from_millis(100),
-        "{stalled_wait:?}"
-    );
+    assert!(stalled_wait >= Duration::from_millis(100), "{stalled_wait:?}");
 }
 
 #[test]

@@ -133,11 +133,7 @@ pub trait Store: Send + Sync + 'static {
     async fn recent(&self, id: &SessionId, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// A message of the session by id (message id or reply id).
-    async fn message(
-        &self,
-        session: &SessionId,
-        id: &str,
-    ) -> Result<Option<StoredMessage>, StoreError>;
+    async fn message(&self, session: &SessionId, id: &str) -> Result<Option<StoredMessage>, StoreError>;
 
     /// Inserts a message unless one with the same id exists in the session
     /// ([`Inserted::AlreadyPresent`], and nothing is written). Another message at the same
@@ -148,28 +144,15 @@ pub trait Store: Send + Sync + 'static {
     /// Records that a user message will not be answered. The message must have been
     /// inserted (as a user message of that session); otherwise this is a
     /// [`StoreError::Fatal`].
-    async fn mark_failed(
-        &self,
-        session: &SessionId,
-        message: &MessageId,
-        failure: &Failure,
-    ) -> Result<(), StoreError>;
+    async fn mark_failed(&self, session: &SessionId, message: &MessageId, failure: &Failure) -> Result<(), StoreError>;
 
     /// What became of a user message: its reply, its failure, or nothing yet.
-    async fn outcome(
-        &self,
-        session: &SessionId,
-        message: &MessageId,
-    ) -> Result<Option<Outcome>, StoreError> {
+    async fn outcome(&self, session: &SessionId, message: &MessageId) -> Result<Option<Outcome>, StoreError> {
         let reply_id = schemas::ReplyId::for_message(message);
         if let Some(reply) = self.message(session, reply_id.as_str()).await? {
             return Ok(Some(Outcome::Replied(reply)));
         }
-        Ok(self
-            .message(session, message.as_str())
-            .await?
-            .and_then(|m| m.failure)
-            .map(Outcome::Failed))
+        Ok(self.message(session, message.as_str()).await?.and_then(|m| m.failure).map(Outcome::Failed))
     }
 
     /// A deployment-wide secret named `name`: the stored one, or `proposed` stored now if

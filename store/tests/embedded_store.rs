@@ -3,9 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use chatfleet_store::{
-    EmbeddedStore, Inserted, Role, SessionRecord, Store, StoreError, StoredMessage,
-};
+use chatfleet_store::{EmbeddedStore, Inserted, Role, SessionRecord, Store, StoreError, StoredMessage};
 use schemas::SessionId;
 use time::macros::datetime;
 
@@ -39,34 +37,16 @@ async fn data_survives_reopening_the_file() {
     let path = dir.path().join("store.redb");
     let store = EmbeddedStore::open(&path).unwrap();
     store.create_session(&session()).await.unwrap();
-    store
-        .insert_message(&user_message(1, "kept"))
-        .await
-        .unwrap();
+    store.insert_message(&user_message(1, "kept")).await.unwrap();
     let secret = store.shared_secret("signing", b"first").await.unwrap();
     drop(store);
 
     let reopened = EmbeddedStore::open(&path).unwrap();
 
-    assert_eq!(
-        reopened.session(&session().id).await.unwrap(),
-        Some(session())
-    );
-    assert_eq!(
-        reopened.history(&session().id).await.unwrap(),
-        [user_message(1, "kept")]
-    );
-    assert_eq!(
-        reopened.shared_secret("signing", b"second").await.unwrap(),
-        secret
-    );
-    assert_eq!(
-        reopened
-            .insert_message(&user_message(1, "kept"))
-            .await
-            .unwrap(),
-        Inserted::AlreadyPresent
-    );
+    assert_eq!(reopened.session(&session().id).await.unwrap(), Some(session()));
+    assert_eq!(reopened.history(&session().id).await.unwrap(), [user_message(1, "kept")]);
+    assert_eq!(reopened.shared_secret("signing", b"second").await.unwrap(), secret);
+    assert_eq!(reopened.insert_message(&user_message(1, "kept")).await.unwrap(), Inserted::AlreadyPresent);
 }
 
 #[tokio::test]
@@ -91,10 +71,7 @@ fn a_file_already_open_is_reported_in_use() {
 
     match second {
         Err(StoreError::Fatal(message)) => {
-            assert!(
-                message.contains("is in use by another chatfleet process"),
-                "{message}"
-            );
+            assert!(message.contains("is in use by another chatfleet process"), "{message}");
             assert!(message.contains(&path.display().to_string()), "{message}");
         }
         other => panic!("expected an in-use error, got {other:?}"),
@@ -105,11 +82,7 @@ fn a_file_already_open_is_reported_in_use() {
 fn a_file_that_is_not_a_store_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notes.txt");
-    std::fs::write(
-        &path,
-        "these are not the tables you are looking for".repeat(100),
-    )
-    .unwrap();
+    std::fs::write(&path, "these are not the tables you are looking for".repeat(100)).unwrap();
 
     let opened = EmbeddedStore::open(&path);
 

@@ -47,9 +47,7 @@ async fn a_malformed_url_is_fatal() {
 async fn the_database_is_named_by_the_url_or_defaults_to_chatfleet() {
     let server = MongoServer::start().await;
 
-    let named = MongoStore::connect(&server.url_for_db("tenant_a"))
-        .await
-        .unwrap();
+    let named = MongoStore::connect(&server.url_for_db("tenant_a")).await.unwrap();
     let unnamed = MongoStore::connect(&server.url()).await.unwrap();
     named.create_session(&session()).await.unwrap();
 
@@ -72,10 +70,7 @@ async fn connecting_prepares_the_position_index_and_can_be_repeated() {
         .list_index_names()
         .await
         .unwrap();
-    assert!(
-        indexes.iter().any(|name| name == SESSION_POSITION_INDEX),
-        "{indexes:?}"
-    );
+    assert!(indexes.iter().any(|name| name == SESSION_POSITION_INDEX), "{indexes:?}");
 }
 
 #[tokio::test]
@@ -92,15 +87,7 @@ async fn a_stopped_server_makes_the_store_unavailable_until_it_is_back() {
     server.restart().await;
     let after_restart = store.session(&session().id).await;
 
-    assert!(
-        matches!(while_down, Err(StoreError::Unavailable(_))),
-        "{while_down:?}"
-    );
+    assert!(matches!(while_down, Err(StoreError::Unavailable(_))), "{while_down:?}");
     assert!(waited < Duration::from_secs(4), "took {waited:?}");
-    assert_eq!(
-        after_restart.unwrap(),
-        Some(session()),
-        "{}",
-        server.log_tail()
-    );
+    assert_eq!(after_restart.unwrap(), Some(session()), "{}", server.log_tail());
 }

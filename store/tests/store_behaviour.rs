@@ -5,8 +5,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 
 use chatfleet_store::{
-    EmbeddedStore, Failure, Inserted, MongoStore, Outcome, Role, SessionRecord, Store, StoreError,
-    StoredMessage,
+    EmbeddedStore, Failure, Inserted, MongoStore, Outcome, Role, SessionRecord, Store, StoreError, StoredMessage,
 };
 use schemas::{FinishReason, MessageId, ReplyId, SessionId, Usage};
 use time::OffsetDateTime;
@@ -21,21 +20,13 @@ struct Fixture {
 async fn embedded() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
-    Fixture {
-        store: Box::new(store),
-        _keep: Box::new(dir),
-    }
+    Fixture { store: Box::new(store), _keep: Box::new(dir) }
 }
 
 async fn mongo() -> Fixture {
     let server = testkit::MongoServer::start().await;
-    let store = MongoStore::connect(&server.url_for_db("behaviour"))
-        .await
-        .unwrap();
-    Fixture {
-        store: Box::new(store),
-        _keep: Box::new(server),
-    }
+    let store = MongoStore::connect(&server.url_for_db("behaviour")).await.unwrap();
+    Fixture { store: Box::new(store), _keep: Box::new(server) }
 }
 
 /// Runs each named behaviour against one implementation, as one test per behaviour.
@@ -122,10 +113,7 @@ fn reply(session: &str, turn: u64, text: &str) -> StoredMessage {
         created_at: CREATED,
         reply_to: Some(to),
         finish_reason: Some(FinishReason::Stop),
-        usage: Some(Usage {
-            prompt_tokens: 12,
-            completion_tokens: 34,
-        }),
+        usage: Some(Usage { prompt_tokens: 12, completion_tokens: 34 }),
         failure: None,
     }
 }
@@ -135,12 +123,7 @@ fn texts(messages: &[StoredMessage]) -> Vec<&str> {
 }
 
 async fn insert(store: &dyn Store, message: StoredMessage) {
-    assert_eq!(
-        store.insert_message(&message).await.unwrap(),
-        Inserted::New,
-        "inserting {}",
-        message.id
-    );
+    assert_eq!(store.insert_message(&message).await.unwrap(), Inserted::New, "inserting {}", message.id);
 }
 
 async fn ping_succeeds_on_a_reachable_store(store: &dyn Store) {
@@ -154,29 +137,20 @@ async fn created_sessions_are_returned_and_unknown_ones_are_not(store: &dyn Stor
 
     store.create_session(&created).await.unwrap();
 
-    assert_eq!(
-        store.session(&session_id("s1")).await.unwrap(),
-        Some(created)
-    );
+    assert_eq!(store.session(&session_id("s1")).await.unwrap(), Some(created));
     assert_eq!(store.session(&session_id("s2")).await.unwrap(), None);
 }
 
 async fn creating_a_session_again_is_accepted_but_a_different_one_conflicts(store: &dyn Store) {
     let first = session("s1");
-    let different = SessionRecord {
-        user: Some("someone-else".to_owned()),
-        ..session("s1")
-    };
+    let different = SessionRecord { user: Some("someone-else".to_owned()), ..session("s1") };
     store.create_session(&first).await.unwrap();
 
     let repeated = store.create_session(&first).await;
     let clashing = store.create_session(&different).await;
 
     assert!(repeated.is_ok(), "{repeated:?}");
-    assert!(
-        matches!(clashing, Err(StoreError::Conflict(_))),
-        "{clashing:?}"
-    );
+    assert!(matches!(clashing, Err(StoreError::Conflict(_))), "{clashing:?}");
     assert_eq!(store.session(&first.id).await.unwrap(), Some(first));
 }
 
@@ -193,31 +167,13 @@ async fn deleting_a_session_removes_its_history_and_nothing_else(store: &dyn Sto
     assert!(deleted);
     assert!(!deleted_again);
     assert_eq!(store.session(&session_id("doomed")).await.unwrap(), None);
-    assert!(
-        store
-            .history(&session_id("doomed"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let gone = store
-        .message(&session_id("doomed"), message_id("doomed", 1).as_str())
-        .await
-        .unwrap();
+    assert!(store.history(&session_id("doomed")).await.unwrap().is_empty());
+    let gone = store.message(&session_id("doomed"), message_id("doomed", 1).as_str()).await.unwrap();
     assert_eq!(gone, None);
     assert!(store.session(&session_id("kept")).await.unwrap().is_some());
-    assert_eq!(
-        texts(&store.history(&session_id("kept")).await.unwrap()),
-        ["hello", "hi"]
-    );
+    assert_eq!(texts(&store.history(&session_id("kept")).await.unwrap()), ["hello", "hi"]);
     // Nothing of the deleted session lingers to make a new message look like a repeat.
-    assert_eq!(
-        store
-            .insert_message(&user_message("doomed", 1, "again"))
-            .await
-            .unwrap(),
-        Inserted::New
-    );
+    assert_eq!(store.insert_message(&user_message("doomed", 1, "again")).await.unwrap(), Inserted::New);
 }
 
 async fn history_is_returned_in_conversation_order(store: &dyn Store) {
@@ -232,13 +188,7 @@ async fn history_is_returned_in_conversation_order(store: &dyn Store) {
     let history = store.history(&session_id("s1")).await.unwrap();
 
     assert_eq!(texts(&history), ["u1", "r1", "u2", "r2", "u10"]);
-    assert!(
-        store
-            .history(&session_id("empty"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(store.history(&session_id("empty")).await.unwrap().is_empty());
 }
 
 async fn records_round_trip_with_times_kept_to_the_millisecond(store: &dyn Store) {
@@ -249,12 +199,7 @@ async fn records_round_trip_with_times_kept_to_the_millisecond(store: &dyn Store
         ("a.b".to_owned(), "dotted".to_owned()),
         (String::new(), "empty key".to_owned()),
     ]);
-    let created = SessionRecord {
-        metadata: awkward_metadata,
-        user: None,
-        created_at: precise,
-        ..session("s1")
-    };
+    let created = SessionRecord { metadata: awkward_metadata, user: None, created_at: precise, ..session("s1") };
     let answer = StoredMessage {
         created_at: precise,
         finish_reason: Some(FinishReason::Other("tool_calls".to_owned())),
@@ -265,27 +210,11 @@ async fn records_round_trip_with_times_kept_to_the_millisecond(store: &dyn Store
     store.create_session(&created).await.unwrap();
     insert(store, answer.clone()).await;
     let read_session = store.session(&created.id).await.unwrap().unwrap();
-    let read_message = store
-        .message(&created.id, &answer.id)
-        .await
-        .unwrap()
-        .unwrap();
+    let read_message = store.message(&created.id, &answer.id).await.unwrap().unwrap();
 
-    assert_eq!(
-        read_session,
-        SessionRecord {
-            created_at: kept,
-            ..created
-        }
-    );
+    assert_eq!(read_session, SessionRecord { created_at: kept, ..created });
     assert_eq!(read_session.created_at.offset(), time::UtcOffset::UTC);
-    assert_eq!(
-        read_message,
-        StoredMessage {
-            created_at: kept,
-            ..answer
-        }
-    );
+    assert_eq!(read_message, StoredMessage { created_at: kept, ..answer });
     assert_eq!(read_message.position(), 15);
 }
 
@@ -293,10 +222,7 @@ async fn a_repeated_message_id_is_reported_already_present_and_changes_nothing(s
     store.create_session(&session("s1")).await.unwrap();
     let original = reply("s1", 1, "first answer");
     insert(store, original.clone()).await;
-    let regenerated = StoredMessage {
-        text: "second answer".to_owned(),
-        ..original.clone()
-    };
+    let regenerated = StoredMessage { text: "second answer".to_owned(), ..original.clone() };
 
     let result = store.insert_message(&regenerated).await.unwrap();
 
@@ -308,29 +234,19 @@ async fn a_different_message_at_a_taken_position_is_a_conflict(store: &dyn Store
     store.create_session(&session("s1")).await.unwrap();
     let first = user_message("s1", 1, "first");
     insert(store, first.clone()).await;
-    let other = StoredMessage {
-        id: "m_other".to_owned(),
-        text: "other".to_owned(),
-        ..first.clone()
-    };
+    let other = StoredMessage { id: "m_other".to_owned(), text: "other".to_owned(), ..first.clone() };
 
     let result = store.insert_message(&other).await;
 
     assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
     assert_eq!(store.history(&session_id("s1")).await.unwrap(), [first]);
-    assert_eq!(
-        store.message(&session_id("s1"), "m_other").await.unwrap(),
-        None
-    );
+    assert_eq!(store.message(&session_id("s1"), "m_other").await.unwrap(), None);
 }
 
 async fn a_message_id_taken_in_another_session_is_a_conflict(store: &dyn Store) {
     let first = user_message("s1", 1, "first");
     insert(store, first.clone()).await;
-    let elsewhere = StoredMessage {
-        session_id: session_id("s2"),
-        ..first.clone()
-    };
+    let elsewhere = StoredMessage { session_id: session_id("s2"), ..first.clone() };
 
     let result = store.insert_message(&elsewhere).await;
 
@@ -375,37 +291,15 @@ async fn outcome_is_the_reply_the_failure_or_nothing(store: &dyn Store) {
     insert(store, answered.clone()).await;
     insert(store, user_message("s1", 2, "q2")).await;
     insert(store, user_message("s1", 3, "q3")).await;
-    let failure = Failure {
-        code: "model_unavailable".to_owned(),
-        message: "the model did not answer".to_owned(),
-    };
+    let failure = Failure { code: "model_unavailable".to_owned(), message: "the model did not answer".to_owned() };
 
-    store
-        .mark_failed(&id, &message_id("s1", 2), &failure)
-        .await
-        .unwrap();
+    store.mark_failed(&id, &message_id("s1", 2), &failure).await.unwrap();
 
-    assert_eq!(
-        store.outcome(&id, &message_id("s1", 1)).await.unwrap(),
-        Some(Outcome::Replied(answered))
-    );
-    assert_eq!(
-        store.outcome(&id, &message_id("s1", 2)).await.unwrap(),
-        Some(Outcome::Failed(failure.clone()))
-    );
-    assert_eq!(
-        store.outcome(&id, &message_id("s1", 3)).await.unwrap(),
-        None
-    );
-    assert_eq!(
-        store.outcome(&id, &message_id("s1", 4)).await.unwrap(),
-        None
-    );
-    let failed = store
-        .message(&id, message_id("s1", 2).as_str())
-        .await
-        .unwrap()
-        .unwrap();
+    assert_eq!(store.outcome(&id, &message_id("s1", 1)).await.unwrap(), Some(Outcome::Replied(answered)));
+    assert_eq!(store.outcome(&id, &message_id("s1", 2)).await.unwrap(), Some(Outcome::Failed(failure.clone())));
+    assert_eq!(store.outcome(&id, &message_id("s1", 3)).await.unwrap(), None);
+    assert_eq!(store.outcome(&id, &message_id("s1", 4)).await.unwrap(), None);
+    let failed = store.message(&id, message_id("s1", 2).as_str()).await.unwrap().unwrap();
     assert_eq!(failed.failure, Some(failure));
     assert_eq!(failed.text, "q2");
 }
@@ -413,48 +307,23 @@ async fn outcome_is_the_reply_the_failure_or_nothing(store: &dyn Store) {
 async fn marking_an_unknown_message_failed_is_an_error(store: &dyn Store) {
     insert(store, user_message("s1", 1, "q1")).await;
     insert(store, reply("s1", 1, "a1")).await;
-    let failure = Failure {
-        code: "x".to_owned(),
-        message: "y".to_owned(),
-    };
-    let reply_as_message_id =
-        MessageId::parse(ReplyId::for_message(&message_id("s1", 1)).into_string()).unwrap();
+    let failure = Failure { code: "x".to_owned(), message: "y".to_owned() };
+    let reply_as_message_id = MessageId::parse(ReplyId::for_message(&message_id("s1", 1)).into_string()).unwrap();
 
-    let unknown = store
-        .mark_failed(&session_id("s1"), &message_id("s1", 5), &failure)
-        .await;
-    let wrong_session = store
-        .mark_failed(&session_id("s2"), &message_id("s1", 1), &failure)
-        .await;
-    let not_a_user_message = store
-        .mark_failed(&session_id("s1"), &reply_as_message_id, &failure)
-        .await;
+    let unknown = store.mark_failed(&session_id("s1"), &message_id("s1", 5), &failure).await;
+    let wrong_session = store.mark_failed(&session_id("s2"), &message_id("s1", 1), &failure).await;
+    let not_a_user_message = store.mark_failed(&session_id("s1"), &reply_as_message_id, &failure).await;
 
     assert!(matches!(unknown, Err(StoreError::Fatal(_))), "{unknown:?}");
-    assert!(
-        matches!(wrong_session, Err(StoreError::Fatal(_))),
-        "{wrong_session:?}"
-    );
-    assert!(
-        matches!(not_a_user_message, Err(StoreError::Fatal(_))),
-        "{not_a_user_message:?}"
-    );
-    assert!(
-        store
-            .history(&session_id("s1"))
-            .await
-            .unwrap()
-            .iter()
-            .all(|m| m.failure.is_none())
-    );
+    assert!(matches!(wrong_session, Err(StoreError::Fatal(_))), "{wrong_session:?}");
+    assert!(matches!(not_a_user_message, Err(StoreError::Fatal(_))), "{not_a_user_message:?}");
+    assert!(store.history(&session_id("s1")).await.unwrap().iter().all(|m| m.failure.is_none()));
 }
 
 async fn shared_secret_gives_every_caller_the_first_value(store: &dyn Store) {
     let proposals: Vec<Vec<u8>> = (0u8..8).map(|i| vec![i; 32]).collect();
 
-    let concurrent =
-        futures::future::join_all(proposals.iter().map(|p| store.shared_secret("signing", p)))
-            .await;
+    let concurrent = futures::future::join_all(proposals.iter().map(|p| store.shared_secret("signing", p))).await;
     let later = store.shared_secret("signing", b"too late").await.unwrap();
     let other_name = store.shared_secret("other", b"independent").await.unwrap();
 

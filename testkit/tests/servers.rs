@@ -11,13 +11,7 @@ use tokio::net::TcpStream;
 async fn nats_info_line(port: u16) -> String {
     let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut line = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        BufReader::new(stream).read_line(&mut line),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), BufReader::new(stream).read_line(&mut line)).await.unwrap().unwrap();
     line
 }
 
@@ -28,10 +22,7 @@ fn free_port_can_be_bound() {
     let listener = std::net::TcpListener::bind(("127.0.0.1", port));
 
     assert!(port > 0);
-    assert!(
-        listener.is_ok(),
-        "port {port} could not be bound: {listener:?}"
-    );
+    assert!(listener.is_ok(), "port {port} could not be bound: {listener:?}");
 }
 
 #[tokio::test]
@@ -41,14 +32,8 @@ async fn nats_server_is_version_2_14_with_jetstream() {
     let info = nats_info_line(server.port()).await;
 
     assert!(info.starts_with("INFO "), "unexpected greeting: {info}");
-    assert!(
-        info.contains(r#""version":"2.14"#),
-        "not nats-server 2.14: {info}"
-    );
-    assert!(
-        info.contains(r#""jetstream":true"#),
-        "JetStream is off: {info}"
-    );
+    assert!(info.contains(r#""version":"2.14"#), "not nats-server 2.14: {info}");
+    assert!(info.contains(r#""jetstream":true"#), "JetStream is off: {info}");
     assert_eq!(server.url(), format!("nats://127.0.0.1:{}", server.port()));
 }
 
@@ -61,10 +46,7 @@ async fn nats_server_restarts_on_the_same_port_and_store() {
     let refused = TcpStream::connect(("127.0.0.1", port)).await;
     server.restart().await;
 
-    assert!(
-        refused.is_err(),
-        "the stopped server still accepted a connection"
-    );
+    assert!(refused.is_err(), "the stopped server still accepted a connection");
     assert_eq!(server.port(), port);
     assert!(server.store_dir().is_dir());
     assert!(nats_info_line(port).await.starts_with("INFO "));
@@ -77,19 +59,10 @@ async fn mongo_server_accepts_connections_at_its_url() {
     let connected = TcpStream::connect(("127.0.0.1", server.port())).await;
 
     assert!(connected.is_ok(), "{connected:?}\n{}", server.log_tail());
-    assert_eq!(
-        server.url(),
-        format!(
-            "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",
-            server.port()
-        )
-    );
+    assert_eq!(server.url(), format!("mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false", server.port()));
     assert_eq!(
         server.url_for_db("chat"),
-        format!(
-            "mongodb://127.0.0.1:{}/chat?directConnection=true&retryWrites=false",
-            server.port()
-        )
+        format!("mongodb://127.0.0.1:{}/chat?directConnection=true&retryWrites=false", server.port())
     );
 }
 
@@ -101,8 +74,5 @@ async fn dropping_a_server_kills_it() {
     drop(server);
     let connected = TcpStream::connect(("127.0.0.1", port)).await;
 
-    assert!(
-        connected.is_err(),
-        "a dropped server still accepted a connection"
-    );
+    assert!(connected.is_err(), "a dropped server still accepted a connection");
 }

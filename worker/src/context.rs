@@ -17,11 +17,7 @@ pub struct ContextSettings {
 
 impl Default for ContextSettings {
     fn default() -> Self {
-        Self {
-            system_prompt: "You are a helpful assistant.".into(),
-            token_budget: 3000,
-            history_limit: 64,
-        }
+        Self { system_prompt: "You are a helpful assistant.".into(), token_budget: 3000, history_limit: 64 }
     }
 }
 

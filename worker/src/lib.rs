@@ -101,10 +101,9 @@ impl Worker {
         shutdown.await;
         tracing::info!(event = "worker_stopping", worker = %self.config.worker_id, grace = ?self.config.shutdown_grace, "worker stopping");
         stop.cancel();
-        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
-            while runners.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(self.config.shutdown_grace, async { while runners.join_next().await.is_some() {} })
+                .await;
         if drained.is_err() {
             tracing::warn!(event = "worker_grace_expired", worker = %self.config.worker_id, "grace period over; unfinished messages will be redelivered");
             runners.abort_all();

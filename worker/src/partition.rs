@@ -137,7 +137,11 @@ impl Runner {
                     }
                 }
                 Event::StreamEnded => {
-                    tracing::warn!(event = "deliveries_ended", partition = self.partition.get(), "delivery stream ended; reopening");
+                    tracing::warn!(
+                        event = "deliveries_ended",
+                        partition = self.partition.get(),
+                        "delivery stream ended; reopening"
+                    );
                     deliveries = None;
                     tokio::time::sleep(reopen_delay).await;
                 }

@@ -23,7 +23,9 @@ enum Settlement {
 }
 
 pub(crate) async fn handle(worker: &Worker, delivery: Delivery, stop: &CancellationToken) {
-    let Ok(message) = delivery.message else { return };
+    let Ok(message) = delivery.message else {
+        return;
+    };
     let span = tracing::info_span!(
         "message",
         session_id = %message.session_id,
@@ -44,7 +46,9 @@ pub(crate) async fn handle(worker: &Worker, delivery: Delivery, stop: &Cancellat
                     tracing::warn!(event = "ack_failed", error = %e, "acknowledgement failed");
                 }
             }
-            Settlement::Abandon => tracing::info!(event = "message_abandoned", "left for redelivery"),
+            Settlement::Abandon => {
+                tracing::info!(event = "message_abandoned", "left for redelivery")
+            }
         }
     }
     .instrument(span)
@@ -132,7 +136,10 @@ impl Handler<'_> {
                     failure: None,
                 };
                 if self.store_call(|| store.insert_message(&stored)).await? == Inserted::AlreadyPresent {
-                    tracing::warn!(event = "reply_already_stored", "a reply to this message was stored meanwhile; not announcing a second one");
+                    tracing::warn!(
+                        event = "reply_already_stored",
+                        "a reply to this message was stored meanwhile; not announcing a second one"
+                    );
                     return Ok(Settlement::Ack("duplicate"));
                 }
                 events
@@ -148,7 +155,9 @@ impl Handler<'_> {
             }
             Err(error) => {
                 let (code, text) = match &error {
-                    LlmError::Permanent { code, message } => (code.clone(), format!("the model refused the request: {message}")),
+                    LlmError::Permanent { code, message } => {
+                        (code.clone(), format!("the model refused the request: {message}"))
+                    }
                     LlmError::Transient { message, .. } => (
                         "model_unavailable".to_owned(),
                         format!(
@@ -172,7 +181,8 @@ impl Handler<'_> {
         let store = &self.worker.store;
         let session = self.session();
         loop {
-            if let Some(existing) = self.store_call(|| store.message(session, self.message.message_id.as_str())).await? {
+            if let Some(existing) = self.store_call(|| store.message(session, self.message.message_id.as_str())).await?
+            {
                 return Ok(existing.turn);
             }
             let last = self.store_call(|| store.recent(session, 1)).await?;
@@ -229,7 +239,9 @@ impl Handler<'_> {
                     let delay = policy.delay(attempt, retry_after);
                     tracing::warn!(event = "llm_retry", attempt, delay = ?delay, error = %error, "transient model error; retrying");
                     if streamed {
-                        events.send(ReplyEventKind::Reset { reason: format!("retrying after a model error: {error}") }).await;
+                        events
+                            .send(ReplyEventKind::Reset { reason: format!("retrying after a model error: {error}") })
+                            .await;
                     }
                     tokio::time::sleep(delay).await;
                     attempt += 1;
@@ -258,12 +270,17 @@ impl Handler<'_> {
                     events.send(ReplyEventKind::Delta { index, text: delta }).await;
                     index += 1;
                 }
-                Ok(ChatChunk::Finished { finish_reason, usage }) => return Ok(Reply { text, finish_reason, usage }),
+                Ok(ChatChunk::Finished { finish_reason, usage }) => {
+                    return Ok(Reply { text, finish_reason, usage });
+                }
                 Err(e) => return Err((e, index > 0)),
             }
         }
         Err((
-            LlmError::Transient { message: "the model's stream ended before the reply was complete".into(), retry_after: None },
+            LlmError::Transient {
+                message: "the model's stream ended before the reply was complete".into(),
+                retry_after: None,
+            },
             index > 0,
         ))
     }

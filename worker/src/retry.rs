@@ -30,11 +30,7 @@ impl RetryPolicy {
             .base_delay
             .saturating_mul(1u32.checked_shl(retry.saturating_sub(1)).unwrap_or(u32::MAX))
             .min(self.max_delay);
-        let jittered = if ceiling.is_zero() {
-            ceiling
-        } else {
-            rand::rng().random_range(Duration::ZERO..=ceiling)
-        };
+        let jittered = if ceiling.is_zero() { ceiling } else { rand::rng().random_range(Duration::ZERO..=ceiling) };
         jittered.max(retry_after.unwrap_or_default()).min(self.max_delay.max(retry_after.unwrap_or_default()))
     }
 }
@@ -45,7 +41,8 @@ mod tests {
 
     #[test]
     fn delays_stay_under_an_exponential_ceiling_capped_at_the_maximum() {
-        let p = RetryPolicy { max_attempts: 10, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(1) };
+        let p =
+            RetryPolicy { max_attempts: 10, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(1) };
         for _ in 0..200 {
             assert!(p.delay(1, None) <= Duration::from_millis(100));
             assert!(p.delay(3, None) <= Duration::from_millis(400));
@@ -55,14 +52,16 @@ mod tests {
 
     #[test]
     fn delays_are_jittered() {
-        let p = RetryPolicy { max_attempts: 10, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(10) };
+        let p =
+            RetryPolicy { max_attempts: 10, base_delay: Duration::from_secs(1), max_delay: Duration::from_secs(10) };
         let samples: std::collections::HashSet<_> = (0..50).map(|_| p.delay(2, None)).collect();
         assert!(samples.len() > 1);
     }
 
     #[test]
     fn retry_after_is_honoured_as_a_floor() {
-        let p = RetryPolicy { max_attempts: 10, base_delay: Duration::from_millis(10), max_delay: Duration::from_secs(10) };
+        let p =
+            RetryPolicy { max_attempts: 10, base_delay: Duration::from_millis(10), max_delay: Duration::from_secs(10) };
         assert!(p.delay(1, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
     }
 }

@@ -75,7 +75,9 @@ impl Bus for MemoryBus {
                 seen.retain(|_, at| now.duration_since(*at) < DEDUP_WINDOW);
             }
             match seen.get(&message.message_id) {
-                Some(at) if now.duration_since(*at) < DEDUP_WINDOW => return Ok(Enqueued { duplicate: true }),
+                Some(at) if now.duration_since(*at) < DEDUP_WINDOW => {
+                    return Ok(Enqueued { duplicate: true });
+                }
                 _ => {
                     seen.insert(message.message_id.clone(), now);
                 }
@@ -100,13 +102,7 @@ impl Bus for MemoryBus {
 
     async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.inner
-            .listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(session.clone())
-            .or_default()
-            .push(tx);
+        self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner()).entry(session.clone()).or_default().push(tx);
         Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed())
     }
 
@@ -135,4 +131,3 @@ struct QueueState {
     /// consumer can no longer be settled.
     generation: u64,
 }
-

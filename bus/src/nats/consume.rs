@@ -37,10 +37,11 @@ pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<De
         .get_stream(names.input_stream())
         .await
         .map_err(|e| BusError::Unavailable(format!("cannot open stream {}: {e}", names.input_stream())))?;
-    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(&durable, config)
-        .await
-        .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
+    let consumer: jetstream::consumer::Consumer<pull::Config> =
+        stream
+            .get_or_create_consumer(&durable, config)
+            .await
+            .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
     // Pulls expire well within the pin timeout, so a live puller never loses its pin.
     let expires = (settings.pin_timeout / 5).max(Duration::from_millis(500));
     let messages = consumer
@@ -68,7 +69,8 @@ pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<De
 fn to_delivery(message: jetstream::Message) -> Delivery {
     let attempt = message.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
     let (message, acker) = message.split();
-    let parsed = serde_json::from_slice(&message.payload).map_err(|e| format!("unreadable user message on {}: {e}", message.subject));
+    let parsed = serde_json::from_slice(&message.payload)
+        .map_err(|e| format!("unreadable user message on {}: {e}", message.subject));
     Delivery { message: parsed, attempt, acker: Box::new(NatsAcker(acker)) }
 }
 

@@ -97,8 +97,12 @@ impl NatsBus {
             .max_reconnects(None)
             .event_callback(|event| async move {
                 match event {
-                    async_nats::Event::Disconnected => tracing::warn!(event = "bus_disconnected", "lost the NATS connection; reconnecting"),
-                    async_nats::Event::Connected => tracing::info!(event = "bus_connected", "connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(event = "bus_disconnected", "lost the NATS connection; reconnecting")
+                    }
+                    async_nats::Event::Connected => {
+                        tracing::info!(event = "bus_connected", "connected to NATS")
+                    }
                     other => tracing::debug!(event = "bus_event", detail = %other),
                 }
             });
@@ -191,9 +195,8 @@ impl Bus for NatsBus {
         let partition = self.settings.partitions.of(&message.session_id);
         let subject = self.settings.names.input_subject(partition, &message.session_id);
         let payload = serde_json::to_vec(message).map_err(|e| BusError::Failed(e.to_string()))?;
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .message_id(message.message_id.as_str());
+        let publish =
+            jetstream::message::PublishMessage::build().payload(payload.into()).message_id(message.message_id.as_str());
         let timeout = self.settings.publish_timeout;
         let ack = tokio::time::timeout(timeout, async {
             self.js

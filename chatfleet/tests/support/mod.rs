@@ -257,7 +257,10 @@ impl TestApp {
         let r = self.http.post(self.url("/v1/sessions")).json(&json!({})).send().await.unwrap();
         assert_eq!(r.status(), 201, "creating a session");
         let body: Value = r.json().await.unwrap();
-        Session { id: body["session_id"].as_str().unwrap().to_owned(), token: body["token"].as_str().unwrap().to_owned() }
+        Session {
+            id: body["session_id"].as_str().unwrap().to_owned(),
+            token: body["token"].as_str().unwrap().to_owned(),
+        }
     }
 
     /// `POST .../messages` asking for JSON.
@@ -311,7 +314,10 @@ impl TestApp {
             if replies >= n {
                 return history;
             }
-            assert!(tokio::time::Instant::now() < deadline, "only {replies} of {n} replies after {within:?}: {history:#?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {replies} of {n} replies after {within:?}: {history:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -358,7 +364,9 @@ pub async fn read_until_terminals(response: reqwest::Response, n: usize, within:
     let mut terminals = 0;
     let read = async {
         while terminals < n {
-            let Some(item) = stream.next().await else { break };
+            let Some(item) = stream.next().await else {
+                break;
+            };
             let e = item.expect("a well-formed event stream");
             if e.event == "done" || e.event == "error" {
                 terminals += 1;

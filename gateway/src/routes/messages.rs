@@ -35,15 +35,23 @@ struct NewMessage {
 }
 
 /// Reads a JSON body of at most `limit` bytes. An empty body is `None` when `optional`.
-pub(crate) async fn read_json<T: DeserializeOwned>(body: Body, limit: usize, optional: bool) -> Result<Option<T>, ApiError> {
+pub(crate) async fn read_json<T: DeserializeOwned>(
+    body: Body,
+    limit: usize,
+    optional: bool,
+) -> Result<Option<T>, ApiError> {
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes")))?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return if optional { Ok(None) } else { Err(ApiError::InvalidJson("the request body is empty; expected a JSON object".into())) };
+        return if optional {
+            Ok(None)
+        } else {
+            Err(ApiError::InvalidJson("the request body is empty; expected a JSON object".into()))
+        };
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(format!("the request body is not valid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::InvalidJson(format!("the request body is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::InvalidJson("the request body must be a JSON object".into()));
     }
@@ -51,8 +59,14 @@ pub(crate) async fn read_json<T: DeserializeOwned>(body: Body, limit: usize, opt
 }
 
 /// Checks the token and that the session exists.
-async fn open_session(state: &AppState, session_id: &str, headers: &HeaderMap, query: &TokenQuery) -> Result<SessionId, ApiError> {
-    let session = auth::authorize_session(&state.tokens, auth::bearer(headers, query.access_token.as_deref()), session_id)?;
+async fn open_session(
+    state: &AppState,
+    session_id: &str,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+) -> Result<SessionId, ApiError> {
+    let session =
+        auth::authorize_session(&state.tokens, auth::bearer(headers, query.access_token.as_deref()), session_id)?;
     if state.store.session(&session).await?.is_none() {
         return Err(ApiError::SessionNotFound);
     }
@@ -75,13 +89,17 @@ pub(crate) async fn post(
     body: Body,
 ) -> Result<Response, ApiError> {
     let session = open_session(&state, &session_id, &headers, &query).await?;
-    let request: NewMessage = read_json(body, MAX_BODY_BYTES, false).await?.unwrap_or(NewMessage { text: None, client_message_id: None });
+    let request: NewMessage =
+        read_json(body, MAX_BODY_BYTES, false).await?.unwrap_or(NewMessage { text: None, client_message_id: None });
     let text = request.text.ok_or_else(|| ApiError::Invalid("text is required".into()))?;
     if text.trim().is_empty() {
         return Err(ApiError::Invalid("text must not be empty".into()));
     }
     if text.len() > MAX_TEXT_BYTES {
-        return Err(ApiError::PayloadTooLarge(format!("text is {} bytes; at most {MAX_TEXT_BYTES} are allowed", text.len())));
+        return Err(ApiError::PayloadTooLarge(format!(
+            "text is {} bytes; at most {MAX_TEXT_BYTES} are allowed",
+            text.len()
+        )));
     }
     let message_id = match &request.client_message_id {
         Some(key) => MessageId::for_client_key(&session, key),
@@ -173,9 +191,7 @@ fn sse_response(state: &AppState, events: impl Stream<Item = Result<Event, Infal
             e
         })
         .take_until(state.closing.clone().cancelled_owned());
-    Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(state.config.keep_alive).text("keep-alive"))
-        .into_response()
+    Sse::new(events).keep_alive(KeepAlive::new().interval(state.config.keep_alive).text("keep-alive")).into_response()
 }
 
 #[tracing::instrument(name = "session_events", skip_all, fields(session_id = %session_id))]

@@ -29,7 +29,11 @@ struct NewSession {
 }
 
 #[tracing::instrument(name = "create_session", skip_all, fields(session_id))]
-pub(crate) async fn create(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     auth::authorize_api_key(&state.config.api_keys, auth::bearer(&headers, None))?;
     let request: NewSession = read_json(body, MAX_BODY_BYTES, true).await?.unwrap_or_default();
     if let Some(user) = &request.user
@@ -39,7 +43,9 @@ pub(crate) async fn create(State(state): State<AppState>, headers: HeaderMap, bo
     }
     let metadata_bytes: usize = request.metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
     if metadata_bytes > MAX_METADATA_BYTES {
-        return Err(ApiError::Invalid(format!("metadata takes {metadata_bytes} bytes; at most {MAX_METADATA_BYTES} are allowed")));
+        return Err(ApiError::Invalid(format!(
+            "metadata takes {metadata_bytes} bytes; at most {MAX_METADATA_BYTES} are allowed"
+        )));
     }
 
     let session = SessionRecord {
@@ -63,7 +69,8 @@ pub(crate) async fn delete(
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let session = auth::authorize_session(&state.tokens, auth::bearer(&headers, query.access_token.as_deref()), &session_id)?;
+    let session =
+        auth::authorize_session(&state.tokens, auth::bearer(&headers, query.access_token.as_deref()), &session_id)?;
     if !state.store.delete_session(&session).await? {
         return Err(ApiError::SessionNotFound);
     }

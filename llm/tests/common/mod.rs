@@ -37,18 +37,11 @@ impl MockServer {
         let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let config = MockServerConfig {
-            settings,
-            model: MODEL.to_owned(),
-        };
+        let config = MockServerConfig { settings, model: MODEL.to_owned() };
         let task = tokio::spawn(serve(listener, config, async move {
             let _ = rx.await;
         }));
-        Self {
-            base_url: format!("http://{addr}/v1"),
-            shutdown: Some(tx),
-            task: Some(task),
-        }
+        Self { base_url: format!("http://{addr}/v1"), shutdown: Some(tx), task: Some(task) }
     }
 
     /// Asks the server to stop and waits for it to finish.
@@ -88,14 +81,8 @@ impl Drop for MockServer {
 pub fn user_request(text: &str) -> ChatRequest {
     ChatRequest {
         messages: vec![
-            ChatMessage {
-                role: ChatRole::System,
-                content: "Be brief.".to_owned(),
-            },
-            ChatMessage {
-                role: ChatRole::User,
-                content: text.to_owned(),
-            },
+            ChatMessage { role: ChatRole::System, content: "Be brief.".to_owned() },
+            ChatMessage { role: ChatRole::User, content: text.to_owned() },
         ],
         max_tokens: None,
     }
@@ -122,10 +109,7 @@ pub async fn drain(mut stream: ChunkStream) -> Drained {
             Ok(ChatChunk::Delta(text)) => deltas.push(text),
             other => {
                 let end = Some(other);
-                assert!(
-                    stream.next().await.is_none(),
-                    "the stream went on after its end"
-                );
+                assert!(stream.next().await.is_none(), "the stream went on after its end");
                 return Drained { deltas, end };
             }
         }

@@ -14,9 +14,7 @@ use schemas::{MessageId, SessionId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::{
-    Failure, Inserted, Role, SessionRecord, Store, StoreError, StoredMessage, to_stored_time,
-};
+use crate::{Failure, Inserted, Role, SessionRecord, Store, StoreError, StoredMessage, to_stored_time};
 
 /// Session id → JSON of the [`SessionRecord`].
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -43,9 +41,7 @@ pub struct EmbeddedStore {
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("EmbeddedStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -69,19 +65,13 @@ impl EmbeddedStore {
                 "the embedded store {} is in use by another chatfleet process",
                 path.display()
             )),
-            other => StoreError::Fatal(format!(
-                "cannot open the embedded store {}: {other}",
-                path.display()
-            )),
+            other => StoreError::Fatal(format!("cannot open the embedded store {}: {other}", path.display())),
         })?;
         prepare(&db).map_err(|e| match e {
             StoreError::Fatal(m) => StoreError::Fatal(format!("{}: {m}", path.display())),
             other => other,
         })?;
-        Ok(EmbeddedStore {
-            db: Arc::new(db),
-            path: path.to_path_buf(),
-        })
+        Ok(EmbeddedStore { db: Arc::new(db), path: path.to_path_buf() })
     }
 
     /// The file the store lives in.
@@ -98,9 +88,7 @@ impl EmbeddedStore {
         let db = Arc::clone(&self.db);
         tokio::task::spawn_blocking(move || op(&db))
             .await
-            .map_err(|e| {
-                StoreError::Fatal(format!("an embedded store operation did not finish: {e}"))
-            })?
+            .map_err(|e| StoreError::Fatal(format!("an embedded store operation did not finish: {e}")))?
     }
 }
 
@@ -114,14 +102,10 @@ fn prepare(db: &Database) -> Result<(), StoreError> {
         tx.open_table(MESSAGE_IDS).map_err(fatal)?;
         tx.open_table(SECRETS).map_err(fatal)?;
         let mut meta = tx.open_table(META).map_err(fatal)?;
-        let version = meta
-            .get("format_version")
-            .map_err(fatal)?
-            .map(|v| v.value());
+        let version = meta.get("format_version").map_err(fatal)?.map(|v| v.value());
         match version {
             None => {
-                meta.insert("format_version", FORMAT_VERSION)
-                    .map_err(fatal)?;
+                meta.insert("format_version", FORMAT_VERSION).map_err(fatal)?;
             }
             Some(FORMAT_VERSION) => {}
             Some(other) => {
@@ -144,43 +128,25 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| StoreError::Fatal(format!("cannot decode a stored record: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Fatal(format!("cannot decode a stored record: {e}")))
 }
 
 /// A session as stored: times in UTC to the millisecond, as MongoDB keeps them, so both
 /// stores hand back the same values.
 fn normalise_session(session: &SessionRecord) -> Result<SessionRecord, StoreError> {
-    Ok(SessionRecord {
-        created_at: to_stored_time(session.created_at)?,
-        ..session.clone()
-    })
+    Ok(SessionRecord { created_at: to_stored_time(session.created_at)?, ..session.clone() })
 }
 
 fn normalise_message(message: &StoredMessage) -> Result<StoredMessage, StoreError> {
-    Ok(StoredMessage {
-        created_at: to_stored_time(message.created_at)?,
-        ..message.clone()
-    })
+    Ok(StoredMessage { created_at: to_stored_time(message.created_at)?, ..message.clone() })
 }
 
 /// The messages of one session, in conversation order (newest first if `rev`), at most `limit`.
-fn read_messages(
-    db: &Database,
-    session: &str,
-    rev: bool,
-    limit: usize,
-) -> Result<Vec<StoredMessage>, StoreError> {
+fn read_messages(db: &Database, session: &str, rev: bool, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
     let tx = db.begin_read().map_err(fatal)?;
     let table = tx.open_table(MESSAGES).map_err(fatal)?;
-    let range = table
-        .range((session, 0u64)..=(session, u64::MAX))
-        .map_err(fatal)?;
-    let entries: Box<dyn Iterator<Item = _>> = if rev {
-        Box::new(range.rev())
-    } else {
-        Box::new(range)
-    };
+    let range = table.range((session, 0u64)..=(session, u64::MAX)).map_err(fatal)?;
+    let entries: Box<dyn Iterator<Item = _>> = if rev { Box::new(range.rev()) } else { Box::new(range) };
     entries
         .take(limit)
         .map(|entry| {
@@ -207,24 +173,17 @@ impl Store for EmbeddedStore {
             let tx = db.begin_write().map_err(fatal)?;
             {
                 let mut table = tx.open_table(SESSIONS).map_err(fatal)?;
-                let existing = table
-                    .get(session.id.as_str())
-                    .map_err(fatal)?
-                    .map(|v| decode::<SessionRecord>(v.value()));
+                let existing =
+                    table.get(session.id.as_str()).map_err(fatal)?.map(|v| decode::<SessionRecord>(v.value()));
                 match existing.transpose()? {
                     // A repeated create is not an error; a different session under the same
                     // id is.
                     Some(existing) if existing == session => return Ok(()),
                     Some(_) => {
-                        return Err(StoreError::Conflict(format!(
-                            "session {} already exists",
-                            session.id
-                        )));
+                        return Err(StoreError::Conflict(format!("session {} already exists", session.id)));
                     }
                     None => {
-                        table
-                            .insert(session.id.as_str(), encode(&session)?.as_slice())
-                            .map_err(fatal)?;
+                        table.insert(session.id.as_str(), encode(&session)?.as_slice()).map_err(fatal)?;
                     }
                 }
             }
@@ -254,9 +213,8 @@ impl Store for EmbeddedStore {
                 let mut ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
                 let existed = sessions.remove(id.as_str()).map_err(fatal)?.is_some();
                 let session = id.as_str();
-                let mut removed = messages
-                    .extract_from_if((session, 0u64)..=(session, u64::MAX), |_, _| true)
-                    .map_err(fatal)?;
+                let mut removed =
+                    messages.extract_from_if((session, 0u64)..=(session, u64::MAX), |_, _| true).map_err(fatal)?;
                 let mut message_ids = Vec::new();
                 for entry in removed.by_ref() {
                     let (_, value) = entry.map_err(fatal)?;
@@ -276,8 +234,7 @@ impl Store for EmbeddedStore {
 
     async fn history(&self, id: &SessionId) -> Result<Vec<StoredMessage>, StoreError> {
         let id = id.clone();
-        self.run(move |db| read_messages(db, id.as_str(), false, usize::MAX))
-            .await
+        self.run(move |db| read_messages(db, id.as_str(), false, usize::MAX)).await
     }
 
     async fn recent(&self, id: &SessionId, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
@@ -290,11 +247,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn message(
-        &self,
-        session: &SessionId,
-        id: &str,
-    ) -> Result<Option<StoredMessage>, StoreError> {
+    async fn message(&self, session: &SessionId, id: &str) -> Result<Option<StoredMessage>, StoreError> {
         let session = session.clone();
         let id = id.to_owned();
         self.run(move |db| {
@@ -349,12 +302,7 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn mark_failed(
-        &self,
-        session: &SessionId,
-        message: &MessageId,
-        failure: &Failure,
-    ) -> Result<(), StoreError> {
+    async fn mark_failed(&self, session: &SessionId, message: &MessageId, failure: &Failure) -> Result<(), StoreError> {
         let session = session.clone();
         let message_id = message.clone();
         let failure = failure.clone();
@@ -375,7 +323,10 @@ impl Store for EmbeddedStore {
                 let Some((owner, position)) = location.filter(|(owner, _)| owner == session.as_str()) else {
                     return Err(missing());
                 };
-                let stored = messages.get((owner.as_str(), position)).map_err(fatal)?.map(|v| decode::<StoredMessage>(v.value()));
+                let stored = messages
+                    .get((owner.as_str(), position))
+                    .map_err(fatal)?
+                    .map(|v| decode::<StoredMessage>(v.value()));
                 let Some(mut stored) = stored.transpose()?.filter(|m| m.role == Role::User) else {
                     return Err(missing());
                 };
@@ -394,16 +345,11 @@ impl Store for EmbeddedStore {
             let tx = db.begin_write().map_err(fatal)?;
             let value = {
                 let mut secrets = tx.open_table(SECRETS).map_err(fatal)?;
-                let stored = secrets
-                    .get(name.as_str())
-                    .map_err(fatal)?
-                    .map(|v| v.value().to_vec());
+                let stored = secrets.get(name.as_str()).map_err(fatal)?.map(|v| v.value().to_vec());
                 match stored {
                     Some(stored) => stored,
                     None => {
-                        secrets
-                            .insert(name.as_str(), proposed.as_slice())
-                            .map_err(fatal)?;
+                        secrets.insert(name.as_str(), proposed.as_slice()).map_err(fatal)?;
                         proposed
                     }
                 }

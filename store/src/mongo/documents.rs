@@ -95,10 +95,7 @@ impl SessionDoc {
             metadata: record
                 .metadata
                 .iter()
-                .map(|(key, value)| MetadataEntry {
-                    key: key.clone(),
-                    value: value.clone(),
-                })
+                .map(|(key, value)| MetadataEntry { key: key.clone(), value: value.clone() })
                 .collect(),
             created_at: to_bson_time(record.created_at)?,
         })
@@ -108,11 +105,7 @@ impl SessionDoc {
         Ok(SessionRecord {
             id: self.id,
             user: self.user,
-            metadata: self
-                .metadata
-                .into_iter()
-                .map(|e| (e.key, e.value))
-                .collect::<BTreeMap<_, _>>(),
+            metadata: self.metadata.into_iter().map(|e| (e.key, e.value)).collect::<BTreeMap<_, _>>(),
             created_at: from_bson_time(self.created_at)?,
         })
     }

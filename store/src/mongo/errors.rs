@@ -58,16 +58,10 @@ pub(crate) fn classify(error: Error, doing: &str) -> StoreError {
         | ErrorKind::DnsResolve { .. } => true,
         _ => {
             server_code(&error).is_some_and(|code| TRANSIENT_CODES.contains(&code))
-                || TRANSIENT_LABELS
-                    .iter()
-                    .any(|label| error.contains_label(label))
+                || TRANSIENT_LABELS.iter().any(|label| error.contains_label(label))
         }
     };
     // The kind alone reads well; the full error repeats the topology and labels at length.
     let message = format!("MongoDB failed while {doing}: {}", error.kind);
-    if transient {
-        StoreError::Unavailable(message)
-    } else {
-        StoreError::Fatal(message)
-    }
+    if transient { StoreError::Unavailable(message) } else { StoreError::Fatal(message) }
 }

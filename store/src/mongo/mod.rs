@@ -49,9 +49,7 @@ pub struct MongoStore {
 
 impl std::fmt::Debug for MongoStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MongoStore")
-            .field("database", &self.db.name())
-            .finish_non_exhaustive()
+        f.debug_struct("MongoStore").field("database", &self.db.name()).finish_non_exhaustive()
     }
 }
 
@@ -67,23 +65,12 @@ impl MongoStore {
         let mut options = ClientOptions::parse(url)
             .await
             .map_err(|e| StoreError::Fatal(format!("invalid MongoDB URL {shown}: {}", e.kind)))?;
-        options
-            .server_selection_timeout
-            .get_or_insert(SERVER_SELECTION_TIMEOUT);
+        options.server_selection_timeout.get_or_insert(SERVER_SELECTION_TIMEOUT);
         options.connect_timeout.get_or_insert(CONNECT_TIMEOUT);
-        options
-            .app_name
-            .get_or_insert_with(|| "chatfleet".to_owned());
-        let db_name = options
-            .default_database
-            .clone()
-            .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
-        let client = Client::with_options(options).map_err(|e| {
-            StoreError::Fatal(format!(
-                "cannot configure a MongoDB client for {shown}: {}",
-                e.kind
-            ))
-        })?;
+        options.app_name.get_or_insert_with(|| "chatfleet".to_owned());
+        let db_name = options.default_database.clone().unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        let client = Client::with_options(options)
+            .map_err(|e| StoreError::Fatal(format!("cannot configure a MongoDB client for {shown}: {}", e.kind)))?;
         let db = client.database(&db_name);
         let store = MongoStore {
             sessions: db.collection("sessions"),
@@ -95,12 +82,8 @@ impl MongoStore {
         // Creating the index is also the first round trip, so an unreachable server is found
         // here rather than at the first request.
         store.create_indexes().await.map_err(|e| match e {
-            StoreError::Unavailable(m) => {
-                StoreError::Unavailable(format!("cannot reach MongoDB at {shown}: {m}"))
-            }
-            StoreError::Fatal(m) => {
-                StoreError::Fatal(format!("cannot prepare MongoDB at {shown}: {m}"))
-            }
+            StoreError::Unavailable(m) => StoreError::Unavailable(format!("cannot reach MongoDB at {shown}: {m}")),
+            StoreError::Fatal(m) => StoreError::Fatal(format!("cannot prepare MongoDB at {shown}: {m}")),
             other => other,
         })?;
         Ok(store)
@@ -122,25 +105,14 @@ impl MongoStore {
         // (message id or reply id, so one reply per message), and need one more rule.
         let index = IndexModel::builder()
             .keys(doc! { "session_id": 1, "position": 1 })
-            .options(
-                IndexOptions::builder()
-                    .unique(true)
-                    .name(SESSION_POSITION_INDEX.to_owned())
-                    .build(),
-            )
+            .options(IndexOptions::builder().unique(true).name(SESSION_POSITION_INDEX.to_owned()).build())
             .build();
-        self.messages
-            .create_index(index)
-            .await
-            .map_err(|e| classify(e, "creating the messages index"))?;
+        self.messages.create_index(index).await.map_err(|e| classify(e, "creating the messages index"))?;
         Ok(())
     }
 
     async fn find_message_by_id(&self, id: &str) -> Result<Option<MessageDoc>, StoreError> {
-        self.messages
-            .find_one(doc! { "_id": id })
-            .await
-            .map_err(|e| classify(e, "reading a message"))
+        self.messages.find_one(doc! { "_id": id }).await.map_err(|e| classify(e, "reading a message"))
     }
 
     async fn find_messages(
@@ -150,10 +122,7 @@ impl MongoStore {
         limit: Option<i64>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let order = if newest_first { -1 } else { 1 };
-        let mut find = self
-            .messages
-            .find(doc! { "session_id": session.as_str() })
-            .sort(doc! { "position": order });
+        let mut find = self.messages.find(doc! { "session_id": session.as_str() }).sort(doc! { "position": order });
         if let Some(limit) = limit {
             find = find.limit(limit);
         }
@@ -170,11 +139,7 @@ impl MongoStore {
 #[async_trait]
 impl Store for MongoStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        self.db
-            .run_command(doc! { "ping": 1 })
-            .await
-            .map(drop)
-            .map_err(|e| classify(e, "pinging"))
+        self.db.run_command(doc! { "ping": 1 }).await.map(drop).map_err(|e| classify(e, "pinging"))
     }
 
     async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
@@ -188,10 +153,7 @@ impl Store for MongoStore {
                 if existing.as_ref() == Some(&doc.into_record()?) {
                     Ok(())
                 } else {
-                    Err(StoreError::Conflict(format!(
-                        "session {} already exists",
-                        session.id
-                    )))
+                    Err(StoreError::Conflict(format!("session {} already exists", session.id)))
                 }
             }
             Err(e) => Err(classify(e, "creating a session")),
@@ -238,11 +200,7 @@ impl Store for MongoStore {
         Ok(newest_first)
     }
 
-    async fn message(
-        &self,
-        session: &SessionId,
-        id: &str,
-    ) -> Result<Option<StoredMessage>, StoreError> {
+    async fn message(&self, session: &SessionId, id: &str) -> Result<Option<StoredMessage>, StoreError> {
         self.messages
             .find_one(doc! { "_id": id, "session_id": session.as_str() })
             .await
@@ -257,9 +215,7 @@ impl Store for MongoStore {
             Ok(_) => Ok(Inserted::New),
             // Either the id or the position is taken; which one decides the answer.
             Err(e) if is_duplicate_key(&e) => match self.find_message_by_id(&message.id).await? {
-                Some(existing) if existing.session_id == message.session_id => {
-                    Ok(Inserted::AlreadyPresent)
-                }
+                Some(existing) if existing.session_id == message.session_id => Ok(Inserted::AlreadyPresent),
                 Some(existing) => Err(StoreError::Conflict(format!(
                     "message id {} already belongs to session {}",
                     message.id, existing.session_id
@@ -275,12 +231,7 @@ impl Store for MongoStore {
         }
     }
 
-    async fn mark_failed(
-        &self,
-        session: &SessionId,
-        message: &MessageId,
-        failure: &Failure,
-    ) -> Result<(), StoreError> {
+    async fn mark_failed(&self, session: &SessionId, message: &MessageId, failure: &Failure) -> Result<(), StoreError> {
         let failure_doc = doc! { "code": &failure.code, "message": &failure.message };
         let updated = self
             .messages
@@ -301,10 +252,7 @@ impl Store for MongoStore {
     async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError> {
         let doc = SecretDoc {
             name: name.to_owned(),
-            value: Binary {
-                subtype: BinarySubtype::Generic,
-                bytes: proposed.to_vec(),
-            },
+            value: Binary { subtype: BinarySubtype::Generic, bytes: proposed.to_vec() },
         };
         match self.secrets.insert_one(&doc).await {
             Ok(_) => return Ok(proposed.to_vec()),
@@ -312,16 +260,10 @@ impl Store for MongoStore {
             Err(e) if is_duplicate_key(&e) => {}
             Err(e) => return Err(classify(e, "storing a secret")),
         }
-        let stored = self
-            .secrets
-            .find_one(doc! { "_id": name })
-            .await
-            .map_err(|e| classify(e, "reading a secret"))?;
-        stored.map(|s| s.value.bytes).ok_or_else(|| {
-            StoreError::Fatal(format!(
-                "secret {name} was reported present but cannot be read"
-            ))
-        })
+        let stored = self.secrets.find_one(doc! { "_id": name }).await.map_err(|e| classify(e, "reading a secret"))?;
+        stored
+            .map(|s| s.value.bytes)
+            .ok_or_else(|| StoreError::Fatal(format!("secret {name} was reported present but cannot be read")))
     }
 }
 
