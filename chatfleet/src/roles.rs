@@ -21,8 +21,16 @@ use worker::{ContextSettings, RetryPolicy, Worker, WorkerConfig};
 use crate::cli::{DevArgs, GatewayArgs, GatewayTuning, MockLlmArgs, WorkerArgs, WorkerTuning};
 use crate::wiring::{self, BusChoice};
 
+/// Binds a listener with a deep accept queue: a burst of thousands of users connecting at
+/// once would overflow tokio's default backlog of 1024 and some would time out unserved.
 async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("--listen / CHATFLEET_LISTEN: cannot listen on {addr}"))
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(8192)
+    };
+    listen().with_context(|| format!("--listen / CHATFLEET_LISTEN: cannot listen on {addr}"))
 }
 
 fn partitions(n: u32) -> anyhow::Result<PartitionCount> {

@@ -6,9 +6,22 @@ use std::path::PathBuf;
 
 use chatfleet_schemas::{ReplyEvent, UserMessage};
 
+/// The value with every object's keys sorted, so the file does not depend on whether some
+/// other crate in the build enabled serde_json's `preserve_order`.
+fn canonical(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let sorted: std::collections::BTreeMap<_, _> = map.into_iter().map(|(k, v)| (k, canonical(v))).collect();
+            serde_json::Value::Object(sorted.into_iter().collect())
+        }
+        serde_json::Value::Array(items) => serde_json::Value::Array(items.into_iter().map(canonical).collect()),
+        other => other,
+    }
+}
+
 fn check(file: &str, schema: schemars::Schema) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("json").join(file);
-    let fresh = serde_json::to_string_pretty(&schema).unwrap() + "\n";
+    let fresh = serde_json::to_string_pretty(&canonical(schema.to_value())).unwrap() + "\n";
     if std::env::var_os("CHATFLEET_BLESS").is_some() {
         std::fs::write(&path, &fresh).unwrap();
         return;
