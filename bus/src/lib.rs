@@ -19,9 +19,11 @@ use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
 
 pub mod memory;
 pub mod nats;
+pub mod ownership;
 
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsSettings};
+pub use ownership::{OwnershipSettings, assign};
 
 /// A bus error, typed by what the caller should do next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +83,31 @@ pub type Deliveries = BoxStream<'static, Delivery>;
 /// The reply events of one session, from the moment of subscribing.
 pub type EventStream = BoxStream<'static, ReplyEvent>;
 
+/// A change in which partitions this worker owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnershipEvent {
+    /// The partition is this worker's now: consume it.
+    Acquired(Partition),
+    /// Another worker should have it: stop taking its messages, finish or abandon what is in
+    /// hand, then call [`Membership::release`].
+    Revoked(Partition),
+    /// Ownership ended without a hand-over (the lease could not be renewed in time): stop
+    /// everything of this partition at once; its next owner answers what was in hand.
+    Lost(Partition),
+}
+
+/// This worker's place in the deployment: which partitions it owns, and their hand-over.
+#[async_trait]
+pub trait Membership: Send {
+    /// The next ownership change; None once the worker has left and released everything.
+    async fn next(&mut self) -> Option<OwnershipEvent>;
+    /// Hands a revoked partition over: its next owner may start at once.
+    async fn release(&mut self, partition: Partition);
+    /// Begins leaving: every owned partition is revoked, and after the last release `next`
+    /// returns None.
+    async fn leave(&mut self);
+}
+
 /// The bus.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -98,8 +125,12 @@ pub trait Bus: Send + Sync + 'static {
     /// delivered, in publication order.
     async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError>;
 
-    /// Starts consuming one partition.
+    /// Starts consuming one partition. Call it only for a partition this worker owns.
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError>;
+
+    /// Joins the deployment's workers as `worker_id`; the partitions are shared among the
+    /// members, each owned by exactly one at a time.
+    async fn join(&self, worker_id: &str) -> Result<Box<dyn Membership>, BusError>;
 
     /// Succeeds while the broker is reachable.
     async fn ping(&self) -> Result<(), BusError>;

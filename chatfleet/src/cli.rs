@@ -112,6 +112,16 @@ pub struct WorkerTuning {
     /// Seconds in-flight generations may take to finish after SIGTERM.
     #[arg(long, env = "CHATFLEET_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace: u64,
+
+    /// Seconds the generations of a partition moving to another worker (rebalancing) may take
+    /// to finish before the new owner restarts them.
+    #[arg(long, env = "CHATFLEET_HANDOVER_GRACE", default_value_t = 5)]
+    pub handover_grace: u64,
+
+    /// Seconds after which a silent worker counts as dead and its partitions move (crash
+    /// failover time). Every worker of a deployment should use the same value.
+    #[arg(long, env = "CHATFLEET_LEASE_TTL", default_value_t = 3.0)]
+    pub lease_ttl: f64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -48,6 +48,13 @@ fn shutdown_token(shutdown: impl Future<Output = ()> + Send + 'static) -> Cancel
     token
 }
 
+fn lease_settings(seconds: f64) -> anyhow::Result<bus::OwnershipSettings> {
+    if !(0.6..=600.0).contains(&seconds) {
+        anyhow::bail!("--lease-ttl / CHATFLEET_LEASE_TTL: {seconds} is outside 0.6 to 600 seconds");
+    }
+    Ok(bus::OwnershipSettings::with_lease_ttl(Duration::from_secs_f64(seconds)))
+}
+
 fn worker_config(worker_id: String, tuning: &WorkerTuning) -> WorkerConfig {
     WorkerConfig {
         worker_id,
@@ -59,6 +66,7 @@ fn worker_config(worker_id: String, tuning: &WorkerTuning) -> WorkerConfig {
         max_inflight: tuning.max_inflight,
         retry: RetryPolicy { max_attempts: tuning.llm_max_attempts, ..RetryPolicy::default() },
         shutdown_grace: Duration::from_secs(tuning.shutdown_grace),
+        handover_grace: Duration::from_secs(tuning.handover_grace),
         ..WorkerConfig::default()
     }
 }
@@ -100,7 +108,8 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         let shown = std::path::absolute(&args.store).unwrap_or_else(|_| args.store.clone().into());
         println!("chatfleet: conversations are kept in {}", shown.display());
     }
-    let bus = wiring::connect_bus(bus_choice, partitions, "chatfleet-dev").await?;
+    let bus =
+        wiring::connect_bus(bus_choice, partitions, "chatfleet-dev", lease_settings(args.worker.lease_ttl)?).await?;
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
 
@@ -131,7 +140,8 @@ pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Sen
         other => other,
     };
     let store = wiring::connect_store(&args.store, false).await?;
-    let bus = wiring::connect_bus(bus_choice, partitions, "chatfleet-gateway").await?;
+    let bus =
+        wiring::connect_bus(bus_choice, partitions, "chatfleet-gateway", bus::OwnershipSettings::default()).await?;
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
     let described = bus.describe();
@@ -161,7 +171,8 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
     })?;
     let store = wiring::connect_store(&args.store, false).await?;
     let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
-    let bus = wiring::connect_bus(bus_choice, partitions, &format!("chatfleet-worker-{worker_id}")).await?;
+    let ownership = lease_settings(args.worker.lease_ttl)?;
+    let bus = wiring::connect_bus(bus_choice, partitions, &format!("chatfleet-worker-{worker_id}"), ownership).await?;
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
 

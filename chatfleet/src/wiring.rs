@@ -36,12 +36,14 @@ pub async fn connect_bus(
     choice: BusChoice,
     partitions: PartitionCount,
     client_name: &str,
+    ownership: bus::OwnershipSettings,
 ) -> anyhow::Result<Arc<dyn Bus>> {
     match choice {
         BusChoice::Memory => Ok(Arc::new(MemoryBus::new(partitions))),
         BusChoice::Nats(url) => {
             let mut settings = NatsSettings::new(url, partitions);
             settings.client_name = client_name.to_owned();
+            settings.ownership = ownership;
             let bus = NatsBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }

@@ -27,33 +27,41 @@ pub struct UserMessage {
 }
 
 /// Position of a reply event within its session: the conversation turn of the message it
-/// answers, then the event's sequence within that reply. Rendered as `TTTTTTTTTT-SSSSSS`, so
-/// ids sort correctly both as strings and as numbers.
+/// answers, how many times generating that reply has started (a reply restarted by another
+/// worker after a crash or hand-over starts again with a higher count), then the event's
+/// sequence within that start. Rendered as `TTTTTTTTTT-SSS-QQQQQQ`, so ids sort correctly as
+/// strings as well as field by field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
     pub turn: u64,
+    pub start: u32,
     pub seq: u32,
 }
 
 impl EventId {
-    pub fn new(turn: u64, seq: u32) -> Self {
-        Self { turn, seq }
+    pub fn new(turn: u64, start: u32, seq: u32) -> Self {
+        Self { turn, start, seq }
     }
 }
 
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:010}-{:06}", self.turn, self.seq)
+        write!(f, "{:010}-{:03}-{:06}", self.turn, self.start, self.seq)
     }
 }
 
 impl std::str::FromStr for EventId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (t, q) = s.split_once('-').ok_or_else(|| format!("not an event id: {s:?}"))?;
+        let bad = || format!("not an event id: {s:?}");
+        let mut parts = s.split('-');
+        let (Some(t), Some(a), Some(q), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(bad());
+        };
         Ok(Self {
-            turn: t.parse().map_err(|_| format!("not an event id: {s:?}"))?,
-            seq: q.parse().map_err(|_| format!("not an event id: {s:?}"))?,
+            turn: t.parse().map_err(|_| bad())?,
+            start: a.parse().map_err(|_| bad())?,
+            seq: q.parse().map_err(|_| bad())?,
         })
     }
 }
@@ -75,7 +83,7 @@ impl JsonSchema for EventId {
         "EventId".into()
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({"type": "string", "pattern": "^[0-9]{10}-[0-9]{6}$"})
+        schemars::json_schema!({"type": "string", "pattern": "^[0-9]{10,}-[0-9]{3,}-[0-9]{6,}$"})
     }
 }
 
@@ -171,7 +179,7 @@ mod tests {
     fn event(kind: ReplyEventKind) -> ReplyEvent {
         ReplyEvent {
             v: crate::ENVELOPE_VERSION,
-            event_id: EventId::new(3, 7),
+            event_id: EventId::new(3, 1, 7),
             session_id: SessionId::parse("s1").unwrap(),
             message_id: MessageId::parse("m1").unwrap(),
             kind,
@@ -180,9 +188,12 @@ mod tests {
 
     #[test]
     fn event_ids_sort_as_strings_and_round_trip() {
-        let a = EventId::new(2, 999_999);
-        let b = EventId::new(10, 0);
+        let a = EventId::new(2, 1, 999_999);
+        let b = EventId::new(10, 1, 0);
+        let c = EventId::new(10, 2, 0);
         assert!(a.to_string() < b.to_string());
+        assert!(b.to_string() < c.to_string());
+        assert!(b < c);
         assert_eq!(a.to_string().parse::<EventId>().unwrap(), a);
         assert!("x".parse::<EventId>().is_err());
     }

@@ -69,6 +69,11 @@ pub struct StoredMessage {
     pub usage: Option<Usage>,
     /// Set on a user message that could not be answered.
     pub failure: Option<Failure>,
+    /// How many times a worker has begun generating the reply to this user message (1 after the first start); 0 for
+    /// replies.
+    // Defaulted so that records written before the counter existed read as never started.
+    #[serde(default)]
+    pub starts: u32,
 }
 
 impl StoredMessage {
@@ -146,6 +151,12 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Fatal`].
     async fn mark_failed(&self, session: &SessionId, message: &MessageId, failure: &Failure) -> Result<(), StoreError>;
 
+    /// Records that a worker begins (again) generating the reply to user message `message` and returns the new
+    /// start count: 1 the first time, 2 after a restart elsewhere, and so on. Atomic, so two workers racing
+    /// get different counts. A message that does not exist in the session is `StoreError::Fatal`.
+    /// So is a reply id: only user messages have replies generated.
+    async fn begin_generation(&self, session: &SessionId, message: &MessageId) -> Result<u32, StoreError>;
+
     /// What became of a user message: its reply, its failure, or nothing yet.
     async fn outcome(&self, session: &SessionId, message: &MessageId) -> Result<Option<Outcome>, StoreError> {
         let reply_id = schemas::ReplyId::for_message(message);
@@ -167,4 +178,23 @@ pub(crate) fn to_stored_time(t: OffsetDateTime) -> Result<OffsetDateTime, StoreE
         .ok_or_else(|| StoreError::Fatal(format!("time {t} cannot be stored")))?;
     utc.replace_nanosecond(utc.nanosecond() / 1_000_000 * 1_000_000)
         .map_err(|e| StoreError::Fatal(format!("time {t} cannot be stored: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Role, StoredMessage};
+
+    #[test]
+    fn a_message_recorded_without_a_start_count_reads_as_never_started() {
+        let written_before_the_counter = r#"{
+            "id": "m_1", "session_id": "s1", "turn": 1, "role": "user", "text": "hello",
+            "created_at": "2026-01-01T00:00:00Z", "reply_to": null, "finish_reason": null, "usage": null,
+            "failure": null
+        }"#;
+
+        let message: StoredMessage = serde_json::from_str(written_before_the_counter).unwrap();
+
+        assert_eq!(message.role, Role::User);
+        assert_eq!(message.starts, 0);
+    }
 }

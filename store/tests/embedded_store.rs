@@ -28,6 +28,7 @@ fn user_message(turn: u64, text: &str) -> StoredMessage {
         finish_reason: None,
         usage: None,
         failure: None,
+        starts: 0,
     }
 }
 

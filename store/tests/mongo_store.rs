@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use chatfleet_store::mongo::SESSION_POSITION_INDEX;
 use chatfleet_store::{MongoStore, SessionRecord, Store, StoreError};
-use schemas::SessionId;
+use mongodb::bson::{self, doc};
+use schemas::{MessageId, SessionId};
 use testkit::MongoServer;
 use time::macros::datetime;
 
@@ -90,4 +91,28 @@ async fn a_stopped_server_makes_the_store_unavailable_until_it_is_back() {
     assert!(matches!(while_down, Err(StoreError::Unavailable(_))), "{while_down:?}");
     assert!(waited < Duration::from_secs(4), "took {waited:?}");
     assert_eq!(after_restart.unwrap(), Some(session()), "{}", server.log_tail());
+}
+
+#[tokio::test]
+async fn messages_stored_before_the_start_counter_read_as_never_started_and_can_be_counted() {
+    let server = MongoServer::start().await;
+    let store = MongoStore::connect(&server.url()).await.unwrap();
+    let messages = store.client().database(store.database_name()).collection::<bson::Document>("messages");
+    // A user message as written before `starts` existed.
+    messages
+        .insert_one(doc! {
+            "_id": "m_old", "session_id": "s1", "position": 2_i64, "turn": 1_i64, "role": "user", "text": "old",
+            "created_at": bson::DateTime::from_millis(1_767_225_600_000),
+        })
+        .await
+        .unwrap();
+    let id = SessionId::parse("s1").unwrap();
+
+    let before = store.message(&id, "m_old").await.unwrap().unwrap();
+    let first = store.begin_generation(&id, &MessageId::parse("m_old").unwrap()).await.unwrap();
+
+    assert_eq!(before.starts, 0);
+    assert_eq!(first, 1);
+    let stored = messages.find_one(doc! { "_id": "m_old" }).await.unwrap().unwrap();
+    assert_eq!(stored.get("starts"), Some(&bson::Bson::Int32(1)), "{stored}");
 }

@@ -66,6 +66,9 @@ behaviours![
     outcome_is_the_reply_the_failure_or_nothing,
     marking_an_unknown_message_failed_is_an_error,
     shared_secret_gives_every_caller_the_first_value,
+    generation_starts_are_counted_from_one_and_kept_on_the_user_message,
+    beginning_generation_of_an_unknown_message_is_an_error,
+    concurrent_generation_starts_get_distinct_counts,
 ];
 
 const CREATED: OffsetDateTime = datetime!(2026-03-04 05:06:07.890 UTC);
@@ -99,6 +102,7 @@ fn user_message(session: &str, turn: u64, text: &str) -> StoredMessage {
         finish_reason: None,
         usage: None,
         failure: None,
+        starts: 0,
     }
 }
 
@@ -115,6 +119,7 @@ fn reply(session: &str, turn: u64, text: &str) -> StoredMessage {
         finish_reason: Some(FinishReason::Stop),
         usage: Some(Usage { prompt_tokens: 12, completion_tokens: 34 }),
         failure: None,
+        starts: 0,
     }
 }
 
@@ -334,4 +339,56 @@ async fn shared_secret_gives_every_caller_the_first_value(store: &dyn Store) {
     }
     assert_eq!(later, winner);
     assert_eq!(other_name, b"independent");
+}
+
+async fn generation_starts_are_counted_from_one_and_kept_on_the_user_message(store: &dyn Store) {
+    let id = session_id("s1");
+    let question = message_id("s1", 1);
+    insert(store, user_message("s1", 1, "q1")).await;
+    insert(store, reply("s1", 1, "a1")).await;
+    insert(store, user_message("s1", 2, "q2")).await;
+    let before = store.message(&id, question.as_str()).await.unwrap().unwrap();
+
+    let first = store.begin_generation(&id, &question).await.unwrap();
+    let second = store.begin_generation(&id, &question).await.unwrap();
+
+    assert_eq!(before.starts, 0);
+    assert_eq!((first, second), (1, 2));
+    let read = store.message(&id, question.as_str()).await.unwrap().unwrap();
+    assert_eq!(read, StoredMessage { starts: 2, ..user_message("s1", 1, "q1") });
+    let starts: Vec<u32> = store.history(&id).await.unwrap().iter().map(|m| m.starts).collect();
+    assert_eq!(starts, [2, 0, 0], "only the started user message counts");
+    // Other updates of the message keep the count.
+    let failure = Failure { code: "x".to_owned(), message: "y".to_owned() };
+    store.mark_failed(&id, &question, &failure).await.unwrap();
+    assert_eq!(store.message(&id, question.as_str()).await.unwrap().unwrap().starts, 2);
+}
+
+async fn beginning_generation_of_an_unknown_message_is_an_error(store: &dyn Store) {
+    insert(store, user_message("s1", 1, "q1")).await;
+    insert(store, reply("s1", 1, "a1")).await;
+    let reply_as_message_id = MessageId::parse(ReplyId::for_message(&message_id("s1", 1)).into_string()).unwrap();
+
+    let unknown = store.begin_generation(&session_id("s1"), &message_id("s1", 5)).await;
+    let wrong_session = store.begin_generation(&session_id("s2"), &message_id("s1", 1)).await;
+    let not_a_user_message = store.begin_generation(&session_id("s1"), &reply_as_message_id).await;
+
+    assert!(matches!(unknown, Err(StoreError::Fatal(_))), "{unknown:?}");
+    assert!(matches!(wrong_session, Err(StoreError::Fatal(_))), "{wrong_session:?}");
+    assert!(matches!(not_a_user_message, Err(StoreError::Fatal(_))), "{not_a_user_message:?}");
+    assert!(store.history(&session_id("s1")).await.unwrap().iter().all(|m| m.starts == 0));
+    assert!(store.history(&session_id("s2")).await.unwrap().is_empty());
+}
+
+async fn concurrent_generation_starts_get_distinct_counts(store: &dyn Store) {
+    let id = session_id("s1");
+    let question = message_id("s1", 1);
+    insert(store, user_message("s1", 1, "q1")).await;
+
+    let racing = futures::future::join_all((0..20).map(|_| store.begin_generation(&id, &question))).await;
+
+    let mut counts: Vec<u32> = racing.into_iter().map(Result::unwrap).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=20).collect::<Vec<u32>>());
+    assert_eq!(store.message(&id, question.as_str()).await.unwrap().unwrap().starts, 20);
 }

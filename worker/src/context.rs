@@ -77,6 +77,7 @@ mod tests {
             finish_reason: None,
             usage: None,
             failure: None,
+            starts: 0,
         }
     }
 

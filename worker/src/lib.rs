@@ -21,9 +21,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus::Bus;
+use std::collections::HashMap;
+
+use bus::{Bus, Membership, OwnershipEvent};
 use llm::ChatModel;
+use schemas::Partition;
 use store::Store;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use context::ContextSettings;
@@ -44,6 +48,9 @@ pub struct WorkerConfig {
     pub progress_interval: Duration,
     /// How long in-flight generations may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// How long in-flight generations of a partition handed to another worker (rebalancing)
+    /// may take to finish before they are abandoned to it.
+    pub handover_grace: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -55,6 +62,7 @@ impl Default for WorkerConfig {
             retry: RetryPolicy::default(),
             progress_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
+            handover_grace: Duration::from_secs(5),
         }
     }
 }
@@ -79,35 +87,135 @@ impl Worker {
         Self { bus, store, model, config: Arc::new(config) }
     }
 
-    /// Consumes every partition until `shutdown` resolves, then stops taking messages, lets
-    /// in-flight generations finish within the grace period and returns. Whatever was not
-    /// finished stays unacknowledged and is delivered again.
+    /// Joins the deployment and consumes the partitions it is given until `shutdown`
+    /// resolves. Then it stops taking messages, lets in-flight generations finish within the
+    /// grace period, hands its partitions over and returns. What it could not finish stays
+    /// unacknowledged and is answered by the partitions' next owners.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        let stop = CancellationToken::new();
+        let id = self.config.worker_id.clone();
+        tokio::pin!(shutdown);
+        let mut membership = tokio::select! {
+            membership = self.join() => membership,
+            _ = &mut shutdown => return,
+        };
         let permits = Arc::new(tokio::sync::Semaphore::new(self.config.max_inflight.max(1)));
-        let mut runners = tokio::task::JoinSet::new();
-        for partition in self.bus.partitions().all() {
-            let runner = partition::Runner::new(self.clone(), partition, permits.clone(), stop.clone());
-            runners.spawn(runner.run());
+        let mut runners: HashMap<Partition, RunnerHandle> = HashMap::new();
+        let mut tasks: JoinSet<(Partition, u64)> = JoinSet::new();
+        let mut next_generation = 0u64;
+        let mut leaving = false;
+        tracing::info!(event = "worker_started", worker = %id, bus = %self.bus.describe(), model = %self.model.describe(), "worker started");
+
+        loop {
+            tokio::select! {
+                _ = &mut shutdown, if !leaving => {
+                    leaving = true;
+                    tracing::info!(event = "worker_stopping", worker = %id, grace = ?self.config.shutdown_grace, "worker stopping");
+                    membership.leave().await;
+                }
+                event = membership.next() => match event {
+                    None => break,
+                    Some(OwnershipEvent::Acquired(partition)) => {
+                        if let Some(old) = runners.remove(&partition) {
+                            old.abort.cancel();
+                        }
+                        next_generation += 1;
+                        let handle = RunnerHandle::new(next_generation);
+                        let runner = partition::Runner::new(
+                            self.clone(), partition, permits.clone(), handle.stop.clone(), handle.abort.clone(),
+                        );
+                        let generation = next_generation;
+                        tasks.spawn(async move {
+                            runner.run().await;
+                            (partition, generation)
+                        });
+                        runners.insert(partition, handle);
+                        telemetry::owned_partitions(runners.len());
+                    }
+                    Some(OwnershipEvent::Revoked(partition)) => {
+                        if let Some(handle) = runners.get_mut(&partition) {
+                            let grace = if leaving { self.config.shutdown_grace } else { self.config.handover_grace };
+                            handle.revoke(grace);
+                        } else {
+                            membership.release(partition).await;
+                        }
+                    }
+                    Some(OwnershipEvent::Lost(partition)) => {
+                        if let Some(handle) = runners.get_mut(&partition) {
+                            handle.lost = true;
+                            handle.abort.cancel();
+                            handle.stop.cancel();
+                        }
+                    }
+                },
+                Some(finished) = tasks.join_next() => {
+                    let Ok((partition, generation)) = finished else { continue };
+                    if runners.get(&partition).is_some_and(|h| h.generation == generation) {
+                        let handle = runners.remove(&partition).expect("checked above");
+                        telemetry::owned_partitions(runners.len());
+                        if !handle.lost {
+                            membership.release(partition).await;
+                        }
+                    }
+                }
+            }
         }
-        tracing::info!(
-            event = "worker_started",
-            worker = %self.config.worker_id,
-            partitions = self.bus.partitions().get(),
-            bus = %self.bus.describe(),
-            model = %self.model.describe(),
-            "worker started"
-        );
-        shutdown.await;
-        tracing::info!(event = "worker_stopping", worker = %self.config.worker_id, grace = ?self.config.shutdown_grace, "worker stopping");
-        stop.cancel();
-        let drained =
-            tokio::time::timeout(self.config.shutdown_grace, async { while runners.join_next().await.is_some() {} })
-                .await;
-        if drained.is_err() {
-            tracing::warn!(event = "worker_grace_expired", worker = %self.config.worker_id, "grace period over; unfinished messages will be redelivered");
-            runners.abort_all();
+        tasks.shutdown().await;
+        tracing::info!(event = "worker_stopped", worker = %id, "worker stopped");
+    }
+
+    /// Joins the deployment, retrying while the bus is unreachable.
+    async fn join(&self) -> Box<dyn Membership> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.bus.join(&self.config.worker_id).await {
+                Ok(membership) => return membership,
+                Err(e) => {
+                    tracing::warn!(event = "join_failed", error = %e, retry_in = ?delay, "cannot join the deployment yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
         }
-        tracing::info!(event = "worker_stopped", worker = %self.config.worker_id, "worker stopped");
+    }
+}
+
+/// The worker's handle on one partition runner.
+struct RunnerHandle {
+    generation: u64,
+    /// Stop pulling; let what is in hand finish.
+    stop: CancellationToken,
+    /// Abandon what is in hand.
+    abort: CancellationToken,
+    /// Ownership ended without a hand-over: nothing to release.
+    lost: bool,
+    revoked: bool,
+}
+
+impl RunnerHandle {
+    fn new(generation: u64) -> Self {
+        Self {
+            generation,
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            lost: false,
+            revoked: false,
+        }
+    }
+
+    /// Starts the hand-over: no new messages; in-flight ones get `grace` to finish, after which
+    /// they are abandoned to the next owner.
+    fn revoke(&mut self, grace: Duration) {
+        if self.revoked {
+            return;
+        }
+        self.revoked = true;
+        self.stop.cancel();
+        let abort = self.abort.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => abort.cancel(),
+                _ = abort.cancelled() => {}
+            }
+        });
     }
 }

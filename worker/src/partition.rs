@@ -35,16 +35,25 @@ struct SessionQueue {
     outstanding: usize,
 }
 
+/// A partition runner. `stop` ends pulling and lets what is in hand finish; `abort` also
+/// abandons what is in hand, unsettled, for the partition's next owner.
 pub(crate) struct Runner {
     worker: Worker,
     partition: Partition,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
+    abort: CancellationToken,
 }
 
 impl Runner {
-    pub(crate) fn new(worker: Worker, partition: Partition, permits: Arc<Semaphore>, stop: CancellationToken) -> Self {
-        Self { worker, partition, permits, stop }
+    pub(crate) fn new(
+        worker: Worker,
+        partition: Partition,
+        permits: Arc<Semaphore>,
+        stop: CancellationToken,
+        abort: CancellationToken,
+    ) -> Self {
+        Self { worker, partition, permits, stop, abort }
     }
 
     pub(crate) async fn run(self) {
@@ -60,6 +69,10 @@ impl Runner {
         loop {
             if stopping && sessions.is_empty() {
                 break;
+            }
+            if self.abort.is_cancelled() {
+                stopping = true;
+                deliveries = None;
             }
             if deliveries.is_none() && !stopping {
                 match self.worker.bus.consume(self.partition).await {
@@ -118,6 +131,7 @@ impl Runner {
                             finished_tx.clone(),
                             self.permits.clone(),
                             self.stop.clone(),
+                            self.abort.clone(),
                         ));
                         SessionQueue { tx, outstanding: 0 }
                     });

@@ -22,7 +22,9 @@ enum Settlement {
     Abandon,
 }
 
-pub(crate) async fn handle(worker: &Worker, delivery: Delivery, stop: &CancellationToken) {
+/// Handles one delivery. `stop` interrupts only waits on the store (shutdown); `abort` drops
+/// the work at once, leaving the delivery unsettled for the partition's next owner.
+pub(crate) async fn handle(worker: &Worker, delivery: Delivery, stop: &CancellationToken, abort: &CancellationToken) {
     let Ok(message) = delivery.message else {
         return;
     };
@@ -36,7 +38,11 @@ pub(crate) async fn handle(worker: &Worker, delivery: Delivery, stop: &Cancellat
     let acker = delivery.acker;
     async {
         let handler = Handler { worker, message: &message, stop };
-        let settlement = with_progress(acker.as_ref(), worker.config.progress_interval, handler.answer()).await;
+        let work = with_progress(acker.as_ref(), worker.config.progress_interval, handler.answer());
+        let settlement = tokio::select! {
+            settlement = work => settlement,
+            _ = abort.cancelled() => Settlement::Abandon,
+        };
         match settlement {
             Settlement::Ack(outcome) => {
                 telemetry::message_settled(outcome);
@@ -112,14 +118,22 @@ impl Handler<'_> {
             tracing::info!(event = "already_answered", "this message was answered before; not answering again");
             return Ok(Settlement::Ack("duplicate"));
         }
-        let turn = self.record_user_message().await?;
+        let (turn, start) = self.record_user_message().await?;
 
         let history = self.store_call(|| store.recent(session, self.worker.config.context.history_limit)).await?;
         let user_position = turn * 2;
         let history: Vec<_> = history.into_iter().filter(|m| m.position() <= user_position).collect();
         let request = ChatRequest { messages: context::build(&self.worker.config.context, &history), max_tokens: None };
 
-        let mut events = EventWriter { worker: self.worker, message: self.message, turn, seq: 0 };
+        let mut events = EventWriter { worker: self.worker, message: self.message, turn, start, seq: 0 };
+        if start > 1 {
+            // An earlier start (on a worker that crashed or handed the partition over) may have
+            // streamed part of a reply: clients discard it and follow this one.
+            tracing::info!(event = "generation_restarted", start, "restarting a reply begun before");
+            events
+                .send(ReplyEventKind::Reset { reason: "the reply restarts after a hand-over between workers".into() })
+                .await;
+        }
         match self.generate(request, &mut events).await {
             Ok(reply) => {
                 let reply_id = ReplyId::for_message(message_id);
@@ -134,6 +148,7 @@ impl Handler<'_> {
                     finish_reason: Some(reply.finish_reason.clone()),
                     usage: reply.usage,
                     failure: None,
+                    starts: 0,
                 };
                 if self.store_call(|| store.insert_message(&stored)).await? == Inserted::AlreadyPresent {
                     tracing::warn!(
@@ -176,14 +191,16 @@ impl Handler<'_> {
     }
 
     /// Stores the user message at the next turn of the conversation, unless a previous
-    /// delivery already did; returns its turn.
-    async fn record_user_message(&self) -> Result<u64, Stopped> {
+    /// delivery already did; returns its turn and how many times its generation has started,
+    /// this time included.
+    async fn record_user_message(&self) -> Result<(u64, u32), Stopped> {
         let store = &self.worker.store;
         let session = self.session();
+        let message_id = &self.message.message_id;
         loop {
-            if let Some(existing) = self.store_call(|| store.message(session, self.message.message_id.as_str())).await?
-            {
-                return Ok(existing.turn);
+            if let Some(existing) = self.store_call(|| store.message(session, message_id.as_str())).await? {
+                let start = self.store_call(|| store.begin_generation(session, message_id)).await?;
+                return Ok((existing.turn, start));
             }
             let last = self.store_call(|| store.recent(session, 1)).await?;
             let turn = last.last().map_or(1, |m| m.turn + 1);
@@ -198,9 +215,12 @@ impl Handler<'_> {
                 finish_reason: None,
                 usage: None,
                 failure: None,
+                starts: 1,
             };
             match store.insert_message(&record).await {
-                Ok(_) => return Ok(turn),
+                Ok(Inserted::New) => return Ok((turn, 1)),
+                // A previous delivery recorded it meanwhile; count this start.
+                Ok(Inserted::AlreadyPresent) => continue,
                 // Someone else took that position between our read and our write; read again.
                 Err(StoreError::Conflict(reason)) => {
                     tracing::warn!(event = "turn_conflict", turn, reason = %reason, "conversation position taken; retrying");
@@ -319,6 +339,7 @@ struct EventWriter<'a> {
     worker: &'a Worker,
     message: &'a UserMessage,
     turn: u64,
+    start: u32,
     seq: u32,
 }
 
@@ -326,7 +347,7 @@ impl EventWriter<'_> {
     async fn send(&mut self, kind: ReplyEventKind) {
         let event = ReplyEvent {
             v: schemas::ENVELOPE_VERSION,
-            event_id: EventId::new(self.turn, self.seq),
+            event_id: EventId::new(self.turn, self.start, self.seq),
             session_id: self.message.session_id.clone(),
             message_id: self.message.message_id.clone(),
             kind,

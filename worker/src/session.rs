@@ -17,6 +17,7 @@ pub(crate) async fn run(
     finished: mpsc::UnboundedSender<(SessionId, MessageId)>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
+    abort: CancellationToken,
 ) {
     while let Some(delivery) = queue.recv().await {
         let message_id = match &delivery.message {
@@ -31,7 +32,8 @@ pub(crate) async fn run(
             permit = permits.clone().acquire_owned() => permit.ok(),
         };
         match permit {
-            Some(_permit) => process::handle(&worker, delivery, &stop).await,
+            Some(_permit) => process::handle(&worker, delivery, &stop, &abort).await,
+            None if abort.is_cancelled() => {}
             None => {
                 if let Err(e) = delivery.acker.retry_after(Duration::ZERO).await {
                     tracing::warn!(event = "settle_failed", session_id = %session, message_id = %message_id, error = %e);

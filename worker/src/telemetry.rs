@@ -38,3 +38,10 @@ pub fn first_token(seconds: f64) {
 pub fn reply_complete(seconds: f64) {
     histogram!(REPLY_SECONDS).record(seconds);
 }
+
+/// Partitions this worker runs now.
+pub const RUNNING_PARTITIONS: &str = "chatfleet_worker_running_partitions";
+
+pub fn owned_partitions(n: usize) {
+    gauge!(RUNNING_PARTITIONS).set(n as f64);
+}

@@ -3,6 +3,7 @@
 //! within one process.
 
 mod consume;
+mod membership;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,8 @@ struct Inner {
     seen: Mutex<HashMap<MessageId, Instant>>,
     /// The live listeners of each session's reply events.
     listeners: Mutex<HashMap<SessionId, Vec<mpsc::UnboundedSender<ReplyEvent>>>>,
+    /// Which in-process worker owns which partition.
+    registry: Mutex<membership::Registry>,
 }
 
 impl MemoryBus {
@@ -43,6 +46,7 @@ impl MemoryBus {
                 queues,
                 seen: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(HashMap::new()),
+                registry: Mutex::new(membership::Registry::default()),
             }),
         }
     }
@@ -108,6 +112,12 @@ impl Bus for MemoryBus {
 
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {
         Ok(consume::deliveries(self.queue(partition)?.clone()))
+    }
+
+    async fn join(&self, worker_id: &str) -> Result<Box<dyn crate::Membership>, BusError> {
+        let events =
+            self.inner.registry.lock().unwrap_or_else(|e| e.into_inner()).join(worker_id, self.inner.partitions);
+        Ok(Box::new(membership::LocalMembership::new(worker_id, events, self.inner.clone())))
     }
 
     async fn ping(&self) -> Result<(), BusError> {

@@ -14,34 +14,66 @@ use crate::{Acker, BusError, Deliveries, Delivery};
 /// The priority group every partition consumer is pinned through.
 pub(super) const GROUP: &str = "owner";
 
-pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<Deliveries, BusError> {
+fn consumer_config(bus: &NatsBus, partition: Partition) -> pull::Config {
     let settings = &bus.settings;
     let names = &settings.names;
-    let durable = names.partition_consumer(partition);
-    let config = pull::Config {
-        durable_name: Some(durable.clone()),
+    pull::Config {
+        durable_name: Some(names.partition_consumer(partition)),
         filter_subject: names.partition_filter(partition),
+        // Every message still in the work-queue stream is unacknowledged, so a fresh consumer
+        // starts from the oldest of them.
+        deliver_policy: jetstream::consumer::DeliverPolicy::All,
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: settings.ack_wait,
         max_deliver: settings.max_deliver,
         max_ack_pending: settings.max_ack_pending,
-        // Only the pinned puller receives messages, so even two workers pulling the same
-        // partition never interleave its sessions.
+        // Only the pinned puller receives messages: even two workers that both believe they
+        // own a partition never interleave its sessions.
         priority_policy: jetstream::consumer::PriorityPolicy::PinnedClient,
         priority_groups: vec![GROUP.into()],
         priority_timeout: settings.pin_timeout,
         ..Default::default()
-    };
-    let stream = bus
-        .js
-        .get_stream(names.input_stream())
-        .await
-        .map_err(|e| BusError::Unavailable(format!("cannot open stream {}: {e}", names.input_stream())))?;
-    let consumer: jetstream::consumer::Consumer<pull::Config> =
+    }
+}
+
+async fn input_stream(bus: &NatsBus) -> Result<jetstream::stream::Stream, BusError> {
+    let name = bus.settings.names.input_stream();
+    bus.js.get_stream(&name).await.map_err(|e| BusError::Unavailable(format!("cannot open stream {name}: {e}")))
+}
+
+/// Replaces a partition's consumer with a fresh one, which delivers every message the
+/// previous owner left unacknowledged again, at once and in stream order.
+pub(super) async fn reset_consumer(bus: &NatsBus, partition: Partition) -> Result<(), BusError> {
+    let stream = input_stream(bus).await?;
+    let durable = bus.settings.names.partition_consumer(partition);
+    if stream.consumer_info(&durable).await.is_ok() {
         stream
-            .get_or_create_consumer(&durable, config)
+            .delete_consumer(&durable)
             .await
-            .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
+            .map_err(|e| BusError::Unavailable(format!("cannot delete consumer {durable}: {e}")))?;
+    }
+    stream
+        .create_consumer(consumer_config(bus, partition))
+        .await
+        .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
+    Ok(())
+}
+
+/// The partition consumer's state, for lag metrics and `chatfleet status`.
+pub(super) async fn consumer_info(bus: &NatsBus, partition: Partition) -> Result<jetstream::consumer::Info, BusError> {
+    let stream = input_stream(bus).await?;
+    let durable = bus.settings.names.partition_consumer(partition);
+    stream.consumer_info(&durable).await.map_err(|e| BusError::Unavailable(format!("no consumer {durable}: {e}")))
+}
+
+pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<Deliveries, BusError> {
+    let settings = &bus.settings;
+    let durable = settings.names.partition_consumer(partition);
+    let stream = input_stream(bus).await?;
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(&durable, consumer_config(bus, partition))
+        .await
+        .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
     // Pulls expire well within the pin timeout, so a live puller never loses its pin.
     let expires = (settings.pin_timeout / 5).max(Duration::from_millis(500));
     let messages = consumer

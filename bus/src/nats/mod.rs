@@ -3,6 +3,7 @@
 //! NATS subjects, one per session.
 
 mod consume;
+pub(crate) mod ownership;
 
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ pub struct NatsSettings {
     pub pin_timeout: Duration,
     /// Label of this client in the server's connection list.
     pub client_name: String,
+    /// Timing of partition ownership among workers.
+    pub ownership: crate::OwnershipSettings,
 }
 
 impl NatsSettings {
@@ -56,6 +59,7 @@ impl NatsSettings {
             max_ack_pending: 10_000,
             pin_timeout: Duration::from_secs(5),
             client_name: "chatfleet".into(),
+            ownership: crate::OwnershipSettings::default(),
         }
     }
 }
@@ -249,6 +253,10 @@ impl Bus for NatsBus {
 
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {
         consume::deliveries(self, partition).await
+    }
+
+    async fn join(&self, worker_id: &str) -> Result<Box<dyn crate::Membership>, BusError> {
+        ownership::join(self, worker_id, self.settings.ownership.clone()).await
     }
 
     async fn ping(&self) -> Result<(), BusError> {

@@ -176,7 +176,7 @@ fn outcome_event(session: &SessionId, message_id: &MessageId, outcome: Outcome) 
     ReplyEvent {
         v: schemas::ENVELOPE_VERSION,
         // The last id of its turn: a replayed outcome sorts after any event of that reply.
-        event_id: EventId::new(turn, 999_999),
+        event_id: EventId::new(turn, 999, 999_999),
         session_id: session.clone(),
         message_id: message_id.clone(),
         kind,

@@ -156,6 +156,41 @@ fn read_messages(db: &Database, session: &str, rev: bool, limit: usize) -> Resul
         .collect()
 }
 
+/// Applies `change` to user message `message_id` of `session` and writes it back, all in one write transaction.
+/// A message that is missing, in another session or not a user message is a [`StoreError::Fatal`] saying that
+/// the store cannot `doing`.
+fn update_user_message<T>(
+    db: &Database,
+    session: &SessionId,
+    message_id: &MessageId,
+    doing: &str,
+    change: impl FnOnce(&mut StoredMessage) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let missing = || StoreError::Fatal(format!("cannot {doing}: session {session} has no such user message"));
+    let tx = db.begin_write().map_err(fatal)?;
+    let result = {
+        let ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+        let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
+        let location = ids.get(message_id.as_str()).map_err(fatal)?.map(|v| {
+            let (owner, position) = v.value();
+            (owner.to_owned(), position)
+        });
+        let Some((owner, position)) = location.filter(|(owner, _)| owner == session.as_str()) else {
+            return Err(missing());
+        };
+        let stored =
+            messages.get((owner.as_str(), position)).map_err(fatal)?.map(|v| decode::<StoredMessage>(v.value()));
+        let Some(mut stored) = stored.transpose()?.filter(|m| m.role == Role::User) else {
+            return Err(missing());
+        };
+        let result = change(&mut stored)?;
+        messages.insert((owner.as_str(), position), encode(&stored)?.as_slice()).map_err(fatal)?;
+        result
+    };
+    tx.commit().map_err(fatal)?;
+    Ok(result)
+}
+
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -304,36 +339,35 @@ impl Store for EmbeddedStore {
 
     async fn mark_failed(&self, session: &SessionId, message: &MessageId, failure: &Failure) -> Result<(), StoreError> {
         let session = session.clone();
-        let message_id = message.clone();
+        let message = message.clone();
         let failure = failure.clone();
         self.run(move |db| {
-            let missing = || {
-                StoreError::Fatal(format!(
-                    "cannot mark message {message_id} failed: session {session} has no such user message"
-                ))
-            };
-            let tx = db.begin_write().map_err(fatal)?;
-            {
-                let ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
-                let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
-                let location = ids.get(message_id.as_str()).map_err(fatal)?.map(|v| {
-                    let (owner, position) = v.value();
-                    (owner.to_owned(), position)
-                });
-                let Some((owner, position)) = location.filter(|(owner, _)| owner == session.as_str()) else {
-                    return Err(missing());
-                };
-                let stored = messages
-                    .get((owner.as_str(), position))
-                    .map_err(fatal)?
-                    .map(|v| decode::<StoredMessage>(v.value()));
-                let Some(mut stored) = stored.transpose()?.filter(|m| m.role == Role::User) else {
-                    return Err(missing());
-                };
+            update_user_message(db, &session, &message, &format!("mark message {message} failed"), |stored| {
                 stored.failure = Some(failure);
-                messages.insert((owner.as_str(), position), encode(&stored)?.as_slice()).map_err(fatal)?;
-            }
-            tx.commit().map_err(fatal)
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn begin_generation(&self, session: &SessionId, message: &MessageId) -> Result<u32, StoreError> {
+        let session = session.clone();
+        let message = message.clone();
+        // Read, increment and write back in one write transaction; redb runs one at a time, so concurrent callers
+        // each get their own count.
+        self.run(move |db| {
+            update_user_message(
+                db,
+                &session,
+                &message,
+                &format!("record a generation start for message {message}"),
+                |stored| {
+                    stored.starts = stored.starts.checked_add(1).ok_or_else(|| {
+                        StoreError::Fatal(format!("message {} has been started too often to count", stored.id))
+                    })?;
+                    Ok(stored.starts)
+                },
+            )
         })
         .await
     }

@@ -52,6 +52,10 @@ pub(crate) struct MessageDoc {
     pub usage: Option<Usage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// The generation start counter, a BSON int that `$inc` updates in place. Missing on documents written before
+    /// it existed, which read as 0.
+    #[serde(default)]
+    pub starts: i32,
 }
 
 /// A document of the `secrets` collection, keyed by the secret's name.
@@ -81,6 +85,11 @@ fn to_i64(n: u64, what: &str) -> Result<i64, StoreError> {
 
 fn to_u64(n: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(n).map_err(|_| StoreError::Fatal(format!("stored {what} {n} is negative")))
+}
+
+/// A stored start count as the record's `u32`.
+pub(crate) fn starts_value(n: i32) -> Result<u32, StoreError> {
+    u32::try_from(n).map_err(|_| StoreError::Fatal(format!("stored start count {n} is out of range")))
 }
 
 pub(crate) fn position_value(position: u64) -> Result<i64, StoreError> {
@@ -125,6 +134,8 @@ impl MessageDoc {
             finish_reason: message.finish_reason.clone(),
             usage: message.usage,
             failure: message.failure.clone(),
+            starts: i32::try_from(message.starts)
+                .map_err(|_| StoreError::Fatal(format!("start count {} is too large to store", message.starts)))?,
         })
     }
 
@@ -140,6 +151,7 @@ impl MessageDoc {
             finish_reason: self.finish_reason,
             usage: self.usage,
             failure: self.failure,
+            starts: starts_value(self.starts)?,
         })
     }
 }

@@ -13,12 +13,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use mongodb::bson::{Binary, doc, spec::BinarySubtype};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
 use schemas::{MessageId, SessionId};
 
 use crate::{Failure, Inserted, SessionRecord, Store, StoreError, StoredMessage};
-use documents::{MessageDoc, SecretDoc, SessionDoc};
+use documents::{MessageDoc, SecretDoc, SessionDoc, starts_value};
 use errors::{classify, is_duplicate_key};
 
 /// The database used when the URL names none.
@@ -247,6 +247,27 @@ impl Store for MongoStore {
             )));
         }
         Ok(())
+    }
+
+    async fn begin_generation(&self, session: &SessionId, message: &MessageId) -> Result<u32, StoreError> {
+        // One `$inc` on one document: the server serialises concurrent increments, so racing workers each see their
+        // own count. The driver retries it only where the server applies it exactly once (retryable writes); a
+        // caller repeating the call after `Unavailable` may count one start twice, which errs on the high side.
+        let updated = self
+            .messages
+            .find_one_and_update(
+                doc! { "_id": message.as_str(), "session_id": session.as_str(), "role": "user" },
+                doc! { "$inc": { "starts": 1_i32 } },
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| classify(e, "recording a generation start"))?;
+        let Some(updated) = updated else {
+            return Err(StoreError::Fatal(format!(
+                "cannot record a generation start for message {message}: session {session} has no such user message"
+            )));
+        };
+        starts_value(updated.starts)
     }
 
     async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError> {

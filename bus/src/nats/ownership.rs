@@ -1,0 +1,425 @@
+//! Partition ownership on NATS: leases in a JetStream key-value bucket, with the revision of a
+//! lease's entry as its fencing token.
+//!
+//! The bucket `<PREFIX>_OWNERSHIP` holds `members.<worker>` (a heartbeat per live worker) and
+//! `leases.<partition>` (the owner of each partition). Every member watches the whole bucket and
+//! computes the same target assignment from the live members ([`crate::assign`]). A member:
+//! - renews its own member key and every lease it holds each heartbeat, by compare-and-set on
+//!   the revision it last wrote, so a lease someone else took can never be renewed;
+//! - stops working on a partition `safety_margin` before its lease could expire when renewals
+//!   fail, so it has stopped before another member may take the partition ([`OwnershipEvent::Lost`]);
+//! - asks the worker to hand over a partition that the target gives to someone else
+//!   ([`OwnershipEvent::Revoked`]) and deletes the lease once the worker has drained it;
+//! - takes a partition the target gives it once the lease is free (deleted) or expired (not
+//!   renewed for `lease_ttl`), by create or compare-and-set, then recreates the partition's
+//!   consumer, so that every message the previous owner left unacknowledged is delivered again
+//!   at once and in stream order before anything newer.
+//!
+//! Liveness is judged by when a member last *saw* a key change, on its own clock: a delayed
+//! watcher only makes leases look younger, which errs on the safe side.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use async_trait::async_trait;
+use futures::StreamExt;
+use schemas::Partition;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::NatsBus;
+use crate::{BusError, Membership, OwnershipEvent, OwnershipSettings, assign};
+
+/// What a lease says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LeaseValue {
+    pub(crate) owner: String,
+}
+
+/// The bucket's name for a deployment.
+pub(crate) fn bucket_name(bus: &NatsBus) -> String {
+    format!("{}_OWNERSHIP", bus.settings.names.input_stream().trim_end_matches("_IN"))
+}
+
+pub(crate) async fn bucket(bus: &NatsBus) -> Result<kv::Store, BusError> {
+    let name = bucket_name(bus);
+    if let Ok(store) = bus.js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    let config = kv::Config {
+        bucket: name.clone(),
+        description: "chatfleet partition leases and worker heartbeats".into(),
+        history: 1,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    };
+    match bus.js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another member may have created it meanwhile.
+        Err(create_error) => bus
+            .js
+            .get_key_value(&name)
+            .await
+            .map_err(|_| BusError::Unavailable(format!("cannot open the ownership bucket {name}: {create_error}"))),
+    }
+}
+
+/// Checks that a worker id can be part of a key.
+pub(crate) fn validate_worker_id(id: &str) -> Result<(), BusError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(BusError::Unsupported(format!("worker id {id:?} must be 1 to 128 letters, digits, '_' or '-'")))
+    }
+}
+
+pub(super) async fn join(
+    bus: &NatsBus,
+    worker_id: &str,
+    settings: OwnershipSettings,
+) -> Result<Box<dyn Membership>, BusError> {
+    validate_worker_id(worker_id)?;
+    let kv = bucket(bus).await?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    let coordinator = Coordinator {
+        bus: bus.clone(),
+        kv,
+        me: worker_id.to_owned(),
+        settings,
+        members: HashMap::new(),
+        leases: BTreeMap::new(),
+        synced: false,
+        owned: BTreeMap::new(),
+        leaving: false,
+        events: events_tx,
+    };
+    tokio::spawn(coordinator.run(commands_rx));
+    Ok(Box::new(NatsMembership { events: events_rx, commands: commands_tx }))
+}
+
+enum Command {
+    Release(Partition),
+    Leave,
+}
+
+struct NatsMembership {
+    events: mpsc::UnboundedReceiver<OwnershipEvent>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+#[async_trait]
+impl Membership for NatsMembership {
+    async fn next(&mut self) -> Option<OwnershipEvent> {
+        self.events.recv().await
+    }
+
+    async fn release(&mut self, partition: Partition) {
+        let _ = self.commands.send(Command::Release(partition));
+    }
+
+    async fn leave(&mut self) {
+        let _ = self.commands.send(Command::Leave);
+    }
+}
+
+/// A key as last seen by this member.
+#[derive(Debug, Clone)]
+struct Seen<T> {
+    value: T,
+    revision: u64,
+    /// When this member saw the key change, on its own clock.
+    at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holding {
+    Active,
+    /// Revoked; the worker is draining it.
+    Revoking,
+}
+
+/// A lease this member holds.
+#[derive(Debug, Clone)]
+struct Owned {
+    /// The revision of our last write: the fencing token.
+    revision: u64,
+    /// The last moment this member may work on the partition unless it renews.
+    valid_until: Instant,
+    holding: Holding,
+}
+
+struct Coordinator {
+    bus: NatsBus,
+    kv: kv::Store,
+    me: String,
+    settings: OwnershipSettings,
+    members: HashMap<String, Seen<()>>,
+    leases: BTreeMap<Partition, Seen<String>>,
+    /// True once the watcher has delivered the bucket's current state.
+    synced: bool,
+    owned: BTreeMap<Partition, Owned>,
+    leaving: bool,
+    events: mpsc::UnboundedSender<OwnershipEvent>,
+}
+
+impl Coordinator {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut ticker = tokio::time::interval(self.settings.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = None;
+        let mut lag_report = Instant::now();
+        loop {
+            if watch.is_none() {
+                match self.kv.watch_all().await {
+                    Ok(w) => {
+                        self.synced = false;
+                        watch = Some(w);
+                    }
+                    Err(e) => tracing::warn!(event = "ownership_watch_failed", error = %e),
+                }
+            }
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.heartbeat().await;
+                    if lag_report.elapsed() >= Duration::from_secs(5) {
+                        lag_report = Instant::now();
+                        self.report_lag().await;
+                    }
+                }
+                entry = next_entry(&mut watch) => match entry {
+                    Some(Ok(entry)) => self.observe(entry),
+                    Some(Err(e)) => {
+                        tracing::warn!(event = "ownership_watch_error", error = %e);
+                        watch = None;
+                    }
+                    None => watch = None,
+                },
+                command = commands.recv() => match command {
+                    Some(Command::Release(p)) => self.release(p).await,
+                    Some(Command::Leave) | None => self.begin_leaving().await,
+                },
+            }
+            self.fence();
+            if self.synced {
+                self.act().await;
+            }
+            if self.leaving && self.owned.is_empty() {
+                let _ = self.kv.delete(member_key(&self.me)).await;
+                tracing::info!(event = "ownership_left", worker = %self.me, "left the deployment");
+                return;
+            }
+        }
+    }
+
+    /// Records a change of the bucket.
+    fn observe(&mut self, entry: kv::Entry) {
+        let now = Instant::now();
+        let deleted = !matches!(entry.operation, kv::Operation::Put);
+        if let Some(member) = entry.key.strip_prefix("members.") {
+            if deleted {
+                self.members.remove(member);
+            } else {
+                self.members.insert(member.to_owned(), Seen { value: (), revision: entry.revision, at: now });
+            }
+        } else if let Some(partition) = entry.key.strip_prefix("leases.").and_then(|p| p.parse::<u32>().ok()) {
+            let partition = Partition::new(partition);
+            if deleted {
+                self.leases.remove(&partition);
+            } else {
+                match serde_json::from_slice::<LeaseValue>(&entry.value) {
+                    Ok(lease) => {
+                        self.leases.insert(partition, Seen { value: lease.owner, revision: entry.revision, at: now });
+                    }
+                    Err(e) => tracing::warn!(event = "bad_lease", key = %entry.key, error = %e),
+                }
+            }
+        }
+        if entry.delta == 0 {
+            self.synced = true;
+        }
+    }
+
+    fn alive<T>(&self, seen: &Seen<T>) -> bool {
+        seen.at.elapsed() < self.settings.lease_ttl
+    }
+
+    /// Live members, this one included unless it is leaving.
+    fn live_members(&self) -> Vec<String> {
+        let mut live: BTreeSet<String> =
+            self.members.iter().filter(|(_, seen)| self.alive(seen)).map(|(m, _)| m.clone()).collect();
+        if self.leaving {
+            live.remove(&self.me);
+        } else {
+            live.insert(self.me.clone());
+        }
+        live.into_iter().collect()
+    }
+
+    async fn heartbeat(&mut self) {
+        if !self.leaving {
+            let beat = serde_json::json!({"worker": self.me}).to_string();
+            if let Err(e) = self.kv.put(member_key(&self.me), beat.into()).await {
+                tracing::warn!(event = "heartbeat_failed", error = %e);
+            }
+        }
+        let value = lease_value(&self.me);
+        for (partition, owned) in self.owned.iter_mut() {
+            let started = Instant::now();
+            match self.kv.update(lease_key(*partition), value.clone(), owned.revision).await {
+                Ok(revision) => {
+                    owned.revision = revision;
+                    owned.valid_until = started + self.settings.lease_ttl - self.settings.safety_margin;
+                }
+                Err(e) => tracing::warn!(event = "lease_renewal_failed", partition = partition.get(), error = %e),
+            }
+        }
+        // Forget members long gone, so the bucket does not grow without bound.
+        let stale: Vec<(String, u64)> = self
+            .members
+            .iter()
+            .filter(|(m, seen)| **m != self.me && seen.at.elapsed() > self.settings.lease_ttl * 20)
+            .map(|(m, seen)| (m.clone(), seen.revision))
+            .collect();
+        for (member, revision) in stale {
+            let _ = self.kv.delete_expect_revision(member_key(&member), Some(revision)).await;
+            self.members.remove(&member);
+        }
+    }
+
+    /// Gives up, at once, every partition whose lease may no longer be ours.
+    fn fence(&mut self) {
+        let now = Instant::now();
+        let lost: Vec<Partition> = self
+            .owned
+            .iter()
+            .filter(|(p, owned)| {
+                let taken = self.leases.get(p).is_some_and(|l| l.value != self.me || l.revision > owned.revision);
+                now >= owned.valid_until || taken
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in lost {
+            self.owned.remove(&partition);
+            tracing::warn!(event = "partition_lost", worker = %self.me, partition = partition.get(), "lease lost; stopping the partition");
+            metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+            let _ = self.events.send(OwnershipEvent::Lost(partition));
+        }
+    }
+
+    /// Moves towards the target assignment.
+    async fn act(&mut self) {
+        let members = self.live_members();
+        let target = assign(self.bus.settings.partitions, &members);
+        // Hand over what the target gives to others.
+        for (partition, owned) in self.owned.iter_mut() {
+            if owned.holding == Holding::Active && target.get(partition) != Some(&self.me) {
+                owned.holding = Holding::Revoking;
+                tracing::info!(event = "partition_revoked", worker = %self.me, partition = partition.get(), "handing the partition over");
+                let _ = self.events.send(OwnershipEvent::Revoked(*partition));
+            }
+        }
+        if self.leaving {
+            return;
+        }
+        // Take what the target gives us, once it is free.
+        let wanted: Vec<Partition> = target
+            .iter()
+            .filter(|(p, owner)| **owner == self.me && !self.owned.contains_key(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in wanted {
+            let started = Instant::now();
+            let value = lease_value(&self.me);
+            let result = match self.leases.get(&partition) {
+                None => self.kv.create(lease_key(partition), value).await.map_err(|e| e.to_string()),
+                Some(lease) if lease.value == self.me || !self.alive(lease) => {
+                    self.kv.update(lease_key(partition), value, lease.revision).await.map_err(|e| e.to_string())
+                }
+                Some(_) => continue,
+            };
+            match result {
+                Ok(revision) => {
+                    if let Err(e) = super::consume::reset_consumer(&self.bus, partition).await {
+                        // Without a fresh consumer the order guarantee cannot be kept: let the
+                        // lease go and try again later.
+                        tracing::warn!(event = "consumer_reset_failed", partition = partition.get(), error = %e);
+                        let _ = self.kv.delete_expect_revision(lease_key(partition), Some(revision)).await;
+                        continue;
+                    }
+                    let valid_until = started + self.settings.lease_ttl - self.settings.safety_margin;
+                    self.owned.insert(partition, Owned { revision, valid_until, holding: Holding::Active });
+                    self.leases.insert(partition, Seen { value: self.me.clone(), revision, at: Instant::now() });
+                    tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), fence = revision, "took the partition");
+                    metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+                    let _ = self.events.send(OwnershipEvent::Acquired(partition));
+                }
+                Err(e) => tracing::debug!(event = "partition_busy", partition = partition.get(), error = %e),
+            }
+        }
+    }
+
+    async fn release(&mut self, partition: Partition) {
+        if let Some(owned) = self.owned.remove(&partition) {
+            if let Err(e) = self.kv.delete_expect_revision(lease_key(partition), Some(owned.revision)).await {
+                tracing::warn!(event = "lease_release_failed", partition = partition.get(), error = %e, "the lease will expire instead");
+            }
+            self.leases.remove(&partition);
+            tracing::info!(event = "partition_released", worker = %self.me, partition = partition.get(), "handed the partition over");
+            metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+        }
+    }
+
+    async fn begin_leaving(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        // Others stop counting on us at once and plan without us.
+        let _ = self.kv.delete(member_key(&self.me)).await;
+        tracing::info!(event = "ownership_leaving", worker = %self.me, owned = self.owned.len(), "leaving the deployment");
+    }
+
+    /// Publishes each owned partition's backlog as a metric.
+    async fn report_lag(&self) {
+        for partition in self.owned.keys() {
+            if let Ok(info) = super::consume::consumer_info(&self.bus, *partition).await {
+                let labels = [("partition", partition.get().to_string())];
+                metrics::gauge!(PARTITION_PENDING, &labels).set(info.num_pending as f64);
+                metrics::gauge!(PARTITION_ACK_PENDING, &labels).set(info.num_ack_pending as f64);
+            }
+        }
+    }
+}
+
+/// Partitions this worker owns.
+pub const OWNED_PARTITIONS: &str = "chatfleet_worker_owned_partitions";
+/// Messages of an owned partition not yet delivered.
+pub const PARTITION_PENDING: &str = "chatfleet_partition_pending_messages";
+/// Messages of an owned partition delivered and not yet acknowledged.
+pub const PARTITION_ACK_PENDING: &str = "chatfleet_partition_ack_pending_messages";
+
+async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, kv::WatcherError>> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) fn member_key(worker: &str) -> String {
+    format!("members.{worker}")
+}
+
+pub(crate) fn lease_key(partition: Partition) -> String {
+    format!("leases.{partition}")
+}
+
+fn lease_value(worker: &str) -> bytes::Bytes {
+    serde_json::to_vec(&LeaseValue { owner: worker.to_owned() }).unwrap_or_default().into()
+}
