@@ -53,6 +53,9 @@ pub struct Delivery {
     pub message: Result<UserMessage, String>,
     /// How many times this message has been delivered, this time included.
     pub attempt: u64,
+    /// The message's position in its partition: the same for every delivery of the same
+    /// bus message, different for two messages even with the same message id.
+    pub sequence: u64,
     /// Settles the delivery with the broker.
     pub acker: Box<dyn Acker>,
 }

@@ -42,6 +42,12 @@ impl EventId {
     pub fn new(turn: u64, start: u32, seq: u32) -> Self {
         Self { turn, start, seq }
     }
+
+    /// The id of a turn's terminal event (`done` or `error`): above every other event of the
+    /// turn, and the same however often the outcome is announced.
+    pub fn terminal(turn: u64) -> Self {
+        Self { turn, start: 999, seq: 999_999 }
+    }
 }
 
 impl fmt::Display for EventId {

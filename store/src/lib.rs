@@ -90,7 +90,37 @@ pub enum Outcome {
     /// It has its reply.
     Replied(StoredMessage),
     /// It will not be answered.
-    Failed(Failure),
+    Failed { turn: u64, failure: Failure },
+}
+
+impl Outcome {
+    /// The terminal reply event (`done` or `error`) that announces this outcome. Its id is
+    /// the turn's terminal id, the same each time, so a client that receives it twice (a
+    /// worker announcing again after another crashed between storing and acknowledging)
+    /// sees one event.
+    pub fn terminal_event(&self, session: &SessionId, message: &MessageId) -> schemas::ReplyEvent {
+        let (turn, kind) = match self {
+            Outcome::Replied(reply) => (
+                reply.turn,
+                schemas::ReplyEventKind::Done {
+                    reply_id: schemas::ReplyId::for_message(message),
+                    text: reply.text.clone(),
+                    finish_reason: reply.finish_reason.clone().unwrap_or(FinishReason::Stop),
+                    usage: reply.usage,
+                },
+            ),
+            Outcome::Failed { turn, failure } => {
+                (*turn, schemas::ReplyEventKind::Error { code: failure.code.clone(), message: failure.message.clone() })
+            }
+        };
+        schemas::ReplyEvent {
+            v: schemas::ENVELOPE_VERSION,
+            event_id: schemas::EventId::terminal(turn),
+            session_id: session.clone(),
+            message_id: message.clone(),
+            kind,
+        }
+    }
 }
 
 /// Whether an insert wrote anything.
@@ -163,7 +193,10 @@ pub trait Store: Send + Sync + 'static {
         if let Some(reply) = self.message(session, reply_id.as_str()).await? {
             return Ok(Some(Outcome::Replied(reply)));
         }
-        Ok(self.message(session, message.as_str()).await?.and_then(|m| m.failure).map(Outcome::Failed))
+        Ok(self
+            .message(session, message.as_str())
+            .await?
+            .and_then(|m| m.failure.map(|failure| Outcome::Failed { turn: m.turn, failure })))
     }
 
     /// A deployment-wide secret named `name`: the stored one, or `proposed` stored now if

@@ -301,7 +301,10 @@ async fn outcome_is_the_reply_the_failure_or_nothing(store: &dyn Store) {
     store.mark_failed(&id, &message_id("s1", 2), &failure).await.unwrap();
 
     assert_eq!(store.outcome(&id, &message_id("s1", 1)).await.unwrap(), Some(Outcome::Replied(answered)));
-    assert_eq!(store.outcome(&id, &message_id("s1", 2)).await.unwrap(), Some(Outcome::Failed(failure.clone())));
+    assert_eq!(
+        store.outcome(&id, &message_id("s1", 2)).await.unwrap(),
+        Some(Outcome::Failed { turn: 2, failure: failure.clone() })
+    );
     assert_eq!(store.outcome(&id, &message_id("s1", 3)).await.unwrap(), None);
     assert_eq!(store.outcome(&id, &message_id("s1", 4)).await.unwrap(), None);
     let failed = store.message(&id, message_id("s1", 2).as_str()).await.unwrap().unwrap();

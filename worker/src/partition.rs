@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bus::{Deliveries, Delivery};
 use futures::StreamExt;
-use schemas::{MessageId, Partition, SessionId};
+use schemas::{Partition, SessionId};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -20,8 +20,8 @@ use crate::{Worker, session, telemetry};
 enum Event {
     /// The bus delivered a message.
     Delivered(Delivery),
-    /// A session queue finished with a message (settled it, or put it back at shutdown).
-    Finished(SessionId, MessageId),
+    /// A session queue finished with a delivery (settled it, or put it back at shutdown).
+    Finished(SessionId, u64),
     /// The delivery stream ended (the broker went away); it is opened again.
     StreamEnded,
     /// The worker is shutting down: take no more messages.
@@ -59,9 +59,10 @@ impl Runner {
     pub(crate) async fn run(self) {
         let (finished_tx, mut finished_rx) = mpsc::unbounded_channel();
         let mut sessions: HashMap<SessionId, SessionQueue> = HashMap::new();
-        // Message ids queued or being handled here: a redelivery of one of them (the bus
-        // lost patience) must not be answered a second time.
-        let mut in_hand: HashSet<MessageId> = HashSet::new();
+        // Bus messages queued or being handled here: a redelivery of one of them (the bus
+        // lost patience) must not be handled a second time. (Two bus messages with the same
+        // message id are both handled, one after the other; the second finds the outcome.)
+        let mut in_hand: HashSet<u64> = HashSet::new();
         let mut deliveries: Option<Deliveries> = None;
         let mut stopping = false;
         let mut reopen_delay = Duration::from_millis(100);
@@ -118,7 +119,7 @@ impl Runner {
                             continue;
                         }
                     };
-                    if !in_hand.insert(message.message_id.clone()) {
+                    if !in_hand.insert(delivery.sequence) {
                         tracing::debug!(event = "redelivery_in_hand", session_id = %message.session_id, message_id = %message.message_id);
                         continue;
                     }
@@ -140,8 +141,8 @@ impl Runner {
                         tracing::error!(event = "session_queue_closed", session_id = %message.session_id);
                     }
                 }
-                Event::Finished(session, message) => {
-                    in_hand.remove(&message);
+                Event::Finished(session, sequence) => {
+                    in_hand.remove(&sequence);
                     if let Some(queue) = sessions.get_mut(&session) {
                         queue.outstanding -= 1;
                         if queue.outstanding == 0 {

@@ -114,8 +114,16 @@ impl Handler<'_> {
             tracing::info!(event = "session_gone", "the session was deleted; dropping its message");
             return Ok(Settlement::Ack("session_gone"));
         }
-        if self.store_call(|| store.outcome(session, message_id)).await?.is_some() {
-            tracing::info!(event = "already_answered", "this message was answered before; not answering again");
+        if let Some(outcome) = self.store_call(|| store.outcome(session, message_id)).await? {
+            // Announce it again: a worker that stored it may have crashed before announcing.
+            // The event has the turn's terminal id, so clients see it once.
+            tracing::info!(
+                event = "already_answered",
+                "this message was answered before; announcing, not answering again"
+            );
+            if let Err(e) = self.worker.bus.publish_event(&outcome.terminal_event(session, message_id)).await {
+                tracing::warn!(event = "event_publish_failed", error = %e);
+            }
             return Ok(Settlement::Ack("duplicate"));
         }
         let (turn, start) = self.record_user_message().await?;
@@ -347,7 +355,11 @@ impl EventWriter<'_> {
     async fn send(&mut self, kind: ReplyEventKind) {
         let event = ReplyEvent {
             v: schemas::ENVELOPE_VERSION,
-            event_id: EventId::new(self.turn, self.start, self.seq),
+            event_id: if kind.is_terminal() {
+                EventId::terminal(self.turn)
+            } else {
+                EventId::new(self.turn, self.start, self.seq)
+            },
             session_id: self.message.session_id.clone(),
             message_id: self.message.message_id.clone(),
             kind,

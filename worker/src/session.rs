@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::Delivery;
-use schemas::{MessageId, SessionId};
+use schemas::SessionId;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -14,12 +14,13 @@ pub(crate) async fn run(
     worker: Worker,
     session: SessionId,
     mut queue: mpsc::UnboundedReceiver<Delivery>,
-    finished: mpsc::UnboundedSender<(SessionId, MessageId)>,
+    finished: mpsc::UnboundedSender<(SessionId, u64)>,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
     abort: CancellationToken,
 ) {
     while let Some(delivery) = queue.recv().await {
+        let sequence = delivery.sequence;
         let message_id = match &delivery.message {
             Ok(message) => message.message_id.clone(),
             Err(_) => continue,
@@ -40,6 +41,6 @@ pub(crate) async fn run(
                 }
             }
         }
-        let _ = finished.send((session.clone(), message_id));
+        let _ = finished.send((session.clone(), sequence));
     }
 }

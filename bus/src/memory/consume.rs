@@ -92,6 +92,7 @@ pub(super) fn deliveries(queue: Arc<PartitionQueue>) -> Deliveries {
         let delivery = Delivery {
             message: Ok(entry.message),
             attempt: entry.deliveries,
+            sequence: seq,
             acker: Box::new(MemoryAcker { queue: queue.clone(), seq, generation }),
         };
         Some((delivery, queue))

@@ -99,11 +99,11 @@ pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<De
 }
 
 fn to_delivery(message: jetstream::Message) -> Delivery {
-    let attempt = message.info().map(|i| i.delivered.max(1) as u64).unwrap_or(1);
+    let (attempt, sequence) = message.info().map(|i| (i.delivered.max(1) as u64, i.stream_sequence)).unwrap_or((1, 0));
     let (message, acker) = message.split();
     let parsed = serde_json::from_slice(&message.payload)
         .map_err(|e| format!("unreadable user message on {}: {e}", message.subject));
-    Delivery { message: parsed, attempt, acker: Box::new(NatsAcker(acker)) }
+    Delivery { message: parsed, attempt, sequence, acker: Box::new(NatsAcker(acker)) }
 }
 
 struct NatsAcker(jetstream::message::Acker);

@@ -11,10 +11,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use schemas::{ClientMessageId, EventId, MessageId, ReplyEvent, ReplyEventKind, SessionId, UserMessage};
+use schemas::{ClientMessageId, MessageId, ReplyEvent, SessionId, UserMessage};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use store::{Outcome, Role};
+use store::Role;
 
 use crate::{AppState, auth, error::ApiError, sse::to_sse, telemetry};
 
@@ -128,7 +128,7 @@ pub(crate) async fn post(
     {
         // A repeat of a message that was already answered: replay its outcome.
         tracing::info!(event = "replayed_outcome", "message answered before; replaying its outcome");
-        let event = outcome_event(&session, &message_id, outcome);
+        let event = outcome.terminal_event(&session, &message_id);
         let stream = futures::stream::once(async move { Ok::<_, Infallible>(to_sse(&event)) });
         return Ok(sse_response(&state, stream));
     }
@@ -157,30 +157,6 @@ fn reply_stream(events: bus::EventStream, message_id: MessageId) -> impl Stream<
         let finished = event.kind.is_terminal();
         Some((event, (events, finished)))
     })
-}
-
-/// The terminal event of a message that was answered (or given up on) before.
-fn outcome_event(session: &SessionId, message_id: &MessageId, outcome: Outcome) -> ReplyEvent {
-    let (turn, kind) = match outcome {
-        Outcome::Replied(reply) => (
-            reply.turn,
-            ReplyEventKind::Done {
-                reply_id: schemas::ReplyId::for_message(message_id),
-                text: reply.text,
-                finish_reason: reply.finish_reason.unwrap_or(schemas::FinishReason::Stop),
-                usage: reply.usage,
-            },
-        ),
-        Outcome::Failed(failure) => (0, ReplyEventKind::Error { code: failure.code, message: failure.message }),
-    };
-    ReplyEvent {
-        v: schemas::ENVELOPE_VERSION,
-        // The last id of its turn: a replayed outcome sorts after any event of that reply.
-        event_id: EventId::new(turn, 999, 999_999),
-        session_id: session.clone(),
-        message_id: message_id.clone(),
-        kind,
-    }
 }
 
 fn sse_response(state: &AppState, events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
