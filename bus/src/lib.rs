@@ -111,6 +111,34 @@ pub trait Membership: Send {
     async fn leave(&mut self);
 }
 
+/// Who owns what, as the bus sees it now (`chatfleet status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetStatus {
+    /// Workers that have reported recently.
+    pub workers: Vec<WorkerStatus>,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerStatus {
+    pub worker: String,
+    /// Seconds since its last heartbeat.
+    pub seen_secs_ago: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    /// The holder of a live lease, if any.
+    pub owner: Option<String>,
+    /// The lease's fencing token (revision).
+    pub fence: Option<u64>,
+    /// Messages waiting for delivery.
+    pub pending: Option<u64>,
+    /// Messages delivered and not yet acknowledged (being answered).
+    pub in_flight: Option<u64>,
+}
+
 /// The bus.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -137,6 +165,9 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Succeeds while the broker is reachable.
     async fn ping(&self) -> Result<(), BusError>;
+
+    /// Which worker owns which partition, and each partition's backlog.
+    async fn status(&self) -> Result<FleetStatus, BusError>;
 
     /// One line for start-up logs (never credentials).
     fn describe(&self) -> String;

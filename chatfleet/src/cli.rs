@@ -29,6 +29,7 @@ impl Cli {
             Some(Command::Gateway(a)) => a.log.log_format,
             Some(Command::Worker(a)) => a.log.log_format,
             Some(Command::MockLlm(a)) => a.log.log_format,
+            Some(Command::Status(a)) => a.log.log_format,
         }
     }
 }
@@ -44,6 +45,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// A local OpenAI-compatible chat-completions server for demos, tests and load tests.
     MockLlm(MockLlmArgs),
+    /// Which worker owns which partition, with each partition's backlog and in-flight count.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -122,6 +125,11 @@ pub struct WorkerTuning {
     /// failover time). Every worker of a deployment should use the same value.
     #[arg(long, env = "CHATFLEET_LEASE_TTL", default_value_t = 3.0)]
     pub lease_ttl: f64,
+
+    /// Megabytes of recent conversation history a worker keeps in memory for the sessions of
+    /// the partitions it owns, so that their next messages need no history read; 0 disables it.
+    #[arg(long, env = "CHATFLEET_CONTEXT_CACHE_MB", default_value_t = 64)]
+    pub context_cache_mb: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -245,6 +253,23 @@ pub struct MockLlmArgs {
     /// Model name the server reports.
     #[arg(long, env = "CHATFLEET_MODEL", default_value = "chatfleet-mock")]
     pub model: String,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The bus: `nats://host:4222`.
+    #[arg(long, env = "CHATFLEET_BUS")]
+    pub bus: String,
+
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 
     #[command(flatten)]
     pub log: LogArgs,

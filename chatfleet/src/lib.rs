@@ -18,6 +18,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
         Some(Command::Gateway(args)) => roles::gateway(args, shutdown).await,
         Some(Command::Worker(args)) => roles::worker(args, shutdown).await,
         Some(Command::MockLlm(args)) => roles::mock_llm(args, shutdown).await,
+        Some(Command::Status(args)) => roles::status(args).await,
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use worker::{ContextSettings, RetryPolicy, Worker, WorkerConfig};
 
-use crate::cli::{DevArgs, GatewayArgs, GatewayTuning, MockLlmArgs, WorkerArgs, WorkerTuning};
+use crate::cli::{DevArgs, GatewayArgs, GatewayTuning, MockLlmArgs, StatusArgs, WorkerArgs, WorkerTuning};
 use crate::wiring::{self, BusChoice};
 
 /// Binds a listener with a deep accept queue: a burst of thousands of users connecting at
@@ -67,6 +67,7 @@ fn worker_config(worker_id: String, tuning: &WorkerTuning) -> WorkerConfig {
         retry: RetryPolicy { max_attempts: tuning.llm_max_attempts, ..RetryPolicy::default() },
         shutdown_grace: Duration::from_secs(tuning.shutdown_grace),
         handover_grace: Duration::from_secs(tuning.handover_grace),
+        context_cache_bytes: tuning.context_cache_mb.saturating_mul(1024 * 1024),
         ..WorkerConfig::default()
     }
 }
@@ -241,5 +242,40 @@ pub async fn mock_llm(args: MockLlmArgs, shutdown: impl Future<Output = ()> + Se
     };
     println!("chatfleet mock-llm: OpenAI-compatible API at http://{address}/v1");
     llm::mock_server::serve(listener, config, shutdown).await?;
+    Ok(())
+}
+
+/// `chatfleet status`: prints who owns which partition.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let partitions = partitions(args.partitions.partitions)?;
+    let bus_choice = match wiring::parse_bus(&args.bus)? {
+        BusChoice::Memory => anyhow::bail!("--bus / CHATFLEET_BUS: status needs a broker URL such as nats://host:4222"),
+        other => other,
+    };
+    let bus =
+        wiring::connect_bus(bus_choice, partitions, "chatfleet-status", bus::OwnershipSettings::default()).await?;
+    let status = bus.status().await.context("cannot read the ownership state")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("workers: {}", status.workers.len());
+    for w in &status.workers {
+        let owned = status.partitions.iter().filter(|p| p.owner.as_deref() == Some(w.worker.as_str())).count();
+        println!("  {:<40} {:>3} partitions   seen {:.1}s ago", w.worker, owned, w.seen_secs_ago);
+    }
+    println!();
+    println!("{:>9}  {:<40} {:>8} {:>9} {:>9}", "partition", "owner", "fence", "pending", "in-flight");
+    let show = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    for p in &status.partitions {
+        println!(
+            "{:>9}  {:<40} {:>8} {:>9} {:>9}",
+            p.partition,
+            p.owner.as_deref().unwrap_or("(none)"),
+            show(p.fence),
+            show(p.pending),
+            show(p.in_flight)
+        );
+    }
     Ok(())
 }

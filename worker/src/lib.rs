@@ -8,8 +8,10 @@
 //!
 //! Invariants: a session's messages are handled strictly one after another; a delivery is
 //! acknowledged only after its outcome (reply or failure) is stored; the worker never speaks
-//! HTTP to clients.
+//! HTTP to clients; what the worker caches of a conversation (`cache.rs`) lasts no longer than
+//! its ownership of the session's partition.
 
+mod cache;
 mod context;
 mod partition;
 mod process;
@@ -25,8 +27,8 @@ use std::collections::HashMap;
 
 use bus::{Bus, Membership, OwnershipEvent};
 use llm::ChatModel;
-use schemas::Partition;
-use store::Store;
+use schemas::{Partition, SessionId};
+use store::{Store, StoredMessage};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +53,9 @@ pub struct WorkerConfig {
     /// How long in-flight generations of a partition handed to another worker (rebalancing)
     /// may take to finish before they are abandoned to it.
     pub handover_grace: Duration,
+    /// Bytes of recent history kept in memory for the sessions of the partitions this worker
+    /// owns, so that their next messages need no history read; 0 disables the cache.
+    pub context_cache_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +68,7 @@ impl Default for WorkerConfig {
             progress_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             handover_grace: Duration::from_secs(5),
+            context_cache_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -74,6 +80,7 @@ pub struct Worker {
     store: Arc<dyn Store>,
     model: Arc<dyn ChatModel>,
     config: Arc<WorkerConfig>,
+    cache: Arc<cache::ContextCache>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -84,7 +91,15 @@ impl std::fmt::Debug for Worker {
 
 impl Worker {
     pub fn new(bus: Arc<dyn Bus>, store: Arc<dyn Store>, model: Arc<dyn ChatModel>, config: WorkerConfig) -> Self {
-        Self { bus, store, model, config: Arc::new(config) }
+        let cache = Arc::new(cache::ContextCache::new(config.context_cache_bytes));
+        Self { bus, store, model, config: Arc::new(config), cache }
+    }
+
+    /// The recent history this worker has cached for `session`, if any: while the worker owns
+    /// the session's partition it equals what `Store::recent` with the configured history limit
+    /// returns. For tests and diagnostics; reading it does not count as a use.
+    pub fn cached_history(&self, session: &SessionId) -> Option<Vec<StoredMessage>> {
+        self.cache.peek(session)
     }
 
     /// Joins the deployment and consumes the partitions it is given until `shutdown`
@@ -120,8 +135,9 @@ impl Worker {
                         }
                         next_generation += 1;
                         let handle = RunnerHandle::new(next_generation);
+                        let cache = self.cache.open(partition, next_generation);
                         let runner = partition::Runner::new(
-                            self.clone(), partition, permits.clone(), handle.stop.clone(), handle.abort.clone(),
+                            self.clone(), partition, cache, permits.clone(), handle.stop.clone(), handle.abort.clone(),
                         );
                         let generation = next_generation;
                         tasks.spawn(async move {
@@ -133,6 +149,9 @@ impl Worker {
                     }
                     Some(OwnershipEvent::Revoked(partition)) => {
                         if let Some(handle) = runners.get_mut(&partition) {
+                            // The next owner may change the partition's conversations: what is
+                            // cached of them is stale from here on.
+                            self.cache.close(partition, handle.generation);
                             let grace = if leaving { self.config.shutdown_grace } else { self.config.handover_grace };
                             handle.revoke(grace);
                         } else {
@@ -141,6 +160,7 @@ impl Worker {
                     }
                     Some(OwnershipEvent::Lost(partition)) => {
                         if let Some(handle) = runners.get_mut(&partition) {
+                            self.cache.close(partition, handle.generation);
                             handle.lost = true;
                             handle.abort.cancel();
                             handle.stop.cancel();
@@ -149,6 +169,7 @@ impl Worker {
                 },
                 Some(finished) = tasks.join_next() => {
                     let Ok((partition, generation)) = finished else { continue };
+                    self.cache.close(partition, generation);
                     if runners.get(&partition).is_some_and(|h| h.generation == generation) {
                         let handle = runners.remove(&partition).expect("checked above");
                         telemetry::owned_partitions(runners.len());

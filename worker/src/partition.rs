@@ -14,6 +14,7 @@ use schemas::{Partition, SessionId};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::CacheScope;
 use crate::{Worker, session, telemetry};
 
 /// What drives a partition runner.
@@ -40,6 +41,8 @@ struct SessionQueue {
 pub(crate) struct Runner {
     worker: Worker,
     partition: Partition,
+    /// This ownership's share of the context cache.
+    cache: CacheScope,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
     abort: CancellationToken,
@@ -49,11 +52,12 @@ impl Runner {
     pub(crate) fn new(
         worker: Worker,
         partition: Partition,
+        cache: CacheScope,
         permits: Arc<Semaphore>,
         stop: CancellationToken,
         abort: CancellationToken,
     ) -> Self {
-        Self { worker, partition, permits, stop, abort }
+        Self { worker, partition, cache, permits, stop, abort }
     }
 
     pub(crate) async fn run(self) {
@@ -125,14 +129,18 @@ impl Runner {
                     }
                     let queue = sessions.entry(message.session_id.clone()).or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
+                        let ownership = session::Ownership {
+                            cache: self.cache.clone(),
+                            stop: self.stop.clone(),
+                            abort: self.abort.clone(),
+                        };
                         tokio::spawn(session::run(
                             self.worker.clone(),
+                            ownership,
                             message.session_id.clone(),
                             rx,
                             finished_tx.clone(),
                             self.permits.clone(),
-                            self.stop.clone(),
-                            self.abort.clone(),
                         ));
                         SessionQueue { tx, outstanding: 0 }
                     });

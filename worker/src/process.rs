@@ -1,7 +1,14 @@
 //! Answering one user message: record it, build the context, generate with retries while
 //! streaming deltas, store the reply, announce it, and only then acknowledge the delivery.
+//!
+//! The conversation's recent history comes from the context cache when it holds the session
+//! (`cache.rs`); each write here is applied to the cached copy too, so it stays equal to what
+//! the store holds. Whenever the handling meets something it did not write itself (a message
+//! recorded by an earlier delivery, a taken position, a reply stored meanwhile), it drops the
+//! session's cached copy and reads the store instead of guessing.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bus::{Acker, Delivery};
@@ -12,6 +19,7 @@ use store::{Failure, Inserted, Role, StoreError, StoredMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cache::CacheScope;
 use crate::{Worker, context, telemetry};
 
 /// How a delivery is settled.
@@ -24,7 +32,13 @@ enum Settlement {
 
 /// Handles one delivery. `stop` interrupts only waits on the store (shutdown); `abort` drops
 /// the work at once, leaving the delivery unsettled for the partition's next owner.
-pub(crate) async fn handle(worker: &Worker, delivery: Delivery, stop: &CancellationToken, abort: &CancellationToken) {
+pub(crate) async fn handle(
+    worker: &Worker,
+    cache: &CacheScope,
+    delivery: Delivery,
+    stop: &CancellationToken,
+    abort: &CancellationToken,
+) {
     let Ok(message) = delivery.message else {
         return;
     };
@@ -37,7 +51,7 @@ pub(crate) async fn handle(worker: &Worker, delivery: Delivery, stop: &Cancellat
     );
     let acker = delivery.acker;
     async {
-        let handler = Handler { worker, message: &message, stop };
+        let handler = Handler::new(worker, cache, &message, stop);
         let work = with_progress(acker.as_ref(), worker.config.progress_interval, handler.answer());
         let settlement = tokio::select! {
             settlement = work => settlement,
@@ -87,16 +101,68 @@ struct Reply {
 
 struct Handler<'a> {
     worker: &'a Worker,
+    cache: &'a CacheScope,
     message: &'a UserMessage,
     stop: &'a CancellationToken,
+    /// Whether this handling keeps the session's cached history; cleared, and the cached copy
+    /// dropped, as soon as what the store holds is no longer known for certain.
+    caching: AtomicBool,
 }
 
 /// The store call failed and shutdown began while waiting to retry it.
 struct Stopped;
 
+/// The user message, recorded.
+struct Recorded {
+    turn: u64,
+    /// How many times its generation has started, this time included.
+    start: u32,
+    /// The conversation's recent history as the store now holds it, the user message
+    /// included, when known without reading the store again (the cache is in use).
+    history: Option<Vec<StoredMessage>>,
+}
+
+impl<'a> Handler<'a> {
+    fn new(worker: &'a Worker, cache: &'a CacheScope, message: &'a UserMessage, stop: &'a CancellationToken) -> Self {
+        // With no history to read there is nothing to cache, and the cache could not tell the
+        // next turn either.
+        let caching = cache.enabled() && worker.config.context.history_limit > 0;
+        Self { worker, cache, message, stop, caching: AtomicBool::new(caching) }
+    }
+}
+
 impl Handler<'_> {
     fn session(&self) -> &SessionId {
         &self.message.session_id
+    }
+
+    fn caching(&self) -> bool {
+        self.caching.load(Ordering::Relaxed)
+    }
+
+    /// Stops using the cache for this message and drops the session's cached history: the
+    /// next read goes to the store.
+    fn distrust_cache(&self) {
+        self.caching.store(false, Ordering::Relaxed);
+        self.cache.invalidate(self.session());
+    }
+
+    /// Caches `history` (what the store now holds) with `written` applied, trimmed to the
+    /// history limit. A write the store would record differently than given is not guessed at.
+    fn cache_with(&self, history: &mut Vec<StoredMessage>, written: &StoredMessage) {
+        if !self.caching() {
+            return;
+        }
+        let Some(stored) = as_stored(written) else {
+            self.distrust_cache();
+            return;
+        };
+        history.push(stored);
+        let limit = self.worker.config.context.history_limit;
+        if history.len() > limit {
+            history.drain(..history.len() - limit);
+        }
+        self.cache.put(self.session(), history.clone());
     }
 
     async fn answer(&self) -> Settlement {
@@ -112,9 +178,12 @@ impl Handler<'_> {
 
         if self.store_call(|| store.session(session)).await?.is_none() {
             tracing::info!(event = "session_gone", "the session was deleted; dropping its message");
+            self.distrust_cache();
             return Ok(Settlement::Ack("session_gone"));
         }
         if let Some(outcome) = self.store_call(|| store.outcome(session, message_id)).await? {
+            // Answered before, perhaps by another worker: what else it wrote is not known here.
+            self.distrust_cache();
             // Announce it again: a worker that stored it may have crashed before announcing.
             // The event has the turn's terminal id, so clients see it once.
             tracing::info!(
@@ -126,12 +195,17 @@ impl Handler<'_> {
             }
             return Ok(Settlement::Ack("duplicate"));
         }
-        let (turn, start) = self.record_user_message().await?;
+        let Recorded { turn, start, history } = self.record_user_message().await?;
 
-        let history = self.store_call(|| store.recent(session, self.worker.config.context.history_limit)).await?;
+        let mut history = match history {
+            Some(history) => history,
+            None => self.store_call(|| store.recent(session, self.worker.config.context.history_limit)).await?,
+        };
+        // The history is in conversation order: what the model sees ends with the user message.
         let user_position = turn * 2;
-        let history: Vec<_> = history.into_iter().filter(|m| m.position() <= user_position).collect();
-        let request = ChatRequest { messages: context::build(&self.worker.config.context, &history), max_tokens: None };
+        let upto = history.partition_point(|m| m.position() <= user_position);
+        let request =
+            ChatRequest { messages: context::build(&self.worker.config.context, &history[..upto]), max_tokens: None };
 
         let mut events = EventWriter { worker: self.worker, message: self.message, turn, start, seq: 0 };
         if start > 1 {
@@ -159,12 +233,14 @@ impl Handler<'_> {
                     starts: 0,
                 };
                 if self.store_call(|| store.insert_message(&stored)).await? == Inserted::AlreadyPresent {
+                    self.distrust_cache();
                     tracing::warn!(
                         event = "reply_already_stored",
                         "a reply to this message was stored meanwhile; not announcing a second one"
                     );
                     return Ok(Settlement::Ack("duplicate"));
                 }
+                self.cache_with(&mut history, &stored);
                 events
                     .send(ReplyEventKind::Done {
                         reply_id,
@@ -191,6 +267,15 @@ impl Handler<'_> {
                 };
                 let failure = Failure { code: code.clone(), message: text.clone() };
                 self.store_call(|| store.mark_failed(session, message_id, &failure)).await?;
+                if self.caching() {
+                    match history.iter_mut().rev().find(|m| m.id == message_id.as_str() && m.role == Role::User) {
+                        Some(user) => {
+                            user.failure = Some(failure.clone());
+                            self.cache.put(session, history);
+                        }
+                        None => self.distrust_cache(),
+                    }
+                }
                 events.send(ReplyEventKind::Error { code, message: text }).await;
                 tracing::warn!(event = "message_failed", error = %error, "gave up on this message");
                 Ok(Settlement::Ack("failed"))
@@ -199,19 +284,26 @@ impl Handler<'_> {
     }
 
     /// Stores the user message at the next turn of the conversation, unless a previous
-    /// delivery already did; returns its turn and how many times its generation has started,
-    /// this time included.
-    async fn record_user_message(&self) -> Result<(u64, u32), Stopped> {
+    /// delivery already did.
+    async fn record_user_message(&self) -> Result<Recorded, Stopped> {
         let store = &self.worker.store;
         let session = self.session();
         let message_id = &self.message.message_id;
         loop {
             if let Some(existing) = self.store_call(|| store.message(session, message_id.as_str())).await? {
+                // An earlier delivery recorded it, and its generation may have gone on elsewhere
+                // (a crash, a hand-over): the cached history may miss what that wrote.
+                self.distrust_cache();
                 let start = self.store_call(|| store.begin_generation(session, message_id)).await?;
-                return Ok((existing.turn, start));
+                return Ok(Recorded { turn: existing.turn, start, history: None });
             }
-            let last = self.store_call(|| store.recent(session, 1)).await?;
-            let turn = last.last().map_or(1, |m| m.turn + 1);
+            // The newest message tells the next turn. With the cache in use the whole recent
+            // history is needed anyway: it comes from the cache, or is read once here.
+            let before = if self.caching() { Some(self.recent_history().await?) } else { None };
+            let turn = match &before {
+                Some(history) => history.last().map_or(1, |m| m.turn + 1),
+                None => self.store_call(|| store.recent(session, 1)).await?.last().map_or(1, |m| m.turn + 1),
+            };
             let record = StoredMessage {
                 id: self.message.message_id.as_str().to_owned(),
                 session_id: session.clone(),
@@ -226,12 +318,21 @@ impl Handler<'_> {
                 starts: 1,
             };
             match store.insert_message(&record).await {
-                Ok(Inserted::New) => return Ok((turn, 1)),
+                Ok(Inserted::New) => {
+                    let mut history = before;
+                    if let Some(history) = &mut history {
+                        self.cache_with(history, &record);
+                    }
+                    // `cache_with` may have given up on the cache; then the history is read.
+                    let history = history.filter(|_| self.caching());
+                    return Ok(Recorded { turn, start: 1, history });
+                }
                 // A previous delivery recorded it meanwhile; count this start.
                 Ok(Inserted::AlreadyPresent) => continue,
                 // Someone else took that position between our read and our write; read again.
                 Err(StoreError::Conflict(reason)) => {
                     tracing::warn!(event = "turn_conflict", turn, reason = %reason, "conversation position taken; retrying");
+                    self.distrust_cache();
                 }
                 Err(e) => {
                     telemetry::store_retry();
@@ -240,6 +341,16 @@ impl Handler<'_> {
                 }
             }
         }
+    }
+
+    /// The conversation's recent history as the store holds it: the cached copy, or else read
+    /// from the store (and cached once the user message is recorded).
+    async fn recent_history(&self) -> Result<Vec<StoredMessage>, Stopped> {
+        if let Some(history) = self.cache.get(self.session()) {
+            return Ok(history);
+        }
+        let limit = self.worker.config.context.history_limit;
+        self.store_call(|| self.worker.store.recent(self.session(), limit)).await
     }
 
     /// Generates the reply, retrying transient model errors with backoff. Deltas stream out
@@ -371,4 +482,12 @@ impl EventWriter<'_> {
             tracing::warn!(event = "event_publish_failed", error = %e);
         }
     }
+}
+
+/// `message` as the store keeps it, and so as it reads back: its time in UTC to the
+/// millisecond. `None` if the store could not keep it.
+fn as_stored(message: &StoredMessage) -> Option<StoredMessage> {
+    let utc = message.created_at.checked_to_offset(time::UtcOffset::UTC)?;
+    let created_at = utc.replace_nanosecond(utc.nanosecond() / 1_000_000 * 1_000_000).ok()?;
+    Some(StoredMessage { created_at, ..message.clone() })
 }

@@ -8,17 +8,29 @@ use schemas::SessionId;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::CacheScope;
 use crate::{Worker, process};
+
+/// What a session's queue works under: its partition's current ownership.
+#[derive(Clone)]
+pub(crate) struct Ownership {
+    /// The ownership's share of the context cache.
+    pub(crate) cache: CacheScope,
+    /// Take nothing new; let what is in hand finish.
+    pub(crate) stop: CancellationToken,
+    /// Abandon what is in hand.
+    pub(crate) abort: CancellationToken,
+}
 
 pub(crate) async fn run(
     worker: Worker,
+    ownership: Ownership,
     session: SessionId,
     mut queue: mpsc::UnboundedReceiver<Delivery>,
     finished: mpsc::UnboundedSender<(SessionId, u64)>,
     permits: Arc<Semaphore>,
-    stop: CancellationToken,
-    abort: CancellationToken,
 ) {
+    let Ownership { cache, stop, abort } = ownership;
     while let Some(delivery) = queue.recv().await {
         let sequence = delivery.sequence;
         let message_id = match &delivery.message {
@@ -33,7 +45,7 @@ pub(crate) async fn run(
             permit = permits.clone().acquire_owned() => permit.ok(),
         };
         match permit {
-            Some(_permit) => process::handle(&worker, delivery, &stop, &abort).await,
+            Some(_permit) => process::handle(&worker, &cache, delivery, &stop, &abort).await,
             None if abort.is_cancelled() => {}
             None => {
                 if let Err(e) = delivery.acker.retry_after(Duration::ZERO).await {

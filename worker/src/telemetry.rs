@@ -45,3 +45,27 @@ pub const RUNNING_PARTITIONS: &str = "chatfleet_worker_running_partitions";
 pub fn owned_partitions(n: usize) {
     gauge!(RUNNING_PARTITIONS).set(n as f64);
 }
+
+/// Messages whose history came from the context cache, with no read from the store.
+pub const CONTEXT_CACHE_HITS: &str = "chatfleet_worker_context_cache_hits_total";
+/// Messages whose history had to be read from the store (the cache did not hold the session).
+pub const CONTEXT_CACHE_MISSES: &str = "chatfleet_worker_context_cache_misses_total";
+/// Bytes the context caches of this process hold now (message text plus a fixed overhead per
+/// message).
+pub const CONTEXT_CACHE_BYTES: &str = "chatfleet_worker_context_cache_bytes";
+
+pub fn context_cache_hit() {
+    counter!(CONTEXT_CACHE_HITS).increment(1);
+}
+
+pub fn context_cache_miss() {
+    counter!(CONTEXT_CACHE_MISSES).increment(1);
+}
+
+/// A cache went from `before` to `after` bytes. Moved by the difference rather than set, so
+/// that the several workers `chatfleet dev` runs in one process add up.
+pub fn context_cache_resized(before: usize, after: usize) {
+    if before != after {
+        gauge!(CONTEXT_CACHE_BYTES).increment(after as f64 - before as f64);
+    }
+}

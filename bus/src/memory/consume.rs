@@ -30,6 +30,12 @@ impl PartitionQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Messages waiting, and messages delivered but not settled.
+    pub(super) fn counts(&self) -> (u64, u64) {
+        let state = self.state();
+        (state.ready.len() as u64, state.unsettled.len() as u64)
+    }
+
     pub(super) fn push(&self, message: UserMessage) {
         let mut state = self.state();
         let seq = state.next_seq;

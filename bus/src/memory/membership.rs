@@ -57,6 +57,27 @@ impl Registry {
         self.rebalance();
     }
 
+    pub(super) fn status(&self, queues: &[Arc<super::consume::PartitionQueue>]) -> crate::FleetStatus {
+        let mut workers: Vec<_> =
+            self.members.keys().map(|w| crate::WorkerStatus { worker: w.clone(), seen_secs_ago: 0.0 }).collect();
+        workers.sort_by(|a, b| a.worker.cmp(&b.worker));
+        let partitions = queues
+            .iter()
+            .enumerate()
+            .map(|(i, queue)| {
+                let (pending, in_flight) = queue.counts();
+                crate::PartitionStatus {
+                    partition: i as u32,
+                    owner: self.owners.get(&Partition::new(i as u32)).cloned(),
+                    fence: None,
+                    pending: Some(pending),
+                    in_flight: Some(in_flight),
+                }
+            })
+            .collect();
+        crate::FleetStatus { workers, partitions }
+    }
+
     fn close_finished(&mut self) {
         let owners = &self.owners;
         self.leaving.retain(|member, _| owners.values().any(|o| o == member));

@@ -124,6 +124,11 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    async fn status(&self) -> Result<crate::FleetStatus, BusError> {
+        let registry = self.inner.registry.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(registry.status(&self.inner.queues))
+    }
+
     fn describe(&self) -> String {
         format!("the in-process bus ({} partitions)", self.inner.partitions)
     }

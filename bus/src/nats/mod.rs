@@ -263,6 +263,10 @@ impl Bus for NatsBus {
         self.connected()
     }
 
+    async fn status(&self) -> Result<crate::FleetStatus, BusError> {
+        ownership::status(self).await
+    }
+
     fn describe(&self) -> String {
         format!(
             "NATS JetStream at {} (stream {}, {} partitions)",

@@ -423,3 +423,43 @@ pub(crate) fn lease_key(partition: Partition) -> String {
 fn lease_value(worker: &str) -> bytes::Bytes {
     serde_json::to_vec(&LeaseValue { owner: worker.to_owned() }).unwrap_or_default().into()
 }
+
+/// Reads the bucket and the consumers: who is alive, who owns what, and the backlogs.
+pub(super) async fn status(bus: &NatsBus) -> Result<crate::FleetStatus, BusError> {
+    let kv = bucket(bus).await?;
+    let ttl = bus.settings.ownership.lease_ttl.as_secs_f64();
+    let now = time::OffsetDateTime::now_utc();
+    let age = |entry: &kv::Entry| (now - entry.created).as_seconds_f64().max(0.0);
+    let mut keys =
+        kv.keys().await.map_err(|e| BusError::Unavailable(format!("cannot list the ownership bucket: {e}")))?;
+    let mut workers = Vec::new();
+    let mut owners: BTreeMap<u32, (String, u64)> = BTreeMap::new();
+    while let Some(key) = keys.next().await {
+        let Ok(key) = key else { continue };
+        let Ok(Some(entry)) = kv.entry(key.clone()).await else { continue };
+        if !matches!(entry.operation, kv::Operation::Put) || age(&entry) >= ttl {
+            continue;
+        }
+        if let Some(worker) = key.strip_prefix("members.") {
+            workers.push(crate::WorkerStatus { worker: worker.to_owned(), seen_secs_ago: age(&entry) });
+        } else if let Some(p) = key.strip_prefix("leases.").and_then(|p| p.parse::<u32>().ok())
+            && let Ok(lease) = serde_json::from_slice::<LeaseValue>(&entry.value)
+        {
+            owners.insert(p, (lease.owner, entry.revision));
+        }
+    }
+    workers.sort_by(|a, b| a.worker.cmp(&b.worker));
+    let mut partitions = Vec::new();
+    for partition in bus.settings.partitions.all() {
+        let info = super::consume::consumer_info(bus, partition).await.ok();
+        let owner = owners.get(&partition.get());
+        partitions.push(crate::PartitionStatus {
+            partition: partition.get(),
+            owner: owner.map(|(o, _)| o.clone()),
+            fence: owner.map(|(_, f)| *f),
+            pending: info.as_ref().map(|i| i.num_pending),
+            in_flight: info.as_ref().map(|i| i.num_ack_pending as u64),
+        });
+    }
+    Ok(crate::FleetStatus { workers, partitions })
+}

@@ -1,0 +1,310 @@
+//! Chaos under load: worker processes killed, added, removed and stopped, and the broker
+//! restarted, while users keep chatting. Every test checks the same promises: every accepted
+//! message is answered exactly once, each session's order is kept, and histories are
+//! consistent. The measured failover and rebalance times are printed.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bus::Bus;
+use serde_json::{Value, json};
+use support::{Backend, Options, Session, TestApp, echo_of};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: u32 = 8;
+
+/// A worker process of the real binary.
+struct WorkerProc {
+    id: String,
+    child: Child,
+}
+
+impl WorkerProc {
+    fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "worker {} did not exit within 30 s of SIGTERM", self.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fleet whose workers are separate processes.
+struct Fleet {
+    app: TestApp,
+    bus: bus::NatsBus,
+    workers: Vec<WorkerProc>,
+    next_id: usize,
+}
+
+impl Fleet {
+    async fn start(workers: usize, options: Options) -> Fleet {
+        llm::install_crypto_provider();
+        let app =
+            TestApp::spawn_with(Backend::NatsMongo, Options { workers: 0, partitions: PARTITIONS, ..options }).await;
+        let mut settings =
+            bus::NatsSettings::new(app.nats.as_ref().unwrap().url(), schemas::PartitionCount::new(PARTITIONS).unwrap());
+        settings.ownership = bus::OwnershipSettings::with_lease_ttl(Duration::from_secs(2));
+        let bus = bus::NatsBus::connect(settings).await.unwrap();
+        let mut fleet = Fleet { app, bus, workers: Vec::new(), next_id: 0 };
+        for _ in 0..workers {
+            fleet.add_worker();
+        }
+        fleet.wait_balanced(Duration::from_secs(30)).await;
+        fleet
+    }
+
+    fn add_worker(&mut self) -> String {
+        let id = format!("w{}", self.next_id);
+        self.next_id += 1;
+        let app = &self.app;
+        let child = Command::new(env!("CARGO_BIN_EXE_chatfleet"))
+            .args(["worker", "--listen", &format!("127.0.0.1:{}", testkit::free_port())])
+            .args(["--bus", &app.nats.as_ref().unwrap().url()])
+            .args(["--store", &app.mongo.as_ref().unwrap().url_for_db("chatfleet_test")])
+            .args(["--partitions", &PARTITIONS.to_string()])
+            .args(["--llm-base-url", &app.mock.base_url, "--model", "mock"])
+            .args(["--worker-id", &id, "--lease-ttl", "2", "--handover-grace", "2", "--shutdown-grace", "10"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the worker starts");
+        self.workers.push(WorkerProc { id: id.clone(), child });
+        id
+    }
+
+    fn take_worker(&mut self, index: usize) -> WorkerProc {
+        self.workers.remove(index)
+    }
+
+    fn live_ids(&self) -> Vec<String> {
+        self.workers.iter().map(|w| w.id.clone()).collect()
+    }
+
+    /// Waits until every partition has a live owner among the running workers and each holds
+    /// its fair share (within one); returns how long that took.
+    async fn wait_balanced(&self, within: Duration) -> Duration {
+        let started = Instant::now();
+        let live = self.live_ids();
+        loop {
+            if let Ok(status) = self.bus.status().await {
+                let mut load: BTreeMap<String, usize> = live.iter().map(|w| (w.clone(), 0)).collect();
+                let mut all_owned = true;
+                for p in &status.partitions {
+                    match p.owner.as_ref().and_then(|o| load.get_mut(o)) {
+                        Some(count) => *count += 1,
+                        None => all_owned = false,
+                    }
+                }
+                let fair = PARTITIONS as usize / live.len().max(1);
+                if all_owned && load.values().all(|&l| l >= fair && l <= fair + 1) {
+                    return started.elapsed();
+                }
+            }
+            assert!(started.elapsed() < within, "partitions not balanced over {live:?} within {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Users chatting: each session sends numbered messages one after another, resending with the
+/// same `client_message_id` when the gateway answers 503, and records what was accepted.
+struct Load {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    accepted: Arc<Mutex<HashMap<String, Vec<(String, String)>>>>,
+    sessions: Vec<Session>,
+}
+
+impl Load {
+    async fn start(app: &TestApp, sessions: usize, think: Duration) -> Load {
+        let stop = CancellationToken::new();
+        let accepted: Arc<Mutex<HashMap<String, Vec<(String, String)>>>> = Arc::default();
+        let sessions: Vec<Session> = futures::future::join_all((0..sessions).map(|_| app.create_session())).await;
+        let mut tasks = Vec::new();
+        for (i, session) in sessions.iter().cloned().enumerate() {
+            let (http, base, stop, accepted) = (app.http.clone(), app.base.clone(), stop.clone(), accepted.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.is_cancelled() {
+                    let text = format!("user {i} message {n}");
+                    let body = json!({"text": text, "client_message_id": format!("m{n}")});
+                    // Once sent, a message is resent until it is accepted, so that "accepted"
+                    // is never in doubt when the test checks.
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let message_id = loop {
+                        let r = http
+                            .post(format!("{base}/v1/sessions/{}/messages", session.id))
+                            .bearer_auth(&session.token)
+                            .json(&body)
+                            .send()
+                            .await;
+                        if let Ok(r) = r {
+                            if r.status() == 202 {
+                                let v: Value = r.json().await.unwrap();
+                                break v["message_id"].as_str().unwrap().to_owned();
+                            }
+                            assert_eq!(r.status(), 503, "only a broker outage may refuse a message");
+                        }
+                        assert!(Instant::now() < deadline, "a message was refused for 60 s");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    };
+                    accepted.lock().unwrap().entry(session.id.clone()).or_default().push((message_id, text));
+                    n += 1;
+                    tokio::time::sleep(think).await;
+                }
+            }));
+        }
+        Load { stop, tasks, accepted, sessions }
+    }
+
+    /// Stops sending, waits for every accepted message's reply, and checks every promise.
+    async fn finish_and_verify(self, app: &TestApp) -> usize {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.await.expect("a load task failed");
+        }
+        let accepted = self.accepted.lock().unwrap().clone();
+        let mut total = 0;
+        for session in &self.sessions {
+            let sent = accepted.get(&session.id).cloned().unwrap_or_default();
+            total += sent.len();
+            let history = app.wait_for_replies(session, sent.len(), Duration::from_secs(90)).await;
+            assert_eq!(history.len(), sent.len() * 2, "session {}: {history:#?}", session.id);
+            for (i, (message_id, text)) in sent.iter().enumerate() {
+                let (user, reply) = (&history[2 * i], &history[2 * i + 1]);
+                assert_eq!(user["role"], "user");
+                assert_eq!(&user["message_id"], message_id.as_str(), "order kept in session {}", session.id);
+                assert_eq!(&user["text"], text.as_str());
+                assert_eq!(reply["role"], "assistant");
+                assert_eq!(reply["reply_to"], user["message_id"], "exactly one reply, right after its message");
+                assert!(
+                    reply["text"].as_str().unwrap().starts_with(&echo_of(text)),
+                    "the reply answers its own message"
+                );
+            }
+        }
+        total
+    }
+}
+
+fn quick_replies() -> Options {
+    Options { first_token_ms: 20, token_ms: 10, reply_tokens: 12, ..Options::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_workers_at_random_loses_nothing_and_answers_once() {
+    let mut fleet = Fleet::start(3, quick_replies()).await;
+    let load = Load::start(&fleet.app, 24, Duration::from_millis(50)).await;
+
+    let mut failovers = Vec::new();
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700 + 400 * round)).await;
+        let victim = rand_index(fleet.workers.len());
+        let mut worker = fleet.take_worker(victim);
+        worker.kill_9();
+        failovers.push(fleet.wait_balanced(Duration::from_secs(20)).await);
+        fleet.add_worker();
+        fleet.wait_balanced(Duration::from_secs(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answered = load.finish_and_verify(&fleet.app).await;
+
+    println!(
+        "kill -9 failover (kill to every partition owned by a live worker): {failovers:?}; {answered} messages answered once each"
+    );
+    assert!(answered > 100, "the load ran: {answered}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_one_to_four_to_one_worker_mid_load_keeps_every_promise() {
+    let mut fleet = Fleet::start(1, quick_replies()).await;
+    let load = Load::start(&fleet.app, 24, Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    for _ in 0..3 {
+        fleet.add_worker();
+    }
+    let scale_out = fleet.wait_balanced(Duration::from_secs(30)).await;
+    let spread = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let mut exits = Vec::new();
+    while fleet.workers.len() > 1 {
+        exits.push(fleet.take_worker(0).terminate().await);
+    }
+    let scale_in = fleet.wait_balanced(Duration::from_secs(30)).await;
+    let drained = started.elapsed();
+    let answered = load.finish_and_verify(&fleet.app).await;
+
+    println!(
+        "scale 1→4: balanced {:?} after the new workers started ({scale_out:?} of polling); 4→1 by SIGTERM: {drained:?} ({scale_in:?} after the last exit); {answered} messages",
+        spread,
+    );
+    assert!(exits.iter().all(|s| s.success()), "SIGTERM exits 0: {exits:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_generation_finishes_in_flight_replies_and_exits_0() {
+    let options = Options { first_token_ms: 50, token_ms: 20, reply_tokens: 100, ..Options::default() };
+    let mut fleet = Fleet::start(2, options).await;
+    let load = Load::start(&fleet.app, 16, Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let started = Instant::now();
+    let status = fleet.take_worker(0).terminate().await;
+    let stopped_in = started.elapsed();
+    fleet.wait_balanced(Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answered = load.finish_and_verify(&fleet.app).await;
+
+    println!("SIGTERM with replies of about 2 s in flight: exited after {stopped_in:?}; {answered} messages");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_broker_mid_run_loses_nothing_and_answers_once() {
+    let mut fleet = Fleet::start(2, quick_replies()).await;
+    let load = Load::start(&fleet.app, 16, Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    fleet.app.nats_mut().stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.app.nats_mut().restart().await;
+    let recovered = fleet.wait_balanced(Duration::from_secs(30)).await;
+    let outage = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answered = load.finish_and_verify(&fleet.app).await;
+
+    println!(
+        "broker restart: partitions owned again {outage:?} after the kill ({recovered:?} after restart); {answered} messages"
+    );
+}
+
+fn rand_index(n: usize) -> usize {
+    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize) % n
+}
