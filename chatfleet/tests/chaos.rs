@@ -129,19 +129,22 @@ impl Fleet {
     }
 }
 
+/// Per session, the messages the gateway accepted: (message id, text), in order.
+type Accepted = Arc<Mutex<HashMap<String, Vec<(String, String)>>>>;
+
 /// Users chatting: each session sends numbered messages one after another, resending with the
 /// same `client_message_id` when the gateway answers 503, and records what was accepted.
 struct Load {
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    accepted: Arc<Mutex<HashMap<String, Vec<(String, String)>>>>,
+    accepted: Accepted,
     sessions: Vec<Session>,
 }
 
 impl Load {
     async fn start(app: &TestApp, sessions: usize, think: Duration) -> Load {
         let stop = CancellationToken::new();
-        let accepted: Arc<Mutex<HashMap<String, Vec<(String, String)>>>> = Arc::default();
+        let accepted: Accepted = Arc::default();
         let sessions: Vec<Session> = futures::future::join_all((0..sessions).map(|_| app.create_session())).await;
         let mut tasks = Vec::new();
         for (i, session) in sessions.iter().cloned().enumerate() {
