@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus::Bus;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use support::{Backend, Options, Session, TestApp, echo_of};
 use tokio_util::sync::CancellationToken;
@@ -310,4 +312,56 @@ async fn restarting_the_broker_mid_run_loses_nothing_and_answers_once() {
 
 fn rand_index(n: usize) -> usize {
     (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize) % n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done() {
+    let options = Options { first_token_ms: 20, token_ms: 30, reply_tokens: 80, ..Options::default() };
+    let mut fleet = Fleet::start(2, options).await;
+    let session = fleet.app.create_session().await;
+    let partition =
+        schemas::PartitionCount::new(PARTITIONS).unwrap().of(&schemas::SessionId::parse(&session.id).unwrap());
+    let status = fleet.bus.status().await.unwrap();
+    let owner = status.partitions[partition.get() as usize].owner.clone().expect("the partition has an owner");
+    let listener = fleet
+        .app
+        .http
+        .get(fleet.app.url(&format!("/v1/sessions/{}/events", session.id)))
+        .bearer_auth(&session.token)
+        .send()
+        .await
+        .unwrap();
+    let mut events = listener.bytes_stream().eventsource();
+    let mut next_event = async || {
+        let e = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        support::SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).unwrap() }
+    };
+
+    let text = "a long answer please";
+    assert_eq!(fleet.app.post_message(&session, json!({"text": text})).await.status(), 202);
+    // Wait for the first deltas, then crash the worker generating them.
+    let mut rest = vec![next_event().await];
+    assert_eq!(rest[0].event, "delta");
+    let victim = fleet.workers.iter().position(|w| w.id == owner).expect("the owner is one of ours");
+    let killed_at = Instant::now();
+    fleet.take_worker(victim).kill_9();
+    while rest.last().unwrap().event != "done" {
+        rest.push(next_event().await);
+    }
+    let restarted_after = killed_at.elapsed();
+
+    let reset = rest.iter().position(|e| e.event == "reset").expect("a reset announces the restart");
+    let done = rest.last().unwrap();
+    assert_eq!(done.event, "done");
+    assert_eq!(support::assembled_text(&rest[reset..]), done.data["text"].as_str().unwrap());
+    assert!(done.data["text"].as_str().unwrap().starts_with(&echo_of(text)));
+    let ids: Vec<&str> = rest.iter().map(|e| e.id.as_str()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "event ids keep increasing across the restart: {ids:?}");
+    let history = fleet.app.history(&session).await;
+    assert_eq!(history.len(), 2, "{history:#?}");
+    println!("a reply cut by kill -9 was restarted and completed {restarted_after:?} after the kill");
 }
