@@ -13,6 +13,11 @@ pub(crate) async fn chat_page() -> Html<&'static str> {
     Html(CHAT_PAGE)
 }
 
+/// Browsers ask for it on every page load; an empty answer keeps their consoles quiet.
+pub(crate) async fn favicon() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
 pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
