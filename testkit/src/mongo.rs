@@ -139,30 +139,5 @@ impl MongoServer {
         }
     }
 
-    /// Kills the server (as a crash would) and waits for it to exit.
-    pub async fn stop(&mut self) {
-        self.process.stop().await;
-    }
-
-    /// Stops the server if it runs, then starts it again on the same port and storage, and
-    /// waits until it accepts connections. An in-memory server comes back empty.
-    pub async fn restart(&mut self) {
-        self.process.stop().await;
-        self.process.start(READY_TIMEOUT).await;
-    }
-
-    /// Whether the server process is alive.
-    pub fn is_running(&mut self) -> bool {
-        self.process.is_running()
-    }
-
-    /// The end of the server's output, for failure messages.
-    pub fn log_tail(&self) -> String {
-        self.process.log_tail()
-    }
-
-    /// The directory holding the server's configuration and log.
-    pub fn work_dir(&self) -> &Path {
-        self.work_dir.path()
-    }
+    crate::process::server_controls!();
 }

@@ -1,6 +1,6 @@
 //! A real `nats-server` 2.14 with JetStream, one per test, on a free port with its own store.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -96,30 +96,5 @@ impl NatsServer {
         self.work_dir.path().join("jetstream")
     }
 
-    /// Kills the server (as a crash would) and waits for it to exit. The store is kept.
-    pub async fn stop(&mut self) {
-        self.process.stop().await;
-    }
-
-    /// Stops the server if it runs, then starts it again on the same port with the same store,
-    /// and waits until it accepts connections.
-    pub async fn restart(&mut self) {
-        self.process.stop().await;
-        self.process.start(READY_TIMEOUT).await;
-    }
-
-    /// Whether the server process is alive.
-    pub fn is_running(&mut self) -> bool {
-        self.process.is_running()
-    }
-
-    /// The end of the server's output, for failure messages.
-    pub fn log_tail(&self) -> String {
-        self.process.log_tail()
-    }
-
-    /// The directory holding the server's store and log.
-    pub fn work_dir(&self) -> &Path {
-        self.work_dir.path()
-    }
+    crate::process::server_controls!();
 }

@@ -131,3 +131,37 @@ fn read_tail(path: &Path) -> std::io::Result<String> {
     let text = String::from_utf8_lossy(&bytes).into_owned();
     Ok(if start > 0 { format!("…{text}") } else { text })
 }
+
+/// The controls every test server offers, delegated to its [`ServerProcess`]; the server type
+/// needs the fields `process: ServerProcess` and `work_dir: TempDir`.
+macro_rules! server_controls {
+    () => {
+        /// Kills the server (as a crash would) and waits for it to exit. Its storage is kept.
+        pub async fn stop(&mut self) {
+            self.process.stop().await;
+        }
+
+        /// Stops the server if it runs, then starts it again on the same port with the same
+        /// storage (an in-memory one comes back empty), and waits until it accepts connections.
+        pub async fn restart(&mut self) {
+            self.process.stop().await;
+            self.process.start(READY_TIMEOUT).await;
+        }
+
+        /// Whether the server process is alive.
+        pub fn is_running(&mut self) -> bool {
+            self.process.is_running()
+        }
+
+        /// The end of the server's output, for failure messages.
+        pub fn log_tail(&self) -> String {
+            self.process.log_tail()
+        }
+
+        /// The directory holding the server's files and log.
+        pub fn work_dir(&self) -> &std::path::Path {
+            self.work_dir.path()
+        }
+    };
+}
+pub(crate) use server_controls;
