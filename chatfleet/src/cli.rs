@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use schemas::DoubleTexting;
 
 /// chatfleet serves a chatbot to many users at once: a stateless HTTP gateway publishes user
 /// messages to a message bus partitioned by session, a pool of workers answers each session in
@@ -146,6 +147,18 @@ pub struct GatewayTuning {
     /// Seconds between keep-alive comments on an idle reply stream.
     #[arg(long, env = "CHATFLEET_SSE_KEEP_ALIVE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=15))]
     pub sse_keep_alive: u64,
+
+    /// What a message sent while the session's previous one is still being answered does, for
+    /// sessions created without a `double_texting` of their own: `enqueue` (answer it next),
+    /// `reject` (refuse it with 409 reply_in_progress) or `interrupt` (stop the reply in
+    /// progress, keeping its text so far, and answer the new one).
+    #[arg(long, env = "CHATFLEET_DOUBLE_TEXTING", default_value_t = DoubleTexting::Enqueue, value_parser = parse_double_texting)]
+    pub double_texting: DoubleTexting,
+}
+
+/// Parses a policy name, with the message naming the valid ones.
+fn parse_double_texting(name: &str) -> Result<DoubleTexting, String> {
+    name.parse()
 }
 
 #[derive(Debug, Clone, Args)]

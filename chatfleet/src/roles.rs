@@ -77,6 +77,7 @@ fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
         api_keys: tuning.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect(),
         token_key: tuning.token_key.as_ref().map(|k| k.as_bytes().to_vec()),
         keep_alive: Duration::from_secs(tuning.sse_keep_alive),
+        double_texting: tuning.double_texting,
         ..GatewayConfig::default()
     }
 }

@@ -74,7 +74,7 @@ impl Fleet {
         for _ in 0..workers {
             fleet.add_worker();
         }
-        fleet.wait_balanced(Duration::from_secs(30)).await;
+        fleet.wait_balanced(Duration::from_secs(60)).await;
         fleet
     }
 
@@ -230,9 +230,9 @@ async fn killing_workers_at_random_loses_nothing_and_answers_once() {
         let victim = rand_index(fleet.workers.len());
         let mut worker = fleet.take_worker(victim);
         worker.kill_9();
-        failovers.push(fleet.wait_balanced(Duration::from_secs(20)).await);
+        failovers.push(fleet.wait_balanced(Duration::from_secs(60)).await);
         fleet.add_worker();
-        fleet.wait_balanced(Duration::from_secs(20)).await;
+        fleet.wait_balanced(Duration::from_secs(60)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let answered = load.finish_and_verify(&fleet.app).await;
@@ -253,7 +253,7 @@ async fn scaling_one_to_four_to_one_worker_mid_load_keeps_every_promise() {
     for _ in 0..3 {
         fleet.add_worker();
     }
-    let scale_out = fleet.wait_balanced(Duration::from_secs(30)).await;
+    let scale_out = fleet.wait_balanced(Duration::from_secs(60)).await;
     let spread = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
@@ -261,7 +261,7 @@ async fn scaling_one_to_four_to_one_worker_mid_load_keeps_every_promise() {
     while fleet.workers.len() > 1 {
         exits.push(fleet.take_worker(0).terminate().await);
     }
-    let scale_in = fleet.wait_balanced(Duration::from_secs(30)).await;
+    let scale_in = fleet.wait_balanced(Duration::from_secs(60)).await;
     let drained = started.elapsed();
     let answered = load.finish_and_verify(&fleet.app).await;
 
@@ -282,7 +282,7 @@ async fn sigterm_during_generation_finishes_in_flight_replies_and_exits_0() {
     let started = Instant::now();
     let status = fleet.take_worker(0).terminate().await;
     let stopped_in = started.elapsed();
-    fleet.wait_balanced(Duration::from_secs(20)).await;
+    fleet.wait_balanced(Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let answered = load.finish_and_verify(&fleet.app).await;
 
@@ -300,7 +300,7 @@ async fn restarting_the_broker_mid_run_loses_nothing_and_answers_once() {
     fleet.app.nats_mut().stop().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     fleet.app.nats_mut().restart().await;
-    let recovered = fleet.wait_balanced(Duration::from_secs(30)).await;
+    let recovered = fleet.wait_balanced(Duration::from_secs(60)).await;
     let outage = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let answered = load.finish_and_verify(&fleet.app).await;
@@ -333,7 +333,7 @@ async fn a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done() {
         .unwrap();
     let mut events = listener.bytes_stream().eventsource();
     let mut next_event = async || {
-        let e = tokio::time::timeout(Duration::from_secs(30), events.next())
+        let e = tokio::time::timeout(Duration::from_secs(60), events.next())
             .await
             .expect("an event in time")
             .unwrap()

@@ -107,6 +107,16 @@ fn the_partition_count_is_bounded() {
     assert!(stderr_of(&out).contains("--partitions"));
 }
 
+#[test]
+fn an_unknown_double_texting_policy_is_refused_naming_the_valid_ones() {
+    let out = chatfleet(&["gateway", "--bus", "nats://x:1", "--store", "mongodb://x", "--double-texting", "later"]);
+
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert!(err.contains("--double-texting"), "{err}");
+    assert!(err.contains("enqueue, reject, interrupt"), "{err}");
+}
+
 /// A stand-in that greets like nats-server 2.9.10 and answers pings, which is all a client
 /// sees before it checks the version.
 fn old_nats_server() -> u16 {

@@ -78,6 +78,7 @@ async fn a_message_delivered_twice_by_the_bus_is_answered_once() {
         message_id: schemas::MessageId::parse("m_twice").unwrap(),
         text: "say it once".into(),
         accepted_at: time::OffsetDateTime::now_utc(),
+        double_texting: None,
     };
     let payload = serde_json::to_vec(&envelope).unwrap();
     for _ in 0..2 {

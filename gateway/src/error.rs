@@ -24,6 +24,11 @@ pub enum ApiError {
     Invalid(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    #[error(
+        "an earlier message of this session is still being answered, and this session refuses new messages until \
+         then (double_texting: reject); send it again once that reply is done"
+    )]
+    ReplyInProgress,
     #[error("the message bus is unavailable; try again shortly (resending with the same client_message_id is safe)")]
     BusUnavailable,
     #[error("the conversation store is unavailable; try again shortly")]
@@ -43,6 +48,7 @@ impl ApiError {
             Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            Self::ReplyInProgress => (StatusCode::CONFLICT, "reply_in_progress"),
             Self::BusUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

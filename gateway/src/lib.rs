@@ -19,6 +19,7 @@ use axum::Router;
 use bus::Bus;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rand::RngCore;
+use schemas::DoubleTexting;
 use store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +38,8 @@ pub struct GatewayConfig {
     pub keep_alive: Duration,
     /// How long a readiness probe waits for the bus and the store.
     pub readiness_timeout: Duration,
+    /// The double-texting policy of sessions created without one.
+    pub double_texting: DoubleTexting,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -45,6 +48,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("api_keys", &format!("{} configured", self.api_keys.len()))
             .field("token_key", &self.token_key.as_ref().map(|_| "***"))
             .field("keep_alive", &self.keep_alive)
+            .field("readiness_timeout", &self.readiness_timeout)
+            .field("double_texting", &self.double_texting)
             .finish()
     }
 }
@@ -56,6 +61,7 @@ impl Default for GatewayConfig {
             token_key: None,
             keep_alive: Duration::from_secs(15),
             readiness_timeout: Duration::from_secs(1),
+            double_texting: DoubleTexting::Enqueue,
         }
     }
 }

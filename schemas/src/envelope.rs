@@ -24,6 +24,62 @@ pub struct UserMessage {
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String", extend("format" = "date-time"))]
     pub accepted_at: OffsetDateTime,
+    /// The session's double-texting policy, so that a worker knows what a message arriving
+    /// behind an unfinished one means without reading the session. Absent (as in envelopes
+    /// written before the field existed): `enqueue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub double_texting: Option<DoubleTexting>,
+}
+
+impl UserMessage {
+    /// The policy the message was accepted under; an envelope that names none means enqueue.
+    pub fn policy(&self) -> DoubleTexting {
+        self.double_texting.unwrap_or_default()
+    }
+}
+
+/// What happens when a user sends a message while an earlier one of the session is still
+/// being answered ("double texting"). Chosen per session when it is created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DoubleTexting {
+    /// Answer each message in turn, each with the previous answers in context.
+    #[default]
+    Enqueue,
+    /// Refuse the new message while an earlier one has no outcome yet.
+    Reject,
+    /// Stop the reply in progress, keep its text so far as its reply, then answer the new one.
+    Interrupt,
+}
+
+impl DoubleTexting {
+    /// Every policy, in the order documentation lists them.
+    pub const ALL: [DoubleTexting; 3] = [Self::Enqueue, Self::Reject, Self::Interrupt];
+
+    /// The policy's name on the wire and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enqueue => "enqueue",
+            Self::Reject => "reject",
+            Self::Interrupt => "interrupt",
+        }
+    }
+}
+
+impl fmt::Display for DoubleTexting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DoubleTexting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|p| p.as_str()).collect();
+            format!("unknown double-texting policy {s:?}; expected one of {}", names.join(", "))
+        })
+    }
 }
 
 /// Position of a reply event within its session: the conversation turn of the message it
@@ -171,6 +227,21 @@ pub enum FinishReason {
     Other(String),
 }
 
+impl FinishReason {
+    /// The finish reason of a reply cut short by a newer message of its session (the
+    /// [`DoubleTexting::Interrupt`] policy). Kept as [`FinishReason::Other`] so that readers
+    /// built before it existed read it the same way.
+    pub const INTERRUPTED: &str = "interrupted";
+
+    pub fn interrupted() -> Self {
+        Self::Other(Self::INTERRUPTED.to_owned())
+    }
+
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, Self::Other(reason) if reason == Self::INTERRUPTED)
+    }
+}
+
 /// Token counts as the model reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Usage {
@@ -225,6 +296,57 @@ mod tests {
         assert_eq!(keys, ["index", "message_id", "session_id", "text"]);
         assert_eq!(payload["index"], 4);
         assert_eq!(e.kind.name(), "delta");
+    }
+
+    fn user_message(json: &str) -> UserMessage {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn an_envelope_without_a_policy_reads_as_enqueue_and_is_written_without_one() {
+        let old = r#"{"v": 1, "session_id": "s1", "message_id": "m1", "text": "hi",
+            "accepted_at": "2026-01-01T00:00:00Z"}"#;
+
+        let message = user_message(old);
+
+        assert_eq!(message.double_texting, None);
+        assert_eq!(message.policy(), DoubleTexting::Enqueue);
+        assert!(!serde_json::to_string(&message).unwrap().contains("double_texting"));
+    }
+
+    #[test]
+    fn a_policy_travels_in_the_envelope_by_its_snake_case_name() {
+        let message = UserMessage {
+            double_texting: Some(DoubleTexting::Interrupt),
+            ..user_message(
+                r#"{"v": 1, "session_id": "s1", "message_id": "m1", "text": "hi",
+                "accepted_at": "2026-01-01T00:00:00Z"}"#,
+            )
+        };
+
+        let json = serde_json::to_value(&message).unwrap();
+
+        assert_eq!(json["double_texting"], "interrupt");
+        assert_eq!(serde_json::from_value::<UserMessage>(json).unwrap().policy(), DoubleTexting::Interrupt);
+    }
+
+    #[test]
+    fn policies_parse_from_their_names_only() {
+        for policy in DoubleTexting::ALL {
+            assert_eq!(policy.as_str().parse::<DoubleTexting>(), Ok(policy));
+            assert_eq!(serde_json::to_value(policy).unwrap(), policy.as_str());
+        }
+        let unknown = "later".parse::<DoubleTexting>().unwrap_err();
+        assert!(unknown.contains("enqueue, reject, interrupt"), "{unknown}");
+    }
+
+    #[test]
+    fn an_interrupted_reply_has_a_plain_string_finish_reason() {
+        let reason = FinishReason::interrupted();
+
+        assert_eq!(serde_json::to_string(&reason).unwrap(), "\"interrupted\"");
+        assert!(serde_json::from_str::<FinishReason>("\"interrupted\"").unwrap().is_interrupted());
+        assert!(!FinishReason::Stop.is_interrupted());
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod ids;
 pub mod partition;
 pub mod subjects;
 
-pub use envelope::{EventId, FinishReason, ReplyEvent, ReplyEventKind, Usage, UserMessage};
+pub use envelope::{DoubleTexting, EventId, FinishReason, ReplyEvent, ReplyEventKind, Usage, UserMessage};
 pub use ids::{ClientMessageId, IdError, MessageId, ReplyId, SessionId};
 pub use partition::{Partition, PartitionCount, fnv1a_32};
 

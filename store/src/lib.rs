@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use schemas::{FinishReason, MessageId, SessionId, Usage};
+use schemas::{DoubleTexting, FinishReason, MessageId, SessionId, Usage};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -31,6 +31,24 @@ pub struct SessionRecord {
     pub metadata: BTreeMap<String, String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// What a message sent while an earlier one is still being answered does. Defaulted so that
+    /// sessions recorded before the policy existed read as enqueue, which is what they did.
+    #[serde(default)]
+    pub double_texting: DoubleTexting,
+}
+
+/// Where a session's reply-in-progress marker stands after [`Store::begin_reply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyClaim {
+    /// The marker was free and now names the message.
+    Taken,
+    /// The marker named the message already (a repeat of it); it still does.
+    AlreadyHeld,
+    /// Another message holds the marker, taken at `since` (UTC, to the millisecond); nothing
+    /// was written.
+    HeldBy { message: MessageId, since: OffsetDateTime },
+    /// There is no such session; nothing was written.
+    NoSession,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +205,17 @@ pub trait Store: Send + Sync + 'static {
     /// So is a reply id: only user messages have replies generated.
     async fn begin_generation(&self, session: &SessionId, message: &MessageId) -> Result<u32, StoreError>;
 
+    /// Marks message `message` as the session's reply in progress, unless another message
+    /// is marked: one check-and-set, so of two racing callers with different messages exactly
+    /// one gets [`ReplyClaim::Taken`]. Marking the message that is marked already succeeds
+    /// ([`ReplyClaim::AlreadyHeld`]) and renews the time it was marked. The marker is not part of
+    /// the [`SessionRecord`]; deleting the session removes it.
+    async fn begin_reply(&self, session: &SessionId, message: &MessageId) -> Result<ReplyClaim, StoreError>;
+
+    /// Clears the session's reply-in-progress marker if it names `message`; otherwise (another
+    /// message, no marker, no session) does nothing.
+    async fn end_reply(&self, session: &SessionId, message: &MessageId) -> Result<(), StoreError>;
+
     /// What became of a user message: its reply, its failure, or nothing yet.
     async fn outcome(&self, session: &SessionId, message: &MessageId) -> Result<Option<Outcome>, StoreError> {
         let reply_id = schemas::ReplyId::for_message(message);
@@ -215,7 +244,19 @@ pub(crate) fn to_stored_time(t: OffsetDateTime) -> Result<OffsetDateTime, StoreE
 
 #[cfg(test)]
 mod tests {
-    use super::{Role, StoredMessage};
+    use super::{Role, SessionRecord, StoredMessage};
+    use schemas::DoubleTexting;
+
+    #[test]
+    fn a_session_recorded_without_a_policy_reads_as_enqueue() {
+        let written_before_the_policy = r#"{
+            "id": "s1", "user": null, "metadata": {}, "created_at": "2026-01-01T00:00:00Z"
+        }"#;
+
+        let session: SessionRecord = serde_json::from_str(written_before_the_policy).unwrap();
+
+        assert_eq!(session.double_texting, DoubleTexting::Enqueue);
+    }
 
     #[test]
     fn a_message_recorded_without_a_start_count_reads_as_never_started() {

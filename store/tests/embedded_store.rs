@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use chatfleet_store::{EmbeddedStore, Inserted, Role, SessionRecord, Store, StoreError, StoredMessage};
-use schemas::SessionId;
+use schemas::{DoubleTexting, SessionId};
 use time::macros::datetime;
 
 fn session() -> SessionRecord {
@@ -13,6 +13,7 @@ fn session() -> SessionRecord {
         user: None,
         metadata: BTreeMap::new(),
         created_at: datetime!(2026-01-01 00:00:00 UTC),
+        double_texting: DoubleTexting::Reject,
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use chatfleet_store::mongo::SESSION_POSITION_INDEX;
 use chatfleet_store::{MongoStore, SessionRecord, Store, StoreError};
 use mongodb::bson::{self, doc};
-use schemas::{MessageId, SessionId};
+use schemas::{DoubleTexting, MessageId, SessionId};
 use testkit::MongoServer;
 use time::macros::datetime;
 
@@ -17,6 +17,7 @@ fn session() -> SessionRecord {
         user: Some("u".to_owned()),
         metadata: BTreeMap::new(),
         created_at: datetime!(2026-01-01 00:00:00 UTC),
+        double_texting: DoubleTexting::Reject,
     }
 }
 
@@ -115,4 +116,33 @@ async fn messages_stored_before_the_start_counter_read_as_never_started_and_can_
     assert_eq!(first, 1);
     let stored = messages.find_one(doc! { "_id": "m_old" }).await.unwrap().unwrap();
     assert_eq!(stored.get("starts"), Some(&bson::Bson::Int32(1)), "{stored}");
+}
+
+#[tokio::test]
+async fn sessions_stored_before_the_policy_read_as_enqueue_and_can_mark_a_reply() {
+    let server = MongoServer::start().await;
+    let store = MongoStore::connect(&server.url()).await.unwrap();
+    let sessions = store.client().database(store.database_name()).collection::<bson::Document>("sessions");
+    // A session as written before `double_texting` and the reply marker existed.
+    sessions
+        .insert_one(doc! {
+            "_id": "s_old", "metadata": [], "created_at": bson::DateTime::from_millis(1_767_225_600_000),
+        })
+        .await
+        .unwrap();
+    let id = SessionId::parse("s_old").unwrap();
+    let message = MessageId::parse("m_1").unwrap();
+
+    let read = store.session(&id).await.unwrap().unwrap();
+    let claim = store.begin_reply(&id, &message).await.unwrap();
+    let marked = sessions.find_one(doc! { "_id": "s_old" }).await.unwrap().unwrap();
+    store.end_reply(&id, &message).await.unwrap();
+    let cleared = sessions.find_one(doc! { "_id": "s_old" }).await.unwrap().unwrap();
+
+    assert_eq!(read.double_texting, DoubleTexting::Enqueue);
+    assert_eq!(claim, chatfleet_store::ReplyClaim::Taken);
+    assert_eq!(marked.get_str("busy"), Ok("m_1"), "{marked}");
+    assert!(marked.get_datetime("busy_since").is_ok(), "{marked}");
+    assert!(!cleared.contains_key("busy") && !cleared.contains_key("busy_since"), "{cleared}");
+    assert_eq!(store.session(&id).await.unwrap(), Some(read));
 }

@@ -5,9 +5,10 @@ use std::any::Any;
 use std::collections::BTreeMap;
 
 use chatfleet_store::{
-    EmbeddedStore, Failure, Inserted, MongoStore, Outcome, Role, SessionRecord, Store, StoreError, StoredMessage,
+    EmbeddedStore, Failure, Inserted, MongoStore, Outcome, ReplyClaim, Role, SessionRecord, Store, StoreError,
+    StoredMessage,
 };
-use schemas::{FinishReason, MessageId, ReplyId, SessionId, Usage};
+use schemas::{DoubleTexting, FinishReason, MessageId, ReplyId, SessionId, Usage};
 use time::OffsetDateTime;
 use time::macros::datetime;
 
@@ -69,6 +70,12 @@ behaviours![
     generation_starts_are_counted_from_one_and_kept_on_the_user_message,
     beginning_generation_of_an_unknown_message_is_an_error,
     concurrent_generation_starts_get_distinct_counts,
+    a_session_keeps_its_double_texting_policy,
+    the_reply_marker_is_held_by_one_message_until_that_message_ends_it,
+    racing_claims_of_the_reply_marker_have_exactly_one_winner,
+    the_reply_marker_of_an_unknown_session_cannot_be_taken,
+    the_reply_marker_leaves_the_session_record_as_created,
+    deleting_a_session_removes_its_reply_marker,
 ];
 
 const CREATED: OffsetDateTime = datetime!(2026-03-04 05:06:07.890 UTC);
@@ -83,6 +90,7 @@ fn session(name: &str) -> SessionRecord {
         user: Some("u-1".to_owned()),
         metadata: BTreeMap::from([("plan".to_owned(), "free".to_owned())]),
         created_at: CREATED,
+        double_texting: DoubleTexting::Enqueue,
     }
 }
 
@@ -394,4 +402,106 @@ async fn concurrent_generation_starts_get_distinct_counts(store: &dyn Store) {
     counts.sort_unstable();
     assert_eq!(counts, (1..=20).collect::<Vec<u32>>());
     assert_eq!(store.message(&id, question.as_str()).await.unwrap().unwrap().starts, 20);
+}
+
+async fn a_session_keeps_its_double_texting_policy(store: &dyn Store) {
+    let created: Vec<SessionRecord> = DoubleTexting::ALL
+        .into_iter()
+        .map(|policy| SessionRecord { double_texting: policy, ..session(&format!("s-{policy}")) })
+        .collect();
+    for record in &created {
+        store.create_session(record).await.unwrap();
+    }
+    let interrupting = created.last().unwrap().clone();
+
+    let same_again = store.create_session(&interrupting).await;
+    let other_policy =
+        store.create_session(&SessionRecord { double_texting: DoubleTexting::Reject, ..interrupting }).await;
+
+    for record in &created {
+        assert_eq!(store.session(&record.id).await.unwrap().as_ref(), Some(record));
+    }
+    assert!(same_again.is_ok(), "{same_again:?}");
+    assert!(matches!(other_policy, Err(StoreError::Conflict(_))), "{other_policy:?}");
+}
+
+async fn the_reply_marker_is_held_by_one_message_until_that_message_ends_it(store: &dyn Store) {
+    let id = session_id("s1");
+    let (first, second) = (message_id("s1", 1), message_id("s1", 2));
+    store.create_session(&session("s1")).await.unwrap();
+
+    let taken = store.begin_reply(&id, &first).await.unwrap();
+    let repeated = store.begin_reply(&id, &first).await.unwrap();
+    let refused = store.begin_reply(&id, &second).await.unwrap();
+    store.end_reply(&id, &second).await.unwrap();
+    let still_refused = store.begin_reply(&id, &second).await.unwrap();
+    store.end_reply(&id, &first).await.unwrap();
+    let taken_after = store.begin_reply(&id, &second).await.unwrap();
+
+    assert_eq!(taken, ReplyClaim::Taken);
+    assert_eq!(repeated, ReplyClaim::AlreadyHeld);
+    let ReplyClaim::HeldBy { message, since } = refused else {
+        panic!("expected the marker held by the first message, got {refused:?}");
+    };
+    assert_eq!(message, first);
+    let age = OffsetDateTime::now_utc() - since;
+    assert!(age >= time::Duration::seconds(-5) && age < time::Duration::seconds(60), "marked at {since}");
+    assert_eq!(since.offset(), time::UtcOffset::UTC);
+    assert!(matches!(still_refused, ReplyClaim::HeldBy { ref message, .. } if *message == first), "{still_refused:?}");
+    assert_eq!(taken_after, ReplyClaim::Taken);
+}
+
+async fn racing_claims_of_the_reply_marker_have_exactly_one_winner(store: &dyn Store) {
+    let id = session_id("s1");
+    store.create_session(&session("s1")).await.unwrap();
+    let contenders: Vec<MessageId> = (1..=20).map(|turn| message_id("s1", turn)).collect();
+
+    let claims = futures::future::join_all(contenders.iter().map(|m| store.begin_reply(&id, m))).await;
+
+    let claims: Vec<ReplyClaim> = claims.into_iter().map(Result::unwrap).collect();
+    let winners: Vec<&MessageId> =
+        contenders.iter().zip(&claims).filter(|(_, c)| **c == ReplyClaim::Taken).map(|(m, _)| m).collect();
+    assert_eq!(winners.len(), 1, "{claims:?}");
+    for claim in &claims {
+        match claim {
+            ReplyClaim::Taken => {}
+            ReplyClaim::HeldBy { message, .. } => assert_eq!(message, winners[0]),
+            other => panic!("unexpected claim {other:?}"),
+        }
+    }
+}
+
+async fn the_reply_marker_of_an_unknown_session_cannot_be_taken(store: &dyn Store) {
+    let id = session_id("nobody");
+
+    let claim = store.begin_reply(&id, &message_id("nobody", 1)).await.unwrap();
+    let ended = store.end_reply(&id, &message_id("nobody", 1)).await;
+
+    assert_eq!(claim, ReplyClaim::NoSession);
+    assert!(ended.is_ok(), "{ended:?}");
+    assert_eq!(store.session(&id).await.unwrap(), None);
+}
+
+async fn the_reply_marker_leaves_the_session_record_as_created(store: &dyn Store) {
+    let created = session("s1");
+    store.create_session(&created).await.unwrap();
+
+    store.begin_reply(&created.id, &message_id("s1", 1)).await.unwrap();
+    let read = store.session(&created.id).await.unwrap();
+    let created_again = store.create_session(&created).await;
+
+    assert_eq!(read, Some(created.clone()));
+    assert!(created_again.is_ok(), "{created_again:?}");
+}
+
+async fn deleting_a_session_removes_its_reply_marker(store: &dyn Store) {
+    let id = session_id("s1");
+    store.create_session(&session("s1")).await.unwrap();
+    store.begin_reply(&id, &message_id("s1", 1)).await.unwrap();
+
+    store.delete_session(&id).await.unwrap();
+    store.create_session(&session("s1")).await.unwrap();
+    let claim = store.begin_reply(&id, &message_id("s1", 2)).await.unwrap();
+
+    assert_eq!(claim, ReplyClaim::Taken);
 }

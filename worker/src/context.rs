@@ -30,13 +30,16 @@ pub fn estimate_tokens(text: &str) -> usize {
 /// Builds the model's messages from `history` (conversation order, ending with the message
 /// to answer). The newest messages are kept while they fit; the message being answered is
 /// always kept, even alone over budget, because without it there is nothing to answer.
-/// User messages that failed, and so have no reply, are left out.
+/// User messages that failed, and so have no reply, are left out, and so are replies with no
+/// text (interrupted by a newer message before the model said anything), which some endpoints
+/// refuse.
 pub fn build(settings: &ContextSettings, history: &[StoredMessage]) -> Vec<ChatMessage> {
     let mut budget = settings.token_budget.saturating_sub(estimate_tokens(&settings.system_prompt));
     let mut kept = Vec::new();
     for (i, message) in history.iter().rev().enumerate() {
         let is_current = i == 0;
-        if !is_current && message.failure.is_some() {
+        let empty_reply = message.role == Role::Assistant && message.text.is_empty();
+        if !is_current && (message.failure.is_some() || empty_reply) {
             continue;
         }
         let cost = estimate_tokens(&message.text);
@@ -99,6 +102,23 @@ mod tests {
         let history = [msg(1, Role::User, &long), msg(1, Role::Assistant, &long), msg(2, Role::User, &long)];
         let out = build(&settings, &history);
         assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn replies_without_text_are_left_out_and_partial_ones_kept() {
+        let settings = ContextSettings { system_prompt: String::new(), token_budget: 1000, history_limit: 10 };
+        let history = [
+            msg(1, Role::User, "a"),
+            msg(1, Role::Assistant, "half an ans"),
+            msg(2, Role::User, "b"),
+            msg(2, Role::Assistant, ""),
+            msg(3, Role::User, "c"),
+        ];
+
+        let out = build(&settings, &history);
+
+        let texts: Vec<_> = out.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["a", "half an ans", "b", "c"]);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bus::{Deliveries, Delivery};
 use futures::StreamExt;
-use schemas::{Partition, SessionId};
-use tokio::sync::{Semaphore, mpsc};
+use schemas::{DoubleTexting, Partition, SessionId};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::CacheScope;
@@ -31,9 +31,13 @@ enum Event {
 
 /// A session's queue as the runner sees it.
 struct SessionQueue {
-    tx: mpsc::UnboundedSender<Delivery>,
+    tx: mpsc::UnboundedSender<session::Queued>,
     /// Messages handed to the queue and not yet finished; the queue is closed at zero.
     outstanding: usize,
+    /// Messages handed to the queue so far: the place of the next one.
+    handed: u64,
+    /// The messages at places before this one are interrupted ([`session::Interruption`]).
+    interrupted_before: watch::Sender<u64>,
 }
 
 /// A partition runner. `stop` ends pulling and lets what is in hand finish; `abort` also
@@ -129,6 +133,7 @@ impl Runner {
                     }
                     let queue = sessions.entry(message.session_id.clone()).or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
+                        let (interrupted_before, interruptions) = watch::channel(0);
                         let ownership = session::Ownership {
                             cache: self.cache.clone(),
                             stop: self.stop.clone(),
@@ -139,13 +144,29 @@ impl Runner {
                             ownership,
                             message.session_id.clone(),
                             rx,
+                            interruptions,
                             finished_tx.clone(),
                             self.permits.clone(),
                         ));
-                        SessionQueue { tx, outstanding: 0 }
+                        SessionQueue { tx, outstanding: 0, handed: 0, interrupted_before }
                     });
+                    let place = queue.handed;
+                    if message.policy() == DoubleTexting::Interrupt && queue.outstanding > 0 {
+                        // The new message supersedes whatever of the session is still
+                        // unanswered here: the reply being generated stops where it is, and a
+                        // message still waiting gets no reply text at all.
+                        tracing::info!(
+                            event = "interrupting",
+                            session_id = %message.session_id,
+                            message_id = %message.message_id,
+                            unanswered = queue.outstanding,
+                            "a newer message interrupts the session's unanswered ones"
+                        );
+                        queue.interrupted_before.send_replace(place);
+                    }
+                    queue.handed += 1;
                     queue.outstanding += 1;
-                    if queue.tx.send(delivery).is_err() {
+                    if queue.tx.send(session::Queued { place, delivery }).is_err() {
                         tracing::error!(event = "session_queue_closed", session_id = %message.session_id);
                     }
                 }

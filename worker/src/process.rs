@@ -6,6 +6,13 @@
 //! the store holds. Whenever the handling meets something it did not write itself (a message
 //! recorded by an earlier delivery, a taken position, a reply stored meanwhile), it drops the
 //! session's cached copy and reads the store instead of guessing.
+//!
+//! Double texting: under `interrupt`, a newer message of the session ends the generation where
+//! it is ([`Interruption`]); the text so far becomes the reply, stored and announced like any
+//! other, with the finish reason `interrupted`. Under `reject`, the gateway marked the message
+//! as the session's reply in progress; the marker is cleared once the outcome is stored and
+//! before it is announced, so that a client sending its next message on seeing `done` is not
+//! refused.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,12 +21,15 @@ use std::time::{Duration, Instant};
 use bus::{Acker, Delivery};
 use futures::StreamExt;
 use llm::{ChatChunk, ChatRequest, LlmError};
-use schemas::{EventId, FinishReason, ReplyEvent, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage};
+use schemas::{
+    DoubleTexting, EventId, FinishReason, ReplyEvent, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage,
+};
 use store::{Failure, Inserted, Role, StoreError, StoredMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cache::CacheScope;
+use crate::session::Interruption;
 use crate::{Worker, context, telemetry};
 
 /// How a delivery is settled.
@@ -36,6 +46,7 @@ pub(crate) async fn handle(
     worker: &Worker,
     cache: &CacheScope,
     delivery: Delivery,
+    interruption: &Interruption,
     stop: &CancellationToken,
     abort: &CancellationToken,
 ) {
@@ -51,7 +62,7 @@ pub(crate) async fn handle(
     );
     let acker = delivery.acker;
     async {
-        let handler = Handler::new(worker, cache, &message, stop);
+        let handler = Handler::new(worker, cache, &message, interruption, stop);
         let work = with_progress(acker.as_ref(), worker.config.progress_interval, handler.answer());
         let settlement = tokio::select! {
             settlement = work => settlement,
@@ -99,10 +110,18 @@ struct Reply {
     usage: Option<Usage>,
 }
 
+impl Reply {
+    /// The reply to a message interrupted by a newer one: what had been generated of it.
+    fn interrupted(text: String) -> Self {
+        Self { text, finish_reason: FinishReason::interrupted(), usage: None }
+    }
+}
+
 struct Handler<'a> {
     worker: &'a Worker,
     cache: &'a CacheScope,
     message: &'a UserMessage,
+    interruption: &'a Interruption,
     stop: &'a CancellationToken,
     /// Whether this handling keeps the session's cached history; cleared, and the cached copy
     /// dropped, as soon as what the store holds is no longer known for certain.
@@ -123,11 +142,17 @@ struct Recorded {
 }
 
 impl<'a> Handler<'a> {
-    fn new(worker: &'a Worker, cache: &'a CacheScope, message: &'a UserMessage, stop: &'a CancellationToken) -> Self {
+    fn new(
+        worker: &'a Worker,
+        cache: &'a CacheScope,
+        message: &'a UserMessage,
+        interruption: &'a Interruption,
+        stop: &'a CancellationToken,
+    ) -> Self {
         // With no history to read there is nothing to cache, and the cache could not tell the
         // next turn either.
         let caching = cache.enabled() && worker.config.context.history_limit > 0;
-        Self { worker, cache, message, stop, caching: AtomicBool::new(caching) }
+        Self { worker, cache, message, interruption, stop, caching: AtomicBool::new(caching) }
     }
 }
 
@@ -190,6 +215,8 @@ impl Handler<'_> {
                 event = "already_answered",
                 "this message was answered before; announcing, not answering again"
             );
+            // Whoever stored it may have stopped before clearing the marker, too.
+            self.end_reply().await?;
             if let Err(e) = self.worker.bus.publish_event(&outcome.terminal_event(session, message_id)).await {
                 tracing::warn!(event = "event_publish_failed", error = %e);
             }
@@ -234,6 +261,7 @@ impl Handler<'_> {
                 };
                 if self.store_call(|| store.insert_message(&stored)).await? == Inserted::AlreadyPresent {
                     self.distrust_cache();
+                    self.end_reply().await?;
                     tracing::warn!(
                         event = "reply_already_stored",
                         "a reply to this message was stored meanwhile; not announcing a second one"
@@ -241,6 +269,8 @@ impl Handler<'_> {
                     return Ok(Settlement::Ack("duplicate"));
                 }
                 self.cache_with(&mut history, &stored);
+                self.end_reply().await?;
+                let interrupted = reply.finish_reason.is_interrupted();
                 events
                     .send(ReplyEventKind::Done {
                         reply_id,
@@ -249,8 +279,13 @@ impl Handler<'_> {
                         usage: reply.usage,
                     })
                     .await;
-                tracing::info!(event = "message_answered", turn, "answered");
-                Ok(Settlement::Ack("replied"))
+                if interrupted {
+                    tracing::info!(event = "message_interrupted", turn, "a newer message cut this reply short");
+                    Ok(Settlement::Ack("interrupted"))
+                } else {
+                    tracing::info!(event = "message_answered", turn, "answered");
+                    Ok(Settlement::Ack("replied"))
+                }
             }
             Err(error) => {
                 let (code, text) = match &error {
@@ -276,6 +311,7 @@ impl Handler<'_> {
                         None => self.distrust_cache(),
                     }
                 }
+                self.end_reply().await?;
                 events.send(ReplyEventKind::Error { code, message: text }).await;
                 tracing::warn!(event = "message_failed", error = %error, "gave up on this message");
                 Ok(Settlement::Ack("failed"))
@@ -353,20 +389,39 @@ impl Handler<'_> {
         self.store_call(|| self.worker.store.recent(self.session(), limit)).await
     }
 
+    /// Clears the session's reply-in-progress marker, which the gateway set for this message
+    /// (`double_texting: reject`). Called once the outcome is stored and before it is announced.
+    /// Other policies set no marker, so they save the write.
+    async fn end_reply(&self) -> Result<(), Stopped> {
+        if self.message.policy() == DoubleTexting::Reject {
+            let (store, session, message_id) = (&self.worker.store, self.session(), &self.message.message_id);
+            self.store_call(|| store.end_reply(session, message_id)).await?;
+        }
+        Ok(())
+    }
+
     /// Generates the reply, retrying transient model errors with backoff. Deltas stream out
     /// as they arrive; when a retry follows streamed deltas, a `reset` event tells clients to
-    /// discard them.
+    /// discard them. An interruption ends it at once, with the text of the current attempt
+    /// (which is what the deltas since the last `reset` add up to) as the reply.
     async fn generate(&self, request: ChatRequest, events: &mut EventWriter<'_>) -> Result<Reply, LlmError> {
         let policy = &self.worker.config.retry;
         let started = Instant::now();
         let mut attempt = 1;
         loop {
+            if self.interruption.is_interrupted() {
+                // Interrupted while waiting in the queue, or between attempts: nothing of this
+                // attempt was said.
+                return Ok(Reply::interrupted(String::new()));
+            }
             telemetry::inflight(1.0);
             let result = self.generate_once(request.clone(), events, started).await;
             telemetry::inflight(-1.0);
             match result {
                 Ok(reply) => {
-                    telemetry::reply_complete(started.elapsed().as_secs_f64());
+                    if !reply.finish_reason.is_interrupted() {
+                        telemetry::reply_complete(started.elapsed().as_secs_f64());
+                    }
                     return Ok(reply);
                 }
                 Err((error, streamed)) => {
@@ -382,24 +437,40 @@ impl Handler<'_> {
                             .send(ReplyEventKind::Reset { reason: format!("retrying after a model error: {error}") })
                             .await;
                     }
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.interruption.interrupted() => {}
+                    }
                     attempt += 1;
                 }
             }
         }
     }
 
-    /// One attempt. On error, also says whether any delta went out.
+    /// One attempt. On error, also says whether any delta went out. An interruption ends the
+    /// attempt with what it has generated so far; dropping the model's stream stops the model.
     async fn generate_once(
         &self,
         request: ChatRequest,
         events: &mut EventWriter<'_>,
         started: Instant,
     ) -> Result<Reply, (LlmError, bool)> {
-        let mut stream = self.worker.model.stream(request).await.map_err(|e| (e, false))?;
+        let interrupted = self.interruption.interrupted();
+        tokio::pin!(interrupted);
+        let mut stream = tokio::select! {
+            biased;
+            _ = &mut interrupted => return Ok(Reply::interrupted(String::new())),
+            stream = self.worker.model.stream(request) => stream.map_err(|e| (e, false))?,
+        };
         let mut text = String::new();
         let mut index = 0u32;
-        while let Some(chunk) = stream.next().await {
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                _ = &mut interrupted => return Ok(Reply::interrupted(text)),
+                chunk = stream.next() => chunk,
+            };
+            let Some(chunk) = chunk else { break };
             match chunk {
                 Ok(ChatChunk::Delta(delta)) => {
                     if index == 0 {

@@ -16,8 +16,10 @@ use chatfleet_worker::{Worker, WorkerConfig};
 use futures::StreamExt;
 use llm::mock_reply::MockSettings;
 use llm::stand_in::StandInModel;
-use schemas::{MessageId, PartitionCount, ReplyEventKind, SessionId, UserMessage};
-use store::{EmbeddedStore, Failure, Inserted, Outcome, Role, SessionRecord, Store, StoreError, StoredMessage};
+use schemas::{DoubleTexting, FinishReason, MessageId, PartitionCount, ReplyEventKind, SessionId, UserMessage};
+use store::{
+    EmbeddedStore, Failure, Inserted, Outcome, ReplyClaim, Role, SessionRecord, Store, StoreError, StoredMessage,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Delegates everything to the real store and counts the history reads (`recent`).
@@ -75,6 +77,14 @@ impl Store for CountingStore {
         self.inner.begin_generation(session, message).await
     }
 
+    async fn begin_reply(&self, session: &SessionId, message: &MessageId) -> Result<ReplyClaim, StoreError> {
+        self.inner.begin_reply(session, message).await
+    }
+
+    async fn end_reply(&self, session: &SessionId, message: &MessageId) -> Result<(), StoreError> {
+        self.inner.end_reply(session, message).await
+    }
+
     async fn outcome(&self, session: &SessionId, message: &MessageId) -> Result<Option<Outcome>, StoreError> {
         self.inner.outcome(session, message).await
     }
@@ -100,16 +110,21 @@ struct Fleet {
 
 impl Fleet {
     async fn start(context_cache_bytes: usize) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let inner = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
-        let store = Arc::new(CountingStore { inner, recent_calls: AtomicUsize::new(0) });
-        let bus = Arc::new(MemoryBus::new(PartitionCount::new(2).unwrap()));
-        let model = Arc::new(StandInModel::new(MockSettings {
+        let model = MockSettings {
             first_token_delay: Duration::from_millis(1),
             token_delay: Duration::ZERO,
             reply_tokens: 4,
             echo_chars: 48,
-        }));
+        };
+        Self::start_with_model(context_cache_bytes, model).await
+    }
+
+    async fn start_with_model(context_cache_bytes: usize, model: MockSettings) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        let store = Arc::new(CountingStore { inner, recent_calls: AtomicUsize::new(0) });
+        let bus = Arc::new(MemoryBus::new(PartitionCount::new(2).unwrap()));
+        let model = Arc::new(StandInModel::new(model));
         let mut config =
             WorkerConfig { worker_id: "cache-test".into(), context_cache_bytes, ..WorkerConfig::default() };
         config.context.history_limit = HISTORY_LIMIT;
@@ -121,6 +136,7 @@ impl Fleet {
             user: None,
             metadata: BTreeMap::new(),
             created_at: time::OffsetDateTime::now_utc(),
+            double_texting: DoubleTexting::Enqueue,
         };
         store.create_session(&record).await.unwrap();
         let events = bus.subscribe_events(&session).await.unwrap();
@@ -132,14 +148,33 @@ impl Fleet {
 
     /// Sends `text` to the session and waits for its terminal event (`done` or `error`).
     async fn send(&mut self, text: &str) -> ReplyEventKind {
-        let message = UserMessage {
+        let message = self.message(text, None);
+        self.send_message(&message).await
+    }
+
+    fn message(&self, text: &str, double_texting: Option<DoubleTexting>) -> UserMessage {
+        UserMessage {
             v: schemas::ENVELOPE_VERSION,
             session_id: self.session.clone(),
             message_id: MessageId::generate(),
             text: text.into(),
             accepted_at: time::OffsetDateTime::now_utc(),
-        };
-        self.send_message(&message).await
+            double_texting,
+        }
+    }
+
+    /// Waits for the first delta of the reply to `message`.
+    async fn first_delta_of(&mut self, message: &UserMessage) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let event = self.events.next().await.expect("the event stream ended");
+                if event.message_id == message.message_id && matches!(event.kind, ReplyEventKind::Delta { .. }) {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("no delta within 10 s")
     }
 
     async fn send_message(&mut self, message: &UserMessage) -> ReplyEventKind {
@@ -235,6 +270,7 @@ async fn a_message_already_recorded_by_an_earlier_delivery_drops_the_cached_hist
         message_id: MessageId::generate(),
         text: "recorded before".into(),
         accepted_at: time::OffsetDateTime::now_utc(),
+        double_texting: None,
     };
     let earlier = StoredMessage {
         id: message.message_id.as_str().to_owned(),
@@ -297,4 +333,30 @@ async fn with_the_cache_disabled_every_message_reads_the_store() {
 
     assert_eq!(fleet.worker.cached_history(&fleet.session), None);
     assert!(fleet.store.recent_calls() >= 3, "read {} times", fleet.store.recent_calls());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_reply_is_cached_as_the_store_records_it() {
+    let slow = MockSettings {
+        first_token_delay: Duration::from_millis(1),
+        token_delay: Duration::from_millis(20),
+        reply_tokens: 60,
+        echo_chars: 48,
+    };
+    let mut fleet = Fleet::start_with_model(1024 * 1024, slow).await;
+    let long = fleet.message("a long story please", Some(DoubleTexting::Interrupt));
+    let short = fleet.message("no, a short one", Some(DoubleTexting::Interrupt));
+    fleet.bus.enqueue(&long).await.unwrap();
+    fleet.first_delta_of(&long).await;
+
+    let answer = fleet.send_message(&short).await;
+
+    assert!(done_text(&answer).contains("no, a short one"), "{answer:?}");
+    let history = fleet.history().await;
+    let cut = &history[1];
+    assert_eq!(cut.reply_to.as_ref(), Some(&long.message_id));
+    assert_eq!(cut.finish_reason, Some(FinishReason::interrupted()));
+    assert!(!cut.text.is_empty() && cut.text.len() < history[3].text.len(), "{history:#?}");
+    assert_eq!(fleet.worker.cached_history(&fleet.session), Some(fleet.stored_recent().await));
+    assert_eq!(fleet.store.recent_calls(), 1, "the second message should take its history from the cache");
 }

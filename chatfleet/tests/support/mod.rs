@@ -34,6 +34,8 @@ pub struct Options {
     pub token_ms: u64,
     pub reply_tokens: usize,
     pub partitions: u32,
+    /// The gateway's `--double-texting`, if the test sets one.
+    pub double_texting: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             token_ms: 2,
             reply_tokens: 12,
             partitions: 8,
+            double_texting: None,
         }
     }
 }
@@ -215,6 +218,10 @@ impl TestApp {
         for key in &self.options.api_keys {
             args.push(s("--api-key"));
             args.push(key.clone());
+        }
+        if let Some(policy) = self.options.double_texting {
+            args.push(s("--double-texting"));
+            args.push(s(policy));
         }
         args
     }

@@ -2,7 +2,7 @@
 //! `GET /v1/sessions/{id}/events`.
 
 use std::convert::Infallible;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
@@ -11,10 +11,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use schemas::{ClientMessageId, MessageId, ReplyEvent, SessionId, UserMessage};
+use schemas::{ClientMessageId, DoubleTexting, MessageId, ReplyEvent, SessionId, UserMessage};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use store::Role;
+use store::{ReplyClaim, Role, SessionRecord};
 
 use crate::{AppState, auth, error::ApiError, sse::to_sse, telemetry};
 
@@ -22,6 +22,14 @@ use crate::{AppState, auth, error::ApiError, sse::to_sse, telemetry};
 pub(crate) const MAX_TEXT_BYTES: usize = 16 * 1024;
 /// Largest accepted request body: the longest text, even fully escaped, fits.
 const MAX_BODY_BYTES: usize = 128 * 1024;
+/// How long a session's reply-in-progress marker may name a message that no worker has taken up
+/// before a new message may take it over (`double_texting: reject`). The marker is set before
+/// the message is enqueued, so a gateway that crashed in between, or a store write reported
+/// failed that had in fact been applied, leaves a marker whose message never arrives; without
+/// this the session would refuse every message from then on. Workers take a message up within
+/// milliseconds unless the fleet is down or far behind, and then letting one more message
+/// through costs only the order of answering that enqueue would have had anyway.
+const ABANDONED_MARKER_AFTER: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct TokenQuery {
@@ -58,19 +66,16 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     serde_json::from_value(value).map(Some).map_err(|e| ApiError::Invalid(format!("invalid request: {e}")))
 }
 
-/// Checks the token and that the session exists.
+/// Checks the token and that the session exists; returns the session as stored.
 async fn open_session(
     state: &AppState,
     session_id: &str,
     headers: &HeaderMap,
     query: &TokenQuery,
-) -> Result<SessionId, ApiError> {
+) -> Result<SessionRecord, ApiError> {
     let session =
         auth::authorize_session(&state.tokens, auth::bearer(headers, query.access_token.as_deref()), session_id)?;
-    if state.store.session(&session).await?.is_none() {
-        return Err(ApiError::SessionNotFound);
-    }
-    Ok(session)
+    state.store.session(&session).await?.ok_or(ApiError::SessionNotFound)
 }
 
 fn wants_event_stream(headers: &HeaderMap) -> bool {
@@ -88,7 +93,8 @@ pub(crate) async fn post(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let session = open_session(&state, &session_id, &headers, &query).await?;
+    let record = open_session(&state, &session_id, &headers, &query).await?;
+    let session = record.id;
     let request: NewMessage =
         read_json(body, MAX_BODY_BYTES, false).await?.unwrap_or(NewMessage { text: None, client_message_id: None });
     let text = request.text.ok_or_else(|| ApiError::Invalid("text is required".into()))?;
@@ -112,10 +118,13 @@ pub(crate) async fn post(
         message_id: message_id.clone(),
         text,
         accepted_at: time::OffsetDateTime::now_utc(),
+        double_texting: Some(record.double_texting),
     };
+    let repeatable = request.client_message_id.is_some();
 
     if !wants_event_stream(&headers) {
-        enqueue(&state, &message).await?;
+        let admission = admit(&state, &message, repeatable).await?;
+        enqueue_admitted(&state, &message, admission).await?;
         let body = serde_json::json!({"session_id": session, "message_id": message_id});
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
@@ -132,9 +141,88 @@ pub(crate) async fn post(
         let stream = futures::stream::once(async move { Ok::<_, Infallible>(to_sse(&event)) });
         return Ok(sse_response(&state, stream));
     }
-    enqueue(&state, &message).await?;
+    let admission = admit(&state, &message, repeatable).await?;
+    enqueue_admitted(&state, &message, admission).await?;
     let reply = reply_stream(events, message_id);
     Ok(sse_response(&state, reply.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+}
+
+/// What admitting a message under its session's policy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Nothing to undo: the policy sets no marker, or the message held it already, or it is a
+    /// repeat of a message accepted before.
+    Unmarked,
+    /// This request made the message the session's reply in progress; undone if the message
+    /// cannot be enqueued, or the session would wait for a reply that never comes.
+    Marked,
+}
+
+/// Lets the message in under its session's double-texting policy. Only `reject` has anything
+/// to check: the session's reply-in-progress marker must be free or name this message.
+/// `repeatable` says the message id comes from a client's idempotency key, so the message may
+/// have been accepted before.
+async fn admit(state: &AppState, message: &UserMessage, repeatable: bool) -> Result<Admission, ApiError> {
+    if message.policy() != DoubleTexting::Reject {
+        return Ok(Admission::Unmarked);
+    }
+    let (session, message_id) = (&message.session_id, &message.message_id);
+    // The second round follows releasing a stale marker; if someone else took it meanwhile,
+    // theirs is fresh and this message is refused.
+    for _ in 0..2 {
+        match state.store.begin_reply(session, message_id).await? {
+            ReplyClaim::Taken => return Ok(Admission::Marked),
+            ReplyClaim::AlreadyHeld => return Ok(Admission::Unmarked),
+            ReplyClaim::NoSession => return Err(ApiError::SessionNotFound),
+            ReplyClaim::HeldBy { message: holder, since } => {
+                // Idempotency wins over the policy: a repeat of a message that was accepted
+                // (a worker recorded it) gets the same answer as before.
+                if repeatable && state.store.message(session, message_id.as_str()).await?.is_some() {
+                    return Ok(Admission::Unmarked);
+                }
+                if !marker_is_stale(state, session, &holder, since).await? {
+                    tracing::info!(event = "reply_in_progress", holder = %holder, "refused: an earlier message is still being answered");
+                    return Err(ApiError::ReplyInProgress);
+                }
+                tracing::warn!(event = "reply_marker_released", holder = %holder, since = %since, "releasing a stale reply-in-progress marker");
+                state.store.end_reply(session, &holder).await?;
+            }
+        }
+    }
+    Err(ApiError::ReplyInProgress)
+}
+
+/// Whether the marker naming `holder` since `since` no longer stands for a reply in progress:
+/// the holder has its outcome (the worker that stored it stopped before clearing the marker),
+/// or no worker has taken the holder up for longer than [`ABANDONED_MARKER_AFTER`].
+async fn marker_is_stale(
+    state: &AppState,
+    session: &SessionId,
+    holder: &MessageId,
+    since: time::OffsetDateTime,
+) -> Result<bool, ApiError> {
+    if state.store.outcome(session, holder).await?.is_some() {
+        return Ok(true);
+    }
+    let age = time::OffsetDateTime::now_utc() - since;
+    if age < ABANDONED_MARKER_AFTER {
+        return Ok(false);
+    }
+    Ok(state.store.message(session, holder.as_str()).await?.is_none())
+}
+
+/// Enqueues an admitted message. If that fails, a marker this request set is cleared again, so
+/// that the session does not wait for a message the bus may never have had; the client's resend
+/// with the same `client_message_id` marks it again.
+async fn enqueue_admitted(state: &AppState, message: &UserMessage, admission: Admission) -> Result<(), ApiError> {
+    let result = enqueue(state, message).await;
+    if result.is_err()
+        && admission == Admission::Marked
+        && let Err(e) = state.store.end_reply(&message.session_id, &message.message_id).await
+    {
+        tracing::warn!(event = "reply_marker_not_released", error = %e, "could not clear the reply-in-progress marker");
+    }
+    result
 }
 
 async fn enqueue(state: &AppState, message: &UserMessage) -> Result<(), ApiError> {
@@ -177,7 +265,7 @@ pub(crate) async fn events(
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let session = open_session(&state, &session_id, &headers, &query).await?;
+    let session = open_session(&state, &session_id, &headers, &query).await?.id;
     let events = state.bus.subscribe_events(&session).await?;
     Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
 }
@@ -189,7 +277,7 @@ pub(crate) async fn history(
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let session = open_session(&state, &session_id, &headers, &query).await?;
+    let session = open_session(&state, &session_id, &headers, &query).await?.id;
     let messages = state.store.history(&session).await?;
     let messages: Vec<_> = messages
         .into_iter()

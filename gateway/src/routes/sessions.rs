@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use schemas::SessionId;
+use schemas::{DoubleTexting, SessionId};
 use serde::Deserialize;
 use store::SessionRecord;
 
@@ -26,6 +26,9 @@ struct NewSession {
     user: Option<String>,
     #[serde(default)]
     metadata: BTreeMap<String, String>,
+    /// A policy name; parsed here rather than by serde so that a wrong one gets a message
+    /// listing the right ones.
+    double_texting: Option<String>,
 }
 
 #[tracing::instrument(name = "create_session", skip_all, fields(session_id))]
@@ -47,19 +50,25 @@ pub(crate) async fn create(
             "metadata takes {metadata_bytes} bytes; at most {MAX_METADATA_BYTES} are allowed"
         )));
     }
+    let double_texting = match &request.double_texting {
+        Some(name) => name.parse::<DoubleTexting>().map_err(|e| ApiError::Invalid(format!("double_texting: {e}")))?,
+        None => state.config.double_texting,
+    };
 
     let session = SessionRecord {
         id: SessionId::generate(),
         user: request.user,
         metadata: request.metadata,
         created_at: time::OffsetDateTime::now_utc(),
+        double_texting,
     };
     tracing::Span::current().record("session_id", tracing::field::display(&session.id));
     state.store.create_session(&session).await?;
     telemetry::session_created();
-    tracing::info!(event = "session_created", "session created");
+    tracing::info!(event = "session_created", double_texting = %double_texting, "session created");
     let token = state.tokens.issue(&session.id);
-    Ok((StatusCode::CREATED, Json(serde_json::json!({"session_id": session.id, "token": token}))).into_response())
+    let body = serde_json::json!({"session_id": session.id, "token": token, "double_texting": double_texting});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 #[tracing::instrument(name = "delete_session", skip_all, fields(session_id = %session_id))]

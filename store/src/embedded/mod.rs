@@ -11,10 +11,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use schemas::{MessageId, SessionId};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
-use crate::{Failure, Inserted, Role, SessionRecord, Store, StoreError, StoredMessage, to_stored_time};
+use crate::{Failure, Inserted, ReplyClaim, Role, SessionRecord, Store, StoreError, StoredMessage, to_stored_time};
 
 /// Session id → JSON of the [`SessionRecord`].
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -23,6 +24,10 @@ const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("mess
 /// Message or reply id → where the message is in [`MESSAGES`]. Makes ids unique across the
 /// file, as `_id` does in MongoDB.
 const MESSAGE_IDS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("message_ids");
+/// Session id → JSON of its [`ReplyMarker`], while it has one. A table of its own rather than a
+/// field of the session's record, so that records compare equal however the marker stands, and
+/// so that files written before it existed need no conversion (it is created on opening).
+const REPLY_MARKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("reply_markers");
 /// Secret name → value.
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 /// Facts about the file itself; today only its format version.
@@ -100,6 +105,7 @@ fn prepare(db: &Database) -> Result<(), StoreError> {
         tx.open_table(SESSIONS).map_err(fatal)?;
         tx.open_table(MESSAGES).map_err(fatal)?;
         tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+        tx.open_table(REPLY_MARKERS).map_err(fatal)?;
         tx.open_table(SECRETS).map_err(fatal)?;
         let mut meta = tx.open_table(META).map_err(fatal)?;
         let version = meta.get("format_version").map_err(fatal)?.map(|v| v.value());
@@ -116,6 +122,14 @@ fn prepare(db: &Database) -> Result<(), StoreError> {
         }
     }
     tx.commit().map_err(fatal)
+}
+
+/// A session's reply-in-progress marker ([`Store::begin_reply`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct ReplyMarker {
+    message: MessageId,
+    #[serde(with = "time::serde::rfc3339")]
+    since: OffsetDateTime,
 }
 
 /// redb errors are storage faults or bugs; retrying does not help.
@@ -246,7 +260,9 @@ impl Store for EmbeddedStore {
                 let mut sessions = tx.open_table(SESSIONS).map_err(fatal)?;
                 let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
                 let mut ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+                let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
                 let existed = sessions.remove(id.as_str()).map_err(fatal)?.is_some();
+                markers.remove(id.as_str()).map_err(fatal)?;
                 let session = id.as_str();
                 let mut removed =
                     messages.extract_from_if((session, 0u64)..=(session, u64::MAX), |_, _| true).map_err(fatal)?;
@@ -368,6 +384,52 @@ impl Store for EmbeddedStore {
                     Ok(stored.starts)
                 },
             )
+        })
+        .await
+    }
+
+    async fn begin_reply(&self, session: &SessionId, message: &MessageId) -> Result<ReplyClaim, StoreError> {
+        let session = session.clone();
+        let marker = ReplyMarker { message: message.clone(), since: to_stored_time(OffsetDateTime::now_utc())? };
+        // Check and set in one write transaction; redb runs one at a time, so of two racing
+        // callers the second sees the first's marker.
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(fatal)?;
+            let claim = {
+                let sessions = tx.open_table(SESSIONS).map_err(fatal)?;
+                if sessions.get(session.as_str()).map_err(fatal)?.is_none() {
+                    return Ok(ReplyClaim::NoSession);
+                }
+                let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
+                let held = markers.get(session.as_str()).map_err(fatal)?.map(|v| decode::<ReplyMarker>(v.value()));
+                let claim = match held.transpose()? {
+                    None => ReplyClaim::Taken,
+                    Some(held) if held.message == marker.message => ReplyClaim::AlreadyHeld,
+                    Some(held) => return Ok(ReplyClaim::HeldBy { message: held.message, since: held.since }),
+                };
+                markers.insert(session.as_str(), encode(&marker)?.as_slice()).map_err(fatal)?;
+                claim
+            };
+            tx.commit().map_err(fatal)?;
+            Ok(claim)
+        })
+        .await
+    }
+
+    async fn end_reply(&self, session: &SessionId, message: &MessageId) -> Result<(), StoreError> {
+        let session = session.clone();
+        let message = message.clone();
+        self.run(move |db| {
+            let tx = db.begin_write().map_err(fatal)?;
+            {
+                let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
+                let held = markers.get(session.as_str()).map_err(fatal)?.map(|v| decode::<ReplyMarker>(v.value()));
+                if held.transpose()?.is_none_or(|held| held.message != message) {
+                    return Ok(());
+                }
+                markers.remove(session.as_str()).map_err(fatal)?;
+            }
+            tx.commit().map_err(fatal)
         })
         .await
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use mongodb::bson::{self, Binary};
-use schemas::{FinishReason, MessageId, SessionId, Usage};
+use schemas::{DoubleTexting, FinishReason, MessageId, SessionId, Usage};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -22,6 +22,16 @@ pub(crate) struct SessionDoc {
     #[serde(default)]
     pub metadata: Vec<MetadataEntry>,
     pub created_at: bson::DateTime,
+    /// Missing on sessions written before the policy existed, which read as enqueue.
+    #[serde(default)]
+    pub double_texting: DoubleTexting,
+    /// The reply-in-progress marker (`Store::begin_reply`): the message it names and when it was
+    /// set. Set and cleared by conditional updates, never by writing the whole document, and not
+    /// part of the [`SessionRecord`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<MessageId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy_since: Option<bson::DateTime>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +117,9 @@ impl SessionDoc {
                 .map(|(key, value)| MetadataEntry { key: key.clone(), value: value.clone() })
                 .collect(),
             created_at: to_bson_time(record.created_at)?,
+            double_texting: record.double_texting,
+            busy: None,
+            busy_since: None,
         })
     }
 
@@ -116,6 +129,7 @@ impl SessionDoc {
             user: self.user,
             metadata: self.metadata.into_iter().map(|e| (e.key, e.value)).collect::<BTreeMap<_, _>>(),
             created_at: from_bson_time(self.created_at)?,
+            double_texting: self.double_texting,
         })
     }
 }

@@ -17,8 +17,8 @@ use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
 use schemas::{MessageId, SessionId};
 
-use crate::{Failure, Inserted, SessionRecord, Store, StoreError, StoredMessage};
-use documents::{MessageDoc, SecretDoc, SessionDoc, starts_value};
+use crate::{Failure, Inserted, ReplyClaim, SessionRecord, Store, StoreError, StoredMessage};
+use documents::{MessageDoc, SecretDoc, SessionDoc, from_bson_time, starts_value, to_bson_time};
 use errors::{classify, is_duplicate_key};
 
 /// The database used when the URL names none.
@@ -36,6 +36,9 @@ const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long opening a connection may take unless the URL says otherwise (`connectTimeoutMS`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often [`Store::begin_reply`] tries its update when the marker changes under it.
+const CLAIM_ATTEMPTS: usize = 5;
 
 /// A [`Store`] on a MongoDB deployment. Cheap to clone; clones share one connection pool.
 #[derive(Clone)]
@@ -268,6 +271,62 @@ impl Store for MongoStore {
             )));
         };
         starts_value(updated.starts)
+    }
+
+    async fn begin_reply(&self, session: &SessionId, message: &MessageId) -> Result<ReplyClaim, StoreError> {
+        // One conditional update of one document: the server applies racing updates one after
+        // the other, and the second no longer matches the filter. When it does not match, a
+        // read tells why; should the marker be cleared between the two, the update is tried
+        // again, a few times at most.
+        for _ in 0..CLAIM_ATTEMPTS {
+            let since = to_bson_time(time::OffsetDateTime::now_utc())?;
+            let before = self
+                .sessions
+                .find_one_and_update(
+                    doc! {
+                        "_id": session.as_str(),
+                        "$or": [ { "busy": null }, { "busy": message.as_str() } ],
+                    },
+                    doc! { "$set": { "busy": message.as_str(), "busy_since": since } },
+                )
+                .return_document(ReturnDocument::Before)
+                .await
+                .map_err(|e| classify(e, "marking a reply in progress"))?;
+            if let Some(before) = before {
+                return Ok(if before.busy.as_ref() == Some(message) {
+                    ReplyClaim::AlreadyHeld
+                } else {
+                    ReplyClaim::Taken
+                });
+            }
+            let current = self
+                .sessions
+                .find_one(doc! { "_id": session.as_str() })
+                .await
+                .map_err(|e| classify(e, "reading a reply in progress"))?;
+            let Some(current) = current else {
+                return Ok(ReplyClaim::NoSession);
+            };
+            if let (Some(holder), Some(since)) = (current.busy, current.busy_since)
+                && &holder != message
+            {
+                return Ok(ReplyClaim::HeldBy { message: holder, since: from_bson_time(since)? });
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "the reply-in-progress marker of session {session} kept changing; try again"
+        )))
+    }
+
+    async fn end_reply(&self, session: &SessionId, message: &MessageId) -> Result<(), StoreError> {
+        self.sessions
+            .update_one(
+                doc! { "_id": session.as_str(), "busy": message.as_str() },
+                doc! { "$unset": { "busy": "", "busy_since": "" } },
+            )
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, "clearing a reply in progress"))
     }
 
     async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError> {
