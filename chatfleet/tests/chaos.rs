@@ -89,7 +89,7 @@ impl Fleet {
             .args(["--partitions", &PARTITIONS.to_string()])
             .args(["--llm-base-url", &app.mock.base_url, "--model", "mock"])
             .args(["--worker-id", &id, "--lease-ttl", "2", "--handover-grace", "2", "--shutdown-grace", "10"])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("CHATFLEET_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .spawn()
             .expect("the worker starts");

@@ -95,6 +95,7 @@ pub(super) async fn join(
         settings,
         members: HashMap::new(),
         leases: BTreeMap::new(),
+        revisions: HashMap::new(),
         synced: false,
         owned: BTreeMap::new(),
         leaving: false,
@@ -162,6 +163,9 @@ struct Coordinator {
     settings: OwnershipSettings,
     members: HashMap<String, Seen<()>>,
     leases: BTreeMap<Partition, Seen<String>>,
+    /// The newest revision seen of each key: the watcher may deliver an older change after a
+    /// newer one this member wrote itself, and an older change must never overwrite a newer.
+    revisions: HashMap<String, u64>,
     /// True once the watcher has delivered the bucket's current state.
     synced: bool,
     owned: BTreeMap<Partition, Owned>,
@@ -220,6 +224,14 @@ impl Coordinator {
 
     /// Records a change of the bucket.
     fn observe(&mut self, entry: kv::Entry) {
+        if entry.delta == 0 {
+            self.synced = true;
+        }
+        let newest = self.revisions.entry(entry.key.clone()).or_default();
+        if entry.revision <= *newest {
+            return;
+        }
+        *newest = entry.revision;
         let now = Instant::now();
         let deleted = !matches!(entry.operation, kv::Operation::Put);
         if let Some(member) = entry.key.strip_prefix("members.") {
@@ -241,9 +253,13 @@ impl Coordinator {
                 }
             }
         }
-        if entry.delta == 0 {
-            self.synced = true;
-        }
+    }
+
+    /// Notes a lease write of our own, so that the watcher's older news cannot overwrite it.
+    fn record_own_lease(&mut self, partition: Partition, revision: u64) {
+        self.leases.insert(partition, Seen { value: self.me.clone(), revision, at: Instant::now() });
+        let newest = self.revisions.entry(lease_key(partition)).or_default();
+        *newest = (*newest).max(revision);
     }
 
     fn alive<T>(&self, seen: &Seen<T>) -> bool {
@@ -270,15 +286,20 @@ impl Coordinator {
             }
         }
         let value = lease_value(&self.me);
+        let mut renewed = Vec::new();
         for (partition, owned) in self.owned.iter_mut() {
             let started = Instant::now();
             match self.kv.update(lease_key(*partition), value.clone(), owned.revision).await {
                 Ok(revision) => {
                     owned.revision = revision;
                     owned.valid_until = started + self.settings.lease_ttl - self.settings.safety_margin;
+                    renewed.push((*partition, revision));
                 }
                 Err(e) => tracing::warn!(event = "lease_renewal_failed", partition = partition.get(), error = %e),
             }
+        }
+        for (partition, revision) in renewed {
+            self.record_own_lease(partition, revision);
         }
         // Forget members long gone, so the bucket does not grow without bound.
         let stale: Vec<(String, u64)> = self
@@ -296,11 +317,12 @@ impl Coordinator {
     /// Gives up, at once, every partition whose lease may no longer be ours.
     fn fence(&mut self) {
         let now = Instant::now();
+        // Someone else wrote the lease after our last write: it is theirs now.
         let lost: Vec<Partition> = self
             .owned
             .iter()
             .filter(|(p, owned)| {
-                let taken = self.leases.get(p).is_some_and(|l| l.value != self.me || l.revision > owned.revision);
+                let taken = self.leases.get(p).is_some_and(|l| l.revision > owned.revision && l.value != self.me);
                 now >= owned.valid_until || taken
             })
             .map(|(p, _)| *p)
@@ -337,9 +359,22 @@ impl Coordinator {
         for partition in wanted {
             let started = Instant::now();
             let value = lease_value(&self.me);
-            let result = match self.leases.get(&partition) {
+            let result = match self.leases.get(&partition).cloned() {
                 None => self.kv.create(lease_key(partition), value).await.map_err(|e| e.to_string()),
-                Some(lease) if lease.value == self.me || !self.alive(lease) => {
+                Some(lease) if lease.value == self.me || !self.alive(&lease) => {
+                    // The watcher may lag: before taking a lease that looks dead, ask the server
+                    // whether it changed since we last saw it.
+                    match self.kv.entry(lease_key(partition)).await {
+                        Ok(Some(current)) if current.revision != lease.revision => {
+                            self.observe(current);
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(event = "lease_check_failed", partition = partition.get(), error = %e);
+                            continue;
+                        }
+                    }
                     self.kv.update(lease_key(partition), value, lease.revision).await.map_err(|e| e.to_string())
                 }
                 Some(_) => continue,
@@ -355,7 +390,7 @@ impl Coordinator {
                     }
                     let valid_until = started + self.settings.lease_ttl - self.settings.safety_margin;
                     self.owned.insert(partition, Owned { revision, valid_until, holding: Holding::Active });
-                    self.leases.insert(partition, Seen { value: self.me.clone(), revision, at: Instant::now() });
+                    self.record_own_lease(partition, revision);
                     tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), fence = revision, "took the partition");
                     metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
                     let _ = self.events.send(OwnershipEvent::Acquired(partition));
