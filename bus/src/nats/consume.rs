@@ -74,6 +74,12 @@ pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<De
         .get_or_create_consumer(&durable, consumer_config(bus, partition))
         .await
         .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
+    // Only the lease holder opens a partition's pull, so any pin left on the consumer belongs to
+    // a pull of ours that is gone (a stream reopened after missed heartbeats): release it, or the
+    // new pull would wait on standby for the pin to time out.
+    if let Err(e) = stream.unpin_consumer(&durable, GROUP).await {
+        tracing::debug!(event = "unpin_skipped", partition = partition.get(), error = %e);
+    }
     // Pulls expire well within the pin timeout, so a live puller never loses its pin.
     let expires = (settings.pin_timeout / 5).max(Duration::from_millis(500));
     let messages = consumer
