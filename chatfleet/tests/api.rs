@@ -1,26 +1,13 @@
 //! Every flow and error case of `http-api.md`, run against both `chatfleet dev` (in-process
 //! bus, embedded store) and a fleet on NATS JetStream and a MongoDB-wire server.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{Backend, Options, TestApp, assembled_text, echo_of, read_until_terminals};
-
-/// Runs each named test against every backend.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod dev {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Dev).await }) *
-        }
-        mod nats_mongo {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::NatsMongo).await }) *
-        }
-    };
-}
 
 on_every_backend!(
     creating_a_session_returns_an_id_and_a_token,
@@ -185,14 +172,7 @@ async fn rapid_messages_in_one_session_are_answered_in_order(backend: Backend) {
 async fn the_events_endpoint_streams_every_reply_of_the_session(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let session = app.create_session().await;
-    let listener = app
-        .http
-        .get(app.url(&format!("/v1/sessions/{}/events", session.id)))
-        .bearer_auth(&session.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listener.status(), 200);
+    let listener = app.open_events(&session).await;
 
     let a = app.post_message(&session, json!({"text": "one"})).await.json::<Value>().await.unwrap();
     let b = app.post_message(&session, json!({"text": "two"})).await.json::<Value>().await.unwrap();
@@ -390,13 +370,7 @@ async fn a_model_that_keeps_failing_ends_in_an_error_event_once(backend: Backend
 async fn idle_streams_get_keep_alive_comments(backend: Backend) {
     let app = TestApp::spawn_with(backend, Options { keep_alive_secs: 1, ..Options::default() }).await;
     let session = app.create_session().await;
-    let mut r = app
-        .http
-        .get(app.url(&format!("/v1/sessions/{}/events", session.id)))
-        .bearer_auth(&session.token)
-        .send()
-        .await
-        .unwrap();
+    let mut r = app.open_events(&session).await;
 
     let mut seen = String::new();
     let read = async {

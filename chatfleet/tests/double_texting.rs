@@ -3,6 +3,7 @@
 //! deployment's `--double-texting`. Run against both `chatfleet dev` and a fleet on NATS
 //! JetStream and a MongoDB-wire server.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -13,20 +14,6 @@ use futures::stream::BoxStream;
 use serde_json::{Value, json};
 use store::{MongoStore, ReplyClaim, Store};
 use support::{Backend, Options, Session, SseEvent, TestApp, assembled_text, echo_of};
-
-/// Runs each named test against every backend.
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod dev {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Dev).await }) *
-        }
-        mod nats_mongo {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::NatsMongo).await }) *
-        }
-    };
-}
 
 on_every_backend!(
     session_creation_takes_a_policy_echoes_the_effective_one_and_refuses_unknown_ones,
@@ -88,14 +75,7 @@ impl Events {
     /// Opens the stream; the gateway subscribes before it answers, so nothing sent after this
     /// returns can be missed.
     async fn open(app: &TestApp, session: &Session) -> Events {
-        let r = app
-            .http
-            .get(app.url(&format!("/v1/sessions/{}/events", session.id)))
-            .bearer_auth(&session.token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        let r = app.open_events(session).await;
         let stream = r
             .bytes_stream()
             .eventsource()

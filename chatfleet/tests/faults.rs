@@ -58,13 +58,7 @@ async fn the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_re
 async fn a_message_delivered_twice_by_the_bus_is_answered_once() {
     let app = TestApp::spawn(Backend::NatsMongo).await;
     let session = app.create_session().await;
-    let listener = app
-        .http
-        .get(app.url(&format!("/v1/sessions/{}/events", session.id)))
-        .bearer_auth(&session.token)
-        .send()
-        .await
-        .unwrap();
+    let listener = app.open_events(&session).await;
 
     // Publish the same envelope twice without a deduplication id, as a redelivery would.
     let client = async_nats::connect(app.nats.as_ref().unwrap().url()).await.unwrap();

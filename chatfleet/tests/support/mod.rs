@@ -14,6 +14,21 @@ use testkit::{MongoServer, NatsServer, free_port};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Runs each named test, an `async fn(Backend)`, against every backend.
+#[allow(unused_macros)]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod dev {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::Dev).await }) *
+        }
+        mod nats_mongo {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::NatsMongo).await }) *
+        }
+    };
+}
+
 /// Which bus and store the fleet runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -296,6 +311,19 @@ impl TestApp {
         assert_eq!(r.status(), 200, "streaming post: {}", r.text().await.unwrap_or_default());
         assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
         collect_events(r, Duration::from_secs(60)).await
+    }
+
+    /// Opens `GET .../events` for the session and checks it answered 200.
+    pub async fn open_events(&self, session: &Session) -> reqwest::Response {
+        let r = self
+            .http
+            .get(self.url(&format!("/v1/sessions/{}/events", session.id)))
+            .bearer_auth(&session.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "opening the event stream");
+        r
     }
 
     pub async fn history(&self, session: &Session) -> Vec<Value> {
