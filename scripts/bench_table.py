@@ -1,0 +1,599 @@
+#!/usr/bin/env python3
+"""Helper of scripts/bench.sh: the parts that are easier in Python than in bash.
+
+Subcommands (Python 3.11 standard library only):
+
+  meta KEY=VALUE ...            JSON description of this machine and the run's settings
+  procs [--reset-peak] ROLE=PID ...
+                               JSON snapshot of processes: resident memory, peak resident
+                               memory, CPU time, threads, open descriptors
+  balanced WORKERS             reads `chatfleet status --json` on stdin; exit 0 when WORKERS
+                               workers are live and every partition is owned, evenly
+  idle-streams --url URL --streams K --proc ROLE=PID ... --out PATH
+                               creates K sessions, opens K idle event streams and records
+                               what they cost the given processes in resident memory
+  report RESULTS_DIR --out PATH
+                               the tables of a run, printed and written as Markdown
+
+The loadtest's JSON field names are those of loadtest/src/report.rs (`Report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGETS = ("direct", "dev", "fleet")
+TARGET_TITLES = {
+    "direct": "direct (mock-llm alone)",
+    "dev": "dev (one process)",
+    "fleet": "fleet (gateway + 2 workers, NATS, MongoDB wire)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# machine
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if not model:  # lscpu missing: /proc/cpuinfo says the same
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    meminfo = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        meminfo[key] = value.strip()
+    loadavg = Path("/proc/loadavg").read_text().split()[:3]
+    return {
+        "nproc": os.cpu_count() if not hasattr(os, "sched_getaffinity") else len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "mem_total": meminfo.get("MemTotal", ""),
+        "kernel": platform.release(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "loadavg_at_start": " ".join(loadavg),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# procs
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_snapshot(pid: int) -> dict:
+    """Memory and CPU of one process from /proc; empty when it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return {"pid": pid, "alive": False}
+    fields = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+
+    def kb(key: str) -> int:
+        return int(fields.get(key, "0 kB").split()[0])
+
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    after_comm = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(after_comm[11]), int(after_comm[12])  # fields 14 and 15 of stat
+    try:
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = None
+    return {
+        "pid": pid,
+        "alive": after_comm[0] != "Z",
+        "rss_kb": kb("VmRSS"),
+        "hwm_kb": kb("VmHWM"),
+        "cpu_s": (utime + stime) / CLK_TCK,
+        "threads": int(fields.get("Threads", "0")),
+        "fds": fds,
+    }
+
+
+def parse_roles(items: list[str]) -> dict[str, int]:
+    roles = {}
+    for item in items:
+        role, _, pid = item.partition("=")
+        roles[role] = int(pid)
+    return roles
+
+
+def cmd_procs(args: argparse.Namespace) -> None:
+    roles = parse_roles(args.roles)
+    if args.reset_peak:
+        # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux 4.0+), so that the
+        # peak read after the run is the run's own, not the start-up's or the warm-up's.
+        for pid in roles.values():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
+    snap = {role: proc_snapshot(pid) for role, pid in roles.items()}
+    snap["_time"] = time.time()
+    print(json.dumps(snap, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# balanced
+
+
+def cmd_balanced(args: argparse.Namespace) -> None:
+    try:
+        status = json.load(sys.stdin)
+    except json.JSONDecodeError:
+        sys.exit(1)
+    workers = {w["worker"] for w in status.get("workers", [])}
+    owners = [p.get("owner") for p in status.get("partitions", [])]
+    if len(workers) != args.workers or not owners or any(o is None for o in owners):
+        sys.exit(1)
+    shares = [owners.count(w) for w in workers]
+    sys.exit(0 if max(shares) - min(shares) <= 1 else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# idle-streams
+
+
+async def http_call(host: str, port: int, method: str, path: str, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP/1.1 request on its own connection (Connection: close); status and body."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        head = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close", f"Content-Length: {len(body)}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+    header_blob, _, payload = raw.partition(b"\r\n\r\n")
+    lines = header_blob.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    if any(line.lower().startswith("transfer-encoding:") and "chunked" in line.lower() for line in lines[1:]):
+        payload = dechunk(payload)
+    return status, payload
+
+
+def dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return out
+
+
+async def open_stream(host: str, port: int, session: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Opens a session's event stream and returns once its response headers say 200."""
+    reader, writer = await asyncio.open_connection(host, port)
+    request = (
+        f"GET /v1/sessions/{session['session_id']}/events HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\nAccept: text/event-stream\r\n"
+        f"Authorization: Bearer {session['token']}\r\n\r\n"
+    )
+    writer.write(request.encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+    status = int(head.split(b" ", 2)[1])
+    if status != 200:
+        writer.close()
+        raise RuntimeError(f"events: HTTP {status}")
+    return reader, writer
+
+
+async def idle_streams(args: argparse.Namespace) -> dict:
+    url = args.url.removeprefix("http://").rstrip("/")
+    host, _, port_text = url.partition(":")
+    port = int(port_text)
+    roles = parse_roles(args.proc)
+    errors: dict[str, int] = {}
+
+    def note(error: BaseException) -> None:
+        kind = str(error) or type(error).__name__
+        errors[kind] = errors.get(kind, 0) + 1
+
+    # 1. The sessions, created first so that their cost is not counted as the streams'.
+    gate = asyncio.Semaphore(50)
+
+    async def create() -> dict | None:
+        async with gate:
+            try:
+                status, body = await http_call(host, port, "POST", "/v1/sessions", {"Content-Type": "application/json"}, b"{}")
+                if status != 201:
+                    raise RuntimeError(f"create session: HTTP {status}")
+                return json.loads(body)
+            except Exception as error:  # noqa: BLE001 - counted, not fatal
+                note(error)
+                return None
+
+    sessions = [s for s in await asyncio.gather(*(create() for _ in range(args.streams))) if s]
+    await asyncio.sleep(args.settle)
+    before = {role: proc_snapshot(pid) for role, pid in roles.items()}
+
+    # 2. The streams, opened a bounded number at a time, then held open and idle.
+    gate = asyncio.Semaphore(100)
+    streams = []
+
+    async def open_one(session: dict) -> None:
+        async with gate:
+            try:
+                streams.append(await open_stream(host, port, session))
+            except Exception as error:  # noqa: BLE001
+                note(error)
+
+    started = time.monotonic()
+    await asyncio.gather(*(open_one(s) for s in sessions))
+    open_s = time.monotonic() - started
+    await asyncio.sleep(args.hold)
+    opened = {role: proc_snapshot(pid) for role, pid in roles.items()}
+
+    # 3. Closed again: does the memory come back?
+    for _, writer in streams:
+        writer.close()
+    await asyncio.sleep(args.settle + 1)
+    closed = {role: proc_snapshot(pid) for role, pid in roles.items()}
+
+    per_process = {}
+    for role in roles:
+        b, o, c = before[role], opened[role], closed[role]
+        delta = o.get("rss_kb", 0) - b.get("rss_kb", 0)
+        per_process[role] = {
+            "rss_before_kb": b.get("rss_kb"),
+            "rss_open_kb": o.get("rss_kb"),
+            "rss_closed_kb": c.get("rss_kb"),
+            "fds_before": b.get("fds"),
+            "fds_open": o.get("fds"),
+            "per_stream_kb": round(delta / len(streams), 2) if streams else None,
+        }
+    return {
+        "streams_planned": args.streams,
+        "sessions_created": len(sessions),
+        "streams_opened": len(streams),
+        "open_s": round(open_s, 3),
+        "hold_s": args.hold,
+        "errors": errors,
+        "processes": per_process,
+    }
+
+
+def cmd_idle_streams(args: argparse.Namespace) -> None:
+    # One descriptor per stream: use all the process may have.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    result = asyncio.run(idle_streams(args))
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def fmt_ratio(value: float | None, base: float | None) -> str:
+    """value / base as `1.23×`; a dash when either is missing or the base is zero."""
+    if value is None or base is None or base == 0:
+        return "—"
+    return f"{value / base:.2f}×"
+
+
+def mib(kb: int | None) -> str:
+    return "—" if kb is None else f"{kb / 1024:.0f}"
+
+
+def run_figures(lt: dict | None) -> dict:
+    """The figures the table shows, from one loadtest JSON report."""
+    if lt is None:
+        return {}
+    counts = lt["counts"]
+    lat = lt["latency_ms"]
+    # A message without a correct reply: failed, never sent, or answered in breach of isolation.
+    errors = counts["failed"] + counts["not_sent"] + lt["isolation"]["violations"]
+    return {
+        "planned": counts["planned"],
+        "answered": counts["answered"],
+        "ttft_p50": lat["first_token"]["p50_ms"] if lat["first_token"]["count"] else None,
+        "ttft_p99": lat["first_token"]["p99_ms"] if lat["first_token"]["count"] else None,
+        "full_p99": lat["full_reply"]["p99_ms"] if lat["full_reply"]["count"] else None,
+        "lag_p99": lat["start_lag"]["p99_ms"],
+        "errors": errors,
+        "error_kinds": lt.get("errors", {}),
+        "msgs_per_s": lt["throughput"]["messages_per_s"],
+        "duration_s": lt["duration_s"],
+        "passed": lt["passed"],
+    }
+
+
+def proc_usage(results: Path, name: str) -> dict:
+    """Peak RSS and CPU seconds during the run, per role, from the before/after snapshots."""
+    before = load(results / f"{name}.procs-before.json") or {}
+    after = load(results / f"{name}.procs-after.json") or {}
+    usage = {}
+    for role, snap in after.items():
+        if role.startswith("_") or not isinstance(snap, dict) or "cpu_s" not in snap:
+            continue
+        start = before.get(role, {})
+        usage[role] = {
+            "hwm_kb": snap["hwm_kb"],
+            "cpu_s": snap["cpu_s"] - start.get("cpu_s", 0.0),
+        }
+    timing = results / f"{name}.loadtest-time"
+    if timing.exists():  # /usr/bin/time -f '%e %U %S %M' of the load generator
+        try:
+            _, user, system, max_kb = timing.read_text().split()[-4:]
+            usage["loadtest"] = {"hwm_kb": int(max_kb), "cpu_s": float(user) + float(system)}
+        except ValueError:
+            pass
+    return usage
+
+
+def latency_table(rows: list[tuple[str, str, dict, dict]]) -> list[str]:
+    """rows: (target, N or label, figures, direct figures of the same load)."""
+    out = [
+        "| target | users | TTFT p50 ms | ×direct | TTFT p99 ms | ×direct | full reply p99 ms | ×direct "
+        "| errors | ×direct | msgs/s | start lag p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for target, users, f, d in rows:
+        if not f:
+            out.append(f"| {target} | {users} | not run | | | | | | | | | |")
+            continue
+        out.append(
+            f"| {target} | {users} "
+            f"| {fmt_ms(f['ttft_p50'])} | {fmt_ratio(f['ttft_p50'], d.get('ttft_p50'))} "
+            f"| {fmt_ms(f['ttft_p99'])} | {fmt_ratio(f['ttft_p99'], d.get('ttft_p99'))} "
+            f"| {fmt_ms(f['full_p99'])} | {fmt_ratio(f['full_p99'], d.get('full_p99'))} "
+            f"| {f['errors']} | {fmt_ratio(f['errors'], d.get('errors'))} "
+            f"| {f['msgs_per_s']:.0f} | {fmt_ms(f['lag_p99'])} |"
+        )
+    return out
+
+
+def resource_row(target: str, users: str, usage: dict) -> str:
+    def cell(role: str) -> str:
+        u = usage.get(role)
+        return "—" if u is None else f"{mib(u['hwm_kb'])} / {u['cpu_s']:.2f}"
+
+    front = "dev" if target == "dev" else "gateway"
+    workers = " + ".join(cell(r) for r in ("worker1", "worker2") if r in usage) or "—"
+    others = ", ".join(f"{r} {usage[r]['cpu_s']:.2f}" for r in ("nats", "mongo", "mock") if r in usage)
+    return f"| {target} | {users} | {cell(front)} | {workers} | {others or '—'} | {cell('loadtest')} |"
+
+
+def headline(cfg: dict, m: dict) -> str:
+    """The report's top line: are these the reference figures, and was the machine quiet?"""
+    if cfg.get("label", "").strip():
+        return cfg["label"].strip()
+    try:
+        load1, cores = float(m["loadavg_at_start"].split()[0]), int(m["nproc"])
+    except (KeyError, ValueError, IndexError):
+        load1, cores = 0.0, 1
+    # Other work using half the cores or more skews every figure; say so.
+    busy = load1 >= 0.5 * cores
+    machine = f" on a shared machine (load average {load1:.1f} on {cores} cores at the start)" if busy else ""
+    if cfg.get("reference") == "1":
+        if not busy:
+            return "Reference figures (the default loads of scripts/bench.sh)."
+        return f"Default loads{machine}: skewed figures; run scripts/bench.sh on a quiet machine for the reference ones."
+    users = " and ".join(cfg.get("users", "").split())
+    return (
+        f"Smoke run ({users} users; ramp {cfg.get('ramp_rate')}/s for {cfg.get('ramp_secs')} s){machine} — "
+        "not the reference figures; run scripts/bench.sh on a quiet machine for those."
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    results = Path(args.results)
+    meta = load(results / "meta.json") or {}
+    m = meta.get("machine", {})
+    cfg = meta.get("config", {})
+    users = cfg.get("users", "").split()
+    targets = [t for t in TARGETS if t in cfg.get("targets", " ".join(TARGETS)).split()]
+
+    md: list[str] = ["# chatfleet benchmarks", ""]
+    md += [f"> **{headline(cfg, m)}**", ""]
+    this_run = "scripts/bench.sh"
+    if cfg.get("reference") != "1":
+        this_run = (
+            f"BENCH_USERS=\"{cfg.get('users', '')}\" BENCH_RAMP_RATE={cfg.get('ramp_rate')} "
+            f"BENCH_RAMP_SECS={cfg.get('ramp_secs')} scripts/bench.sh"
+        )
+    md += [
+        "Reproduce with one command from the repository root:",
+        "",
+        "```sh",
+        "scripts/bench.sh        # BENCH_USERS=\"100 1000\" BENCH_RAMP_RATE=200 BENCH_RAMP_SECS=20 to change the load",
+        "```",
+        "",
+        f"This file came from `{this_run}`.",
+        "",
+        "It builds the release binaries, then for each load starts fresh servers for each target, runs",
+        "`chatfleet-loadtest` against them, and rewrites this file. Raw results (loadtest `--json` reports,",
+        f"`--svg` charts, server logs) are in `{cfg.get('results_dir', results)}`.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m.get('cpu_model', '?')}, {m.get('nproc', '?')} cores (`nproc`)",
+        f"- memory: {m.get('mem_total', '?')} (MemTotal)",
+        f"- kernel: {m.get('kernel', '?')}",
+        f"- date: {m.get('date', '?')}; load average at start: {m.get('loadavg_at_start', '?')}",
+        f"- commit: {cfg.get('commit', '?')}",
+        f"- NATS: {cfg.get('nats_version', '?')}; MongoDB-wire server: {cfg.get('mongo_server', '?')}",
+        "",
+        "## Setup",
+        "",
+        f"- Model: `chatfleet mock-llm {cfg.get('mock_args', '')}` for every target, so the model is identical:",
+        "  the direct baseline is the least any target can take.",
+        "- **direct**: `chatfleet-loadtest --target openai` straight at the mock (the baseline).",
+        "- **dev**: `chatfleet dev` (in-process bus, embedded store in a temp dir, its default single worker)",
+        "  with `--llm-base-url` at the mock.",
+        "- **fleet**: `chatfleet gateway` + 2 `chatfleet worker` processes on NATS JetStream and the MongoDB-wire",
+        "  server named above; the burst starts once the 2 workers own all partitions evenly.",
+        *(
+            [
+                "- secantusd-py is a Python MongoDB-wire *test* server, not a production MongoDB: its CPU time is",
+                "  under \"others\" below; where it is high, it may be what the fleet's figures measure.",
+            ]
+            if "secantusd-py" in cfg.get("mongo_server", "")
+            else []
+        ),
+        "- Every target keeps its default settings (e.g. `--max-inflight 512` per worker, 16 partitions).",
+        "  Each run gets freshly started servers and a warm-up of "
+        f"{cfg.get('warmup', '?')} users before it is measured.",
+        "- The load generator runs on the same machine as the servers and competes with them for CPU.",
+        f"- Loadtest timeout per reply: {cfg.get('timeout', '?')} s. Latencies count from when each message",
+        "  was due (see loadtest/README.md); on dev and fleet they include creating the session.",
+        "",
+        "## Burst: N users, one message each, all at once",
+        "",
+        "TTFT = time to first token. ×direct = the figure divided by the direct baseline's for the same",
+        "load in this run (— when the baseline is 0 or missing). errors = messages without a correct",
+        "reply (failed, not sent, or isolation violations).",
+        "",
+    ]
+    bursts = {(t, n): run_figures(load(results / f"{t}-burst-{n}.json")) for t in targets for n in users}
+    rows = [(t, n, bursts[(t, n)], bursts.get(("direct", n), {})) for n in users for t in targets]
+    md += latency_table(rows)
+
+    rate, secs = cfg.get("ramp_rate", "?"), cfg.get("ramp_secs", "?")
+    md += ["", f"## Ramp: {rate} new users/s for {secs} s (open loop)", ""]
+    ramps = {t: run_figures(load(results / f"{t}-ramp.json")) for t in targets}
+    ramp_users = next((str(f["planned"]) for f in ramps.values() if f), "?")
+    md += latency_table([(t, ramp_users, ramps[t], ramps.get("direct", {})) for t in targets])
+
+    md += [
+        "",
+        "## Server resources per run",
+        "",
+        "Each cell: peak resident memory in MiB / CPU seconds used during the measured run (after",
+        "start-up and warm-up). Peak RSS is VmHWM, reset just before the run. Other processes: CPU seconds.",
+        "",
+        "| target | users | gateway or dev | worker 1 + worker 2 | others (CPU s) | load generator |",
+        "| --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for n in users:
+        for t in targets:
+            md.append(resource_row(t, n, proc_usage(results, f"{t}-burst-{n}")))
+    for t in targets:
+        md.append(resource_row(t, f"ramp {ramp_users}", proc_usage(results, f"{t}-ramp")))
+
+    idle_rows = []
+    for t in ("dev", "fleet"):
+        idle = load(results / f"{t}-idle.json")
+        if not idle:
+            continue
+        for role, p in idle["processes"].items():
+            per_stream = p.get("per_stream_kb")
+            idle_rows.append(
+                f"| {t} ({role}) | {idle['streams_opened']} of {idle['streams_planned']} "
+                f"| {mib(p.get('rss_before_kb'))} | {mib(p.get('rss_open_kb'))} | {mib(p.get('rss_closed_kb'))} "
+                f"| {'—' if per_stream is None else f'{per_stream:.1f}'} "
+                f"| {p.get('fds_before')} → {p.get('fds_open')} |"
+            )
+    if idle_rows:
+        md += [
+            "",
+            "## Memory per open idle event stream",
+            "",
+            "K sessions are created, then K `GET /v1/sessions/{id}/events` streams opened and held idle;",
+            "the resident memory (VmRSS) of the process holding them is read before, with them open, and",
+            "after closing them. KiB per stream = (open − before) / streams opened.",
+            "",
+            "| target (process) | streams | RSS before MiB | RSS open MiB | RSS after close MiB | KiB per stream | descriptors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *idle_rows,
+        ]
+
+    problems = []
+    for (t, n), f in bursts.items():
+        if f and f["error_kinds"]:
+            problems.append(f"- {t}, burst {n}: " + ", ".join(f"{k} ×{v}" for k, v in f["error_kinds"].items()))
+    for t, f in ramps.items():
+        if f and f["error_kinds"]:
+            problems.append(f"- {t}, ramp: " + ", ".join(f"{k} ×{v}" for k, v in f["error_kinds"].items()))
+    if problems:
+        md += ["", "## Errors by kind", "", *problems]
+    md.append("")
+
+    text = "\n".join(md)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("meta")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE")
+    p = sub.add_parser("procs")
+    p.add_argument("--reset-peak", action="store_true")
+    p.add_argument("roles", nargs="*", metavar="ROLE=PID")
+    p = sub.add_parser("balanced")
+    p.add_argument("workers", type=int)
+    p = sub.add_parser("idle-streams")
+    p.add_argument("--url", required=True)
+    p.add_argument("--streams", type=int, default=2000)
+    p.add_argument("--proc", action="append", default=[], metavar="ROLE=PID")
+    p.add_argument("--hold", type=float, default=3.0, help="seconds the streams stay open before measuring")
+    p.add_argument("--settle", type=float, default=1.0)
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("report")
+    p.add_argument("results")
+    p.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    if args.command == "meta":
+        config = dict(item.partition("=")[::2] for item in args.settings)
+        print(json.dumps({"machine": machine(), "config": config}, indent=1))
+    elif args.command == "procs":
+        cmd_procs(args)
+    elif args.command == "balanced":
+        cmd_balanced(args)
+    elif args.command == "idle-streams":
+        cmd_idle_streams(args)
+    elif args.command == "report":
+        cmd_report(args)
+
+
+if __name__ == "__main__":
+    main()
