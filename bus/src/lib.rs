@@ -1,5 +1,6 @@
 //! The message bus between gateways and workers, behind one [`Bus`] trait: NATS JetStream
-//! (`nats/`) for fleets and an in-process bus (`memory/`) for `chatfleet dev`. Each adapter
+//! (`nats/`) and RabbitMQ (`amqp/`) for fleets, and an in-process bus (`memory/`) for
+//! `chatfleet dev`. Each adapter
 //! lives in its own folder with the same files (`mod.rs`: connect and the trait;
 //! `consume.rs`: deliveries and acknowledgements), so a reader who knows one knows all.
 //!
@@ -17,10 +18,12 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
 
+pub mod amqp;
 pub mod memory;
 pub mod nats;
 pub mod ownership;
 
+pub use amqp::{AmqpBus, AmqpNames, AmqpSettings};
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsSettings};
 pub use ownership::{OwnershipSettings, assign};
@@ -117,6 +120,10 @@ pub struct FleetStatus {
     /// Workers that have reported recently.
     pub workers: Vec<WorkerStatus>,
     pub partitions: Vec<PartitionStatus>,
+    /// User messages given up on and kept for operators (RabbitMQ's dead-letter queue); None
+    /// where the bus keeps none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<u64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

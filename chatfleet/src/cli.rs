@@ -167,7 +167,8 @@ pub struct DevArgs {
     #[arg(long, env = "CHATFLEET_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// The bus: `memory:` (in-process, the default here), `nats://host:4222`.
+    /// The bus: `memory:` (in-process, the default here), `nats://host:4222` or
+    /// `amqp://user:password@host:5672/vhost` (RabbitMQ).
     #[arg(long, env = "CHATFLEET_BUS", default_value = "memory:")]
     pub bus: String,
 
@@ -197,7 +198,8 @@ pub struct GatewayArgs {
     #[arg(long, env = "CHATFLEET_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// The bus: `nats://host:4222`.
+    /// The bus: `nats://host:4222` (NATS JetStream 2.11+) or `amqp://user:password@host:5672/vhost`
+    /// (RabbitMQ 3.10+; URL-encode the vhost, `%2f` for `/`).
     #[arg(long, env = "CHATFLEET_BUS")]
     pub bus: String,
 
@@ -219,7 +221,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "CHATFLEET_LISTEN", default_value = "127.0.0.1:9091")]
     pub listen: SocketAddr,
 
-    /// The bus: `nats://host:4222`.
+    /// The bus: `nats://host:4222` (NATS JetStream 2.11+) or `amqp://user:password@host:5672/vhost`
+    /// (RabbitMQ 3.10+; URL-encode the vhost, `%2f` for `/`).
     #[arg(long, env = "CHATFLEET_BUS")]
     pub bus: String,
 
@@ -273,7 +276,8 @@ pub struct MockLlmArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
-    /// The bus: `nats://host:4222`.
+    /// The bus: `nats://host:4222` (NATS JetStream 2.11+) or `amqp://user:password@host:5672/vhost`
+    /// (RabbitMQ 3.10+; URL-encode the vhost, `%2f` for `/`).
     #[arg(long, env = "CHATFLEET_BUS")]
     pub bus: String,
 

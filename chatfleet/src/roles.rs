@@ -137,7 +137,9 @@ pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Sen
     let partitions = partitions(args.partitions.partitions)?;
     let bus_choice = match wiring::parse_bus(&args.bus)? {
         BusChoice::Memory => {
-            anyhow::bail!("--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222")
+            anyhow::bail!(
+                "--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222 or amqp://host:5672"
+            )
         }
         other => other,
     };
@@ -161,7 +163,9 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
     let partitions = partitions(args.partitions.partitions)?;
     let bus_choice = match wiring::parse_bus(&args.bus)? {
         BusChoice::Memory => {
-            anyhow::bail!("--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222")
+            anyhow::bail!(
+                "--bus / CHATFLEET_BUS: memory: works only with `chatfleet dev`; use nats://host:4222 or amqp://host:5672"
+            )
         }
         other => other,
     };
@@ -250,7 +254,9 @@ pub async fn mock_llm(args: MockLlmArgs, shutdown: impl Future<Output = ()> + Se
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let partitions = partitions(args.partitions.partitions)?;
     let bus_choice = match wiring::parse_bus(&args.bus)? {
-        BusChoice::Memory => anyhow::bail!("--bus / CHATFLEET_BUS: status needs a broker URL such as nats://host:4222"),
+        BusChoice::Memory => anyhow::bail!(
+            "--bus / CHATFLEET_BUS: status needs a broker URL such as nats://host:4222 or amqp://host:5672"
+        ),
         other => other,
     };
     let bus =
@@ -277,6 +283,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             show(p.pending),
             show(p.in_flight)
         );
+    }
+    if let Some(dead) = status.dead_letters {
+        println!();
+        println!("dead letters: {dead} (messages given up on, kept in the dead-letter queue)");
     }
     Ok(())
 }

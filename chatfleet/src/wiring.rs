@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bus::{Bus, MemoryBus, NatsBus, NatsSettings};
+use bus::{AmqpBus, AmqpSettings, Bus, MemoryBus, NatsBus, NatsSettings};
 use llm::ChatModel;
 use schemas::PartitionCount;
 use store::Store;
@@ -17,6 +17,7 @@ use crate::cli::ModelArgs;
 pub enum BusChoice {
     Memory,
     Nats(String),
+    Amqp(String),
 }
 
 pub fn parse_bus(url: &str) -> anyhow::Result<BusChoice> {
@@ -26,9 +27,12 @@ pub fn parse_bus(url: &str) -> anyhow::Result<BusChoice> {
     } else if lower.starts_with("nats://") || lower.starts_with("tls://") {
         Ok(BusChoice::Nats(url.to_owned()))
     } else if lower.starts_with("amqp://") || lower.starts_with("amqps://") {
-        bail!("--bus / CHATFLEET_BUS: RabbitMQ (amqp://) is not supported by this build yet; use nats://host:4222")
+        Ok(BusChoice::Amqp(url.to_owned()))
     } else {
-        bail!("--bus / CHATFLEET_BUS: {url:?} is not a bus URL; use nats://host:4222, or memory: with `chatfleet dev`")
+        bail!(
+            "--bus / CHATFLEET_BUS: {url:?} is not a bus URL; use nats://host:4222, amqp://user:password@host:5672/vhost, \
+             or memory: with `chatfleet dev`"
+        )
     }
 }
 
@@ -45,6 +49,13 @@ pub async fn connect_bus(
             settings.client_name = client_name.to_owned();
             settings.ownership = ownership;
             let bus = NatsBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
+            Ok(Arc::new(bus))
+        }
+        BusChoice::Amqp(url) => {
+            let mut settings = AmqpSettings::new(url, partitions);
+            settings.client_name = client_name.to_owned();
+            settings.ownership = ownership;
+            let bus = AmqpBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }
     }

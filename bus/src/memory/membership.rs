@@ -75,7 +75,7 @@ impl Registry {
                 }
             })
             .collect();
-        crate::FleetStatus { workers, partitions }
+        crate::FleetStatus { workers, partitions, dead_letters: None }
     }
 
     fn close_finished(&mut self) {

@@ -496,5 +496,5 @@ pub(super) async fn status(bus: &NatsBus) -> Result<crate::FleetStatus, BusError
             in_flight: info.as_ref().map(|i| i.num_ack_pending as u64),
         });
     }
-    Ok(crate::FleetStatus { workers, partitions })
+    Ok(crate::FleetStatus { workers, partitions, dead_letters: None })
 }

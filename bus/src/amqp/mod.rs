@@ -1,0 +1,499 @@
+//! The RabbitMQ bus (AMQP 0-9-1): user messages in one durable quorum queue per partition,
+//! published with publisher confirms; reply events through a direct exchange to one exclusive
+//! queue per listening gateway, bound per session while someone listens.
+//!
+//! Layout under the prefix `chatfleet` (see [`AmqpNames`]):
+//! - direct exchange `chatfleet.in`, bound to quorum queue `chatfleet.in.<p>` with routing key
+//!   `<p>`: the gateway computes the partition ([`PartitionCount::of`]) like on NATS, so no
+//!   exchange plugin is needed;
+//! - each partition queue has single active consumer on (at most one worker receives from it,
+//!   whoever else is attached waits), a delivery limit, and dead-letters to the fanout exchange
+//!   `chatfleet.dead`, bound to the quorum queue `chatfleet.dead` that operators inspect;
+//! - direct exchange `chatfleet.out`, routing key = session id: reply events;
+//! - fanout exchange `chatfleet.members`: worker heartbeats (`ownership.rs`).
+//!
+//! Every process declares the whole layout when it connects (declaring is idempotent), so
+//! gateways and workers may start in any order.
+
+mod consume;
+mod events;
+mod ownership;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
+use tokio::sync::Mutex;
+
+use crate::nats::redact;
+use crate::{Bus, BusError, Deliveries, Enqueued, EventStream};
+
+/// The header carrying a message's publish-unique sequence number: RabbitMQ numbers deliveries,
+/// not messages, and the worker needs to tell a redelivery from a new message with the same id.
+const SEQUENCE_HEADER: &str = "x-chatfleet-seq";
+
+/// The names of one deployment's RabbitMQ objects, derived from a prefix so that several
+/// deployments can share a virtual host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpNames {
+    prefix: String,
+}
+
+impl Default for AmqpNames {
+    fn default() -> Self {
+        Self { prefix: "chatfleet".into() }
+    }
+}
+
+impl AmqpNames {
+    /// Names under `prefix` (letters, digits, `_`, `-`).
+    pub fn new(prefix: &str) -> Result<Self, BusError> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 64
+            && prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        if ok {
+            Ok(Self { prefix: prefix.to_owned() })
+        } else {
+            Err(BusError::Unsupported(format!("bus prefix {prefix:?} must be 1 to 64 letters, digits, '_' or '-'")))
+        }
+    }
+
+    /// The exchange user messages are published to.
+    pub fn input_exchange(&self) -> String {
+        format!("{}.in", self.prefix)
+    }
+
+    /// The queue of one partition.
+    pub fn partition_queue(&self, partition: Partition) -> String {
+        format!("{}.in.{}", self.prefix, partition)
+    }
+
+    /// The exchange reply events are published to, with the session id as routing key.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.out", self.prefix)
+    }
+
+    /// The exchange and queue of dead-lettered user messages.
+    pub fn dead_letters(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The fanout exchange of worker heartbeats.
+    pub fn members_exchange(&self) -> String {
+        format!("{}.members", self.prefix)
+    }
+}
+
+/// How the RabbitMQ bus is set up.
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:5672/vhost` (credentials are never logged).
+    pub url: String,
+    pub names: AmqpNames,
+    pub partitions: PartitionCount,
+    /// How long an enqueue may wait for the publisher confirm before the gateway answers 503.
+    pub publish_timeout: Duration,
+    /// How many times a message is delivered before the broker dead-letters it.
+    pub delivery_limit: u32,
+    /// How many unacknowledged deliveries a partition may have out at once; bounds a worker's
+    /// in-flight generations per partition.
+    pub prefetch: u16,
+    /// AMQP heartbeat, in seconds, unless the URL sets `heartbeat`: how soon a silent peer
+    /// counts as gone, on both sides.
+    pub heartbeat_secs: u16,
+    /// Label of this client in the broker's connection list.
+    pub client_name: String,
+    /// Timing of partition ownership among workers.
+    pub ownership: crate::OwnershipSettings,
+}
+
+impl AmqpSettings {
+    pub fn new(url: impl Into<String>, partitions: PartitionCount) -> Self {
+        Self {
+            url: url.into(),
+            names: AmqpNames::default(),
+            partitions,
+            publish_timeout: Duration::from_millis(1500),
+            delivery_limit: 20,
+            prefetch: 1000,
+            heartbeat_secs: 5,
+            client_name: "chatfleet".into(),
+            ownership: crate::OwnershipSettings::default(),
+        }
+    }
+}
+
+/// The RabbitMQ bus. Cloning shares the connection.
+#[derive(Clone)]
+pub struct AmqpBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AmqpBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBus").field("broker", &redact(&self.inner.settings.url)).finish()
+    }
+}
+
+struct Inner {
+    settings: AmqpSettings,
+    /// The connection, replaced when it breaks.
+    connection: Mutex<Option<Arc<Connection>>>,
+    /// The channel user messages are published on, in confirm mode.
+    publisher: Mutex<Option<Channel>>,
+    /// The channel reply events are published on (no confirms: events are ephemeral).
+    events_out: Mutex<Option<Channel>>,
+    /// Routes reply events to this process's listeners.
+    router: events::Router,
+    /// Deliveries handed out and not yet settled, per partition (status and metrics).
+    in_flight: Vec<AtomicU64>,
+}
+
+impl AmqpBus {
+    /// Connects and declares the deployment's exchanges and queues. Fails with a clear error
+    /// when the broker is unreachable or holds objects of the same names with other settings.
+    pub async fn connect(settings: AmqpSettings) -> Result<Self, BusError> {
+        let in_flight = settings.partitions.all().map(|_| AtomicU64::new(0)).collect();
+        let bus = Self {
+            inner: Arc::new(Inner {
+                settings,
+                connection: Mutex::new(None),
+                publisher: Mutex::new(None),
+                events_out: Mutex::new(None),
+                router: events::Router::default(),
+                in_flight,
+            }),
+        };
+        bus.connection().await?;
+        Ok(bus)
+    }
+
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.inner.settings
+    }
+
+    fn shown_url(&self) -> String {
+        redact(&self.inner.settings.url)
+    }
+
+    /// The live connection, connecting (and declaring the layout) if there is none.
+    pub(crate) async fn connection(&self) -> Result<Arc<Connection>, BusError> {
+        let mut slot = self.inner.connection.lock().await;
+        if let Some(connection) = slot.as_ref()
+            && connection.status().connected()
+        {
+            return Ok(connection.clone());
+        }
+        *slot = None;
+        let connection = Arc::new(self.open_connection().await?);
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn open_connection(&self) -> Result<Connection, BusError> {
+        let settings = &self.inner.settings;
+        let shown = self.shown_url();
+        let mut uri: lapin::uri::AMQPUri = settings
+            .url
+            .parse()
+            .map_err(|e| BusError::Unsupported(format!("{shown} is not a valid amqp:// URL: {e}")))?;
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(settings.heartbeat_secs);
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(2000);
+        }
+        let properties = ConnectionProperties::default().with_connection_name(settings.client_name.clone().into());
+        let connection = tokio::time::timeout(Duration::from_secs(3), Connection::connect_uri(uri, properties))
+            .await
+            .map_err(|_| BusError::Unavailable(format!("RabbitMQ at {shown} did not answer within 3 s")))?
+            .map_err(|e| BusError::Unavailable(format!("cannot reach RabbitMQ at {shown}: {e}")))?;
+        self.declare_layout(&connection).await?;
+        tracing::info!(event = "bus_connected", broker = %shown, "connected to RabbitMQ");
+        Ok(connection)
+    }
+
+    /// Declares every exchange and queue of the deployment; idempotent.
+    async fn declare_layout(&self, connection: &Connection) -> Result<(), BusError> {
+        let settings = &self.inner.settings;
+        let names = &settings.names;
+        let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for (exchange, kind) in [
+            (names.input_exchange(), ExchangeKind::Direct),
+            (names.events_exchange(), ExchangeKind::Direct),
+            (names.dead_letters(), ExchangeKind::Fanout),
+            (names.members_exchange(), ExchangeKind::Fanout),
+        ] {
+            channel
+                .exchange_declare(exchange.as_str().into(), kind, durable, FieldTable::default())
+                .await
+                .map_err(layout_error(&exchange))?;
+        }
+        let queue_options = QueueDeclareOptions { durable: true, ..Default::default() };
+        let dead = names.dead_letters();
+        channel
+            .queue_declare(dead.as_str().into(), queue_options, quorum(FieldTable::default()))
+            .await
+            .map_err(layout_error(&dead))?;
+        channel
+            .queue_bind(
+                dead.as_str().into(),
+                dead.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(layout_error(&dead))?;
+        for partition in settings.partitions.all() {
+            let queue = names.partition_queue(partition);
+            channel
+                .queue_declare(queue.as_str().into(), queue_options, self.partition_queue_arguments())
+                .await
+                .map_err(layout_error(&queue))?;
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    names.input_exchange().as_str().into(),
+                    partition.to_string().as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(layout_error(&queue))?;
+        }
+        let _ = channel.close(200, "layout declared".into()).await;
+        Ok(())
+    }
+
+    fn partition_queue_arguments(&self) -> FieldTable {
+        let settings = &self.inner.settings;
+        let mut arguments = FieldTable::default();
+        // At most one worker receives from a partition at a time, whatever the ownership
+        // protocol believes: the broker's own guarantee under the leases.
+        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        arguments.insert("x-delivery-limit".into(), AMQPValue::LongInt(settings.delivery_limit as i32));
+        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(settings.names.dead_letters().into()));
+        quorum(arguments)
+    }
+
+    /// A channel kept in `slot`, opened (with `setup`) when there is none or it broke.
+    async fn channel_in(&self, slot: &Mutex<Option<Channel>>, confirms: bool) -> Result<Channel, BusError> {
+        let mut slot = slot.lock().await;
+        if let Some(channel) = slot.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        *slot = None;
+        let connection = self.connection().await?;
+        let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
+        if confirms {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(unavailable("enable publisher confirms"))?;
+        }
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    async fn forget_channel(slot: &Mutex<Option<Channel>>) {
+        *slot.lock().await = None;
+    }
+
+    pub(crate) fn in_flight(&self, partition: Partition) -> Option<&AtomicU64> {
+        self.inner.in_flight.get(partition.get() as usize)
+    }
+}
+
+fn quorum(mut arguments: FieldTable) -> FieldTable {
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments
+}
+
+fn unavailable(what: &'static str) -> impl Fn(lapin::Error) -> BusError {
+    move |e| BusError::Unavailable(format!("cannot {what}: {e}"))
+}
+
+fn layout_error(object: &str) -> impl Fn(lapin::Error) -> BusError + '_ {
+    move |e| {
+        let text = e.to_string();
+        if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+            BusError::Unsupported(format!(
+                "RabbitMQ already has {object} with other settings ({text}); chatfleet needs it as it declares it \
+                 (a durable quorum queue with single active consumer, or a durable exchange): delete it or use \
+                 another vhost"
+            ))
+        } else {
+            BusError::Unavailable(format!("cannot declare {object}: {text}"))
+        }
+    }
+}
+
+fn sequence_number() -> u64 {
+    // Random rather than counted: gateways share no counter, and 63 random bits never collide
+    // among the messages in flight.
+    rand::random::<u64>() >> 1
+}
+
+#[async_trait]
+impl Bus for AmqpBus {
+    fn partitions(&self) -> PartitionCount {
+        self.inner.settings.partitions
+    }
+
+    async fn enqueue(&self, message: &UserMessage) -> Result<Enqueued, BusError> {
+        let settings = &self.inner.settings;
+        let partition = settings.partitions.of(&message.session_id);
+        let payload = serde_json::to_vec(message).map_err(|e| BusError::Failed(e.to_string()))?;
+        let mut headers = FieldTable::default();
+        headers.insert(SEQUENCE_HEADER.into(), AMQPValue::LongLongInt(sequence_number() as i64));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(message.message_id.as_str().into())
+            .with_headers(headers);
+        let timeout = settings.publish_timeout;
+        let result = tokio::time::timeout(timeout, async {
+            let channel = self.channel_in(&self.inner.publisher, true).await?;
+            channel
+                .basic_publish(
+                    settings.names.input_exchange().as_str().into(),
+                    partition.to_string().as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &payload,
+                    properties,
+                )
+                .await
+                .map_err(unavailable("publish"))?
+                .await
+                .map_err(unavailable("get a publisher confirm"))
+        })
+        .await
+        .map_err(|_| BusError::Unavailable(format!("RabbitMQ did not confirm within {timeout:?}")))
+        .and_then(|r| r);
+        match result {
+            // The broker has the message on disk in its partition queue.
+            Ok(Confirmation::Ack(None)) => Ok(Enqueued { duplicate: false }),
+            Ok(Confirmation::Ack(Some(returned))) => Err(BusError::Failed(format!(
+                "RabbitMQ has no queue for partition {partition} (returned: {}); was it deleted?",
+                returned.reply_text
+            ))),
+            Ok(Confirmation::Nack(_)) => Err(BusError::Unavailable("RabbitMQ refused the message (nack)".into())),
+            Ok(Confirmation::NotRequested) => Err(BusError::Failed("publisher confirms are off".into())),
+            Err(e) => {
+                Self::forget_channel(&self.inner.publisher).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn publish_event(&self, event: &ReplyEvent) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(event).map_err(|e| BusError::Failed(e.to_string()))?;
+        let channel = self.channel_in(&self.inner.events_out, false).await?;
+        let published = channel
+            .basic_publish(
+                self.inner.settings.names.events_exchange().as_str().into(),
+                event.session_id.as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default().with_content_type("application/json".into()),
+            )
+            .await;
+        if let Err(e) = published {
+            Self::forget_channel(&self.inner.events_out).await;
+            return Err(BusError::Unavailable(format!("cannot publish a reply event: {e}")));
+        }
+        Ok(())
+    }
+
+    async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError> {
+        events::subscribe(self, session).await
+    }
+
+    async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {
+        consume::deliveries(self, partition).await
+    }
+
+    async fn join(&self, worker_id: &str) -> Result<Box<dyn crate::Membership>, BusError> {
+        ownership::join(self, worker_id).await
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        let connection = self.connection().await?;
+        if connection.status().connected() {
+            Ok(())
+        } else {
+            Err(BusError::Unavailable(format!("not connected to RabbitMQ at {}", self.shown_url())))
+        }
+    }
+
+    async fn status(&self) -> Result<crate::FleetStatus, BusError> {
+        ownership::status(self).await
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "RabbitMQ at {} (queues {}.*, {} partitions)",
+            self.shown_url(),
+            self.inner.settings.names.input_exchange(),
+            self.inner.settings.partitions
+        )
+    }
+}
+
+/// Counts a delivery in flight until it is settled or dropped.
+pub(crate) struct InFlight {
+    bus: AmqpBus,
+    partition: Partition,
+}
+
+impl InFlight {
+    fn start(bus: &AmqpBus, partition: Partition) -> Self {
+        if let Some(counter) = bus.in_flight(partition) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Self { bus: bus.clone(), partition }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(counter) = self.bus.in_flight(self.partition) {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let names = AmqpNames::new("fleet-a").unwrap();
+        assert_eq!(names.input_exchange(), "fleet-a.in");
+        assert_eq!(names.partition_queue(Partition::new(3)), "fleet-a.in.3");
+        assert_eq!(names.events_exchange(), "fleet-a.out");
+        assert_eq!(names.dead_letters(), "fleet-a.dead");
+        assert_eq!(names.members_exchange(), "fleet-a.members");
+        assert!(AmqpNames::new("has space").is_err());
+        assert!(AmqpNames::new("").is_err());
+    }
+
+    #[test]
+    fn sequence_numbers_fit_in_a_signed_header() {
+        for _ in 0..1000 {
+            assert!(i64::try_from(sequence_number()).is_ok());
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! Partition ownership on RabbitMQ: heartbeats on a fanout exchange for membership, the shared
+//! assignment function for balance, and single active consumer for exclusivity.
+//!
+//! Every worker binds an exclusive queue to `<prefix>.members` and publishes a heartbeat there
+//! every `heartbeat`: its id, the partitions it holds, and whether it is leaving. Every member
+//! thus sees the same live members (heard from within `lease_ttl`) and computes the same target
+//! with [`crate::assign`]. A member:
+//! - consumes a partition as soon as the target gives it to it ([`OwnershipEvent::Acquired`]).
+//!   If the previous owner still consumes the queue, the broker keeps the newcomer waiting
+//!   (single active consumer) until the previous owner's channel closes, and that close returns
+//!   the previous owner's unsettled messages to the head of the queue first: exclusivity and
+//!   order come from the broker, not from timing;
+//! - hands over a partition the target gives to someone else ([`OwnershipEvent::Revoked`]): the
+//!   worker drains it, releases it, and its channel closes;
+//! - when its connection breaks, stops every partition at once ([`OwnershipEvent::Lost`]): the
+//!   broker has already returned their messages for the next consumer.
+//!
+//! A crashed worker's connection closes with its process, so its queues pass at once to a
+//! member already waiting on them; otherwise they move once its heartbeats have been missing for
+//! `lease_ttl` and the target no longer names it. The broker's AMQP heartbeat bounds how long a
+//! silent, unreachable worker may keep a queue.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Consumer};
+use schemas::Partition;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{AmqpBus, unavailable};
+use crate::nats::ownership::{OWNED_PARTITIONS, PARTITION_ACK_PENDING, PARTITION_PENDING, validate_worker_id};
+use crate::{BusError, Membership, OwnershipEvent, assign};
+
+/// What a worker says of itself every heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Heartbeat {
+    worker: String,
+    /// Partitions it consumes, with how long it has held each, in milliseconds: of two workers
+    /// consuming one queue during a hand-over, the one holding it longer is the active one.
+    #[serde(default)]
+    holding: Vec<(u32, u64)>,
+    /// Deliveries of each held partition not yet settled.
+    #[serde(default)]
+    in_flight: Vec<(u32, u64)>,
+    /// It is handing everything over and must no longer be given partitions.
+    #[serde(default)]
+    leaving: bool,
+}
+
+pub(super) async fn join(bus: &AmqpBus, worker_id: &str) -> Result<Box<dyn Membership>, BusError> {
+    validate_worker_id(worker_id)?;
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    let mut coordinator = Coordinator {
+        bus: bus.clone(),
+        me: worker_id.to_owned(),
+        members: HashMap::new(),
+        owned: BTreeMap::new(),
+        leaving: false,
+        events: events_tx,
+        link: None,
+    };
+    // Fail the join, rather than retry in the background, if the broker is not there now.
+    coordinator.connect().await?;
+    tokio::spawn(coordinator.run(commands_rx));
+    Ok(Box::new(AmqpMembership { events: events_rx, commands: commands_tx }))
+}
+
+enum Command {
+    Release(Partition),
+    Leave,
+}
+
+struct AmqpMembership {
+    events: mpsc::UnboundedReceiver<OwnershipEvent>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+#[async_trait]
+impl Membership for AmqpMembership {
+    async fn next(&mut self) -> Option<OwnershipEvent> {
+        self.events.recv().await
+    }
+
+    async fn release(&mut self, partition: Partition) {
+        let _ = self.commands.send(Command::Release(partition));
+    }
+
+    async fn leave(&mut self) {
+        let _ = self.commands.send(Command::Leave);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holding {
+    Active,
+    /// Revoked; the worker is draining it.
+    Revoking,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Owned {
+    since: Instant,
+    holding: Holding,
+}
+
+/// The channel heartbeats go out on and the consumer they come in on.
+struct Link {
+    channel: Channel,
+    heartbeats: Consumer,
+    /// When the link was set up: the member acts once it has heard the others.
+    since: Instant,
+}
+
+struct Coordinator {
+    bus: AmqpBus,
+    me: String,
+    /// When each member was last heard from, and whether it is leaving.
+    members: HashMap<String, (Instant, bool)>,
+    owned: BTreeMap<Partition, Owned>,
+    leaving: bool,
+    events: mpsc::UnboundedSender<OwnershipEvent>,
+    link: Option<Link>,
+}
+
+impl Coordinator {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let settings = self.bus.settings().ownership.clone();
+        let mut ticker = tokio::time::interval(settings.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_at = Instant::now();
+        let mut lag_report = Instant::now();
+        loop {
+            if self.link.is_none() && Instant::now() >= retry_at {
+                if let Err(e) = self.connect().await {
+                    tracing::warn!(event = "ownership_link_failed", error = %e, "cannot reach RabbitMQ; retrying");
+                    retry_at = Instant::now() + Duration::from_millis(500);
+                }
+            }
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.heartbeat().await;
+                    if lag_report.elapsed() >= Duration::from_secs(5) {
+                        lag_report = Instant::now();
+                        self.report_lag().await;
+                    }
+                }
+                beat = next_heartbeat(&mut self.link) => match beat {
+                    Some(beat) => self.observe(beat).await,
+                    None => self.link_lost(),
+                },
+                command = commands.recv() => match command {
+                    Some(Command::Release(p)) => self.release(p),
+                    Some(Command::Leave) | None => self.begin_leaving().await,
+                },
+            }
+            if self.synced() {
+                self.act();
+            }
+            if self.leaving && self.owned.is_empty() {
+                self.heartbeat().await;
+                if let Some(link) = self.link.take() {
+                    let _ = link.channel.close(200, "left".into()).await;
+                }
+                tracing::info!(event = "ownership_left", worker = %self.me, "left the deployment");
+                return;
+            }
+        }
+    }
+
+    /// Binds a fresh heartbeat queue and announces this member.
+    async fn connect(&mut self) -> Result<(), BusError> {
+        let connection = self.bus.connection().await?;
+        let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable("declare the heartbeat queue"))?;
+        let exchange = self.bus.settings().names.members_exchange();
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable("bind the heartbeat queue"))?;
+        let heartbeats = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable("consume heartbeats"))?;
+        self.link = Some(Link { channel, heartbeats, since: Instant::now() });
+        // Announce at once: every member answers a newcomer with its own heartbeat, so that
+        // this one knows the deployment within milliseconds.
+        self.heartbeat().await;
+        Ok(())
+    }
+
+    /// Whether this member has listened long enough to know the others.
+    fn synced(&self) -> bool {
+        let settle = self.bus.settings().ownership.heartbeat.min(Duration::from_millis(300));
+        self.link.as_ref().is_some_and(|l| l.since.elapsed() >= settle)
+    }
+
+    fn link_lost(&mut self) {
+        self.link = None;
+        // The partition channels shared the broken connection: the broker has returned their
+        // messages and may already deliver them elsewhere.
+        let lost: Vec<Partition> = self.owned.keys().copied().collect();
+        self.owned.clear();
+        for partition in &lost {
+            tracing::warn!(event = "partition_lost", worker = %self.me, partition = partition.get(), "connection to RabbitMQ lost; stopping the partition");
+            let _ = self.events.send(OwnershipEvent::Lost(*partition));
+        }
+        metrics::gauge!(OWNED_PARTITIONS).set(0.0);
+        self.members.clear();
+    }
+
+    async fn heartbeat(&mut self) {
+        let Some(link) = self.link.as_ref() else { return };
+        let beat = Heartbeat {
+            worker: self.me.clone(),
+            holding: self.owned.iter().map(|(p, o)| (p.get(), o.since.elapsed().as_millis() as u64)).collect(),
+            in_flight: self
+                .owned
+                .keys()
+                .filter_map(|p| self.bus.in_flight(*p).map(|c| (p.get(), c.load(Ordering::Relaxed))))
+                .collect(),
+            leaving: self.leaving,
+        };
+        let payload = serde_json::to_vec(&beat).unwrap_or_default();
+        let exchange = self.bus.settings().names.members_exchange();
+        let published = link
+            .channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default().with_expiration(self.expiration().into()),
+            )
+            .await;
+        if let Err(e) = published {
+            tracing::warn!(event = "heartbeat_failed", error = %e);
+            self.link_lost();
+        }
+    }
+
+    /// Heartbeats older than a lease are worthless: let the broker drop them.
+    fn expiration(&self) -> String {
+        self.bus.settings().ownership.lease_ttl.as_millis().to_string()
+    }
+
+    async fn observe(&mut self, beat: Heartbeat) {
+        if beat.worker == self.me {
+            return;
+        }
+        let known = self.members.contains_key(&beat.worker);
+        self.members.insert(beat.worker.clone(), (Instant::now(), beat.leaving));
+        if !known && !beat.leaving {
+            self.heartbeat().await;
+        }
+    }
+
+    /// Live members, this one included unless it is leaving.
+    fn live_members(&self) -> Vec<String> {
+        let ttl = self.bus.settings().ownership.lease_ttl;
+        let mut live: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, (seen, leaving))| !leaving && seen.elapsed() < ttl)
+            .map(|(m, _)| m.clone())
+            .collect();
+        if !self.leaving {
+            live.push(self.me.clone());
+        }
+        live
+    }
+
+    /// Moves towards the target assignment.
+    fn act(&mut self) {
+        let target = assign(self.bus.settings().partitions, &self.live_members());
+        for (partition, owned) in self.owned.iter_mut() {
+            if owned.holding == Holding::Active && target.get(partition) != Some(&self.me) {
+                owned.holding = Holding::Revoking;
+                tracing::info!(event = "partition_revoked", worker = %self.me, partition = partition.get(), "handing the partition over");
+                let _ = self.events.send(OwnershipEvent::Revoked(*partition));
+            }
+        }
+        if self.leaving {
+            return;
+        }
+        for (partition, owner) in target {
+            if owner == self.me && !self.owned.contains_key(&partition) {
+                self.owned.insert(partition, Owned { since: Instant::now(), holding: Holding::Active });
+                tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), "consuming the partition");
+                metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+                let _ = self.events.send(OwnershipEvent::Acquired(partition));
+            }
+        }
+    }
+
+    fn release(&mut self, partition: Partition) {
+        if self.owned.remove(&partition).is_some() {
+            tracing::info!(event = "partition_released", worker = %self.me, partition = partition.get(), "handed the partition over");
+            metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+        }
+    }
+
+    async fn begin_leaving(&mut self) {
+        if self.leaving {
+            return;
+        }
+        self.leaving = true;
+        // Others plan without us at once.
+        self.heartbeat().await;
+        tracing::info!(event = "ownership_leaving", worker = %self.me, owned = self.owned.len(), "leaving the deployment");
+    }
+
+    /// Publishes each owned partition's backlog as metrics.
+    async fn report_lag(&self) {
+        for partition in self.owned.keys() {
+            let labels = [("partition", partition.get().to_string())];
+            if let Ok((ready, _)) = queue_counts(&self.bus, *partition).await {
+                metrics::gauge!(PARTITION_PENDING, &labels).set(ready as f64);
+            }
+            if let Some(counter) = self.bus.in_flight(*partition) {
+                metrics::gauge!(PARTITION_ACK_PENDING, &labels).set(counter.load(Ordering::Relaxed) as f64);
+            }
+        }
+    }
+}
+
+async fn next_heartbeat(link: &mut Option<Link>) -> Option<Heartbeat> {
+    let Some(link) = link.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        match link.heartbeats.next().await {
+            Some(Ok(delivery)) => match serde_json::from_slice::<Heartbeat>(&delivery.data) {
+                Ok(beat) => return Some(beat),
+                Err(e) => tracing::warn!(event = "bad_heartbeat", error = %e),
+            },
+            Some(Err(e)) => {
+                tracing::warn!(event = "heartbeat_link_error", error = %e);
+                return None;
+            }
+            None => return None,
+        }
+    }
+}
+
+/// A queue's ready messages and consumers, by a passive declare on a throwaway channel (a
+/// missing queue closes the channel).
+async fn queue_counts(bus: &AmqpBus, partition: Partition) -> Result<(u32, u32), BusError> {
+    count(bus, &bus.settings().names.partition_queue(partition)).await
+}
+
+async fn count(bus: &AmqpBus, queue: &str) -> Result<(u32, u32), BusError> {
+    let connection = bus.connection().await?;
+    let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
+    let declared = channel
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .map_err(|e| BusError::Unavailable(format!("cannot inspect queue {queue}: {e}")));
+    let _ = channel.close(200, "inspected".into()).await;
+    let declared = declared?;
+    Ok((declared.message_count(), declared.consumer_count()))
+}
+
+/// Listens to heartbeats for a while and reads the queues: who is alive, who owns what, the
+/// backlogs and the dead letters.
+pub(super) async fn status(bus: &AmqpBus) -> Result<crate::FleetStatus, BusError> {
+    let settings = bus.settings();
+    let connection = bus.connection().await?;
+    let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable("declare a status queue"))?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            settings.names.members_exchange().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable("bind a status queue"))?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(unavailable("consume heartbeats"))?;
+    // Every live worker beats within one heartbeat interval; listen for a little longer.
+    let listen = settings.ownership.heartbeat * 2 + Duration::from_millis(100);
+    let started = Instant::now();
+    let mut beats: BTreeMap<String, (Heartbeat, Instant)> = BTreeMap::new();
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(started + listen, consumer.next()).await {
+        if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
+            beats.insert(beat.worker.clone(), (beat, Instant::now()));
+        }
+    }
+    let _ = channel.close(200, "status read".into()).await;
+
+    let mut workers = Vec::new();
+    // Per partition, the holder that has held it longest: the broker's active consumer.
+    let mut owners: BTreeMap<u32, (String, u64)> = BTreeMap::new();
+    let mut in_flight: BTreeMap<u32, u64> = BTreeMap::new();
+    for (worker, (beat, heard)) in &beats {
+        if beat.leaving {
+            continue;
+        }
+        workers.push(crate::WorkerStatus { worker: worker.clone(), seen_secs_ago: heard.elapsed().as_secs_f64() });
+        for (partition, held_ms) in &beat.holding {
+            let longer = owners.get(partition).is_none_or(|(_, other)| held_ms > other);
+            if longer {
+                owners.insert(*partition, (worker.clone(), *held_ms));
+                if let Some((_, n)) = beat.in_flight.iter().find(|(p, _)| p == partition) {
+                    in_flight.insert(*partition, *n);
+                }
+            }
+        }
+    }
+    let mut partitions = Vec::new();
+    for partition in settings.partitions.all() {
+        let counts = queue_counts(bus, partition).await.ok();
+        partitions.push(crate::PartitionStatus {
+            partition: partition.get(),
+            owner: owners.get(&partition.get()).map(|(w, _)| w.clone()),
+            fence: None,
+            pending: counts.map(|(ready, _)| u64::from(ready)),
+            in_flight: in_flight.get(&partition.get()).copied(),
+        });
+    }
+    let dead_letters = count(bus, &settings.names.dead_letters()).await.ok().map(|(n, _)| u64::from(n));
+    Ok(crate::FleetStatus { workers, partitions, dead_letters })
+}
