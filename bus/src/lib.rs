@@ -54,7 +54,9 @@ pub struct Delivery {
     /// The message, or why its bytes could not be read as one (such a message can only be
     /// rejected).
     pub message: Result<UserMessage, String>,
-    /// How many times this message has been delivered, this time included.
+    /// How many times this message has been delivered, this time included. On NATS the count
+    /// is per owner: a hand-over recreates the partition's consumer, and the new one counts from
+    /// one again (the worker's store counts generation starts across owners).
     pub attempt: u64,
     /// The message's position in its partition: the same for every delivery of the same
     /// bus message, different for two messages even with the same message id.

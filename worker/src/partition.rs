@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bus::{Deliveries, Delivery};
 use futures::StreamExt;
-use schemas::{DoubleTexting, Partition, SessionId};
+use schemas::{DoubleTexting, MessageId, Partition, SessionId};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +38,9 @@ struct SessionQueue {
     handed: u64,
     /// The messages at places before this one are interrupted ([`session::Interruption`]).
     interrupted_before: watch::Sender<u64>,
+    /// The bus sequence and message id of each outstanding message, to recognise another copy
+    /// of one of them.
+    unanswered: Vec<(u64, MessageId)>,
 }
 
 /// A partition runner. `stop` ends pulling and lets what is in hand finish; `abort` also
@@ -131,6 +134,22 @@ impl Runner {
                         tracing::debug!(event = "redelivery_in_hand", session_id = %message.session_id, message_id = %message.message_id);
                         continue;
                     }
+                    if sessions
+                        .get(&message.session_id)
+                        .is_some_and(|q| q.unanswered.iter().any(|(_, id)| *id == message.message_id))
+                    {
+                        // Another copy of a message this worker is answering right now (a bus
+                        // without deduplication carries a client's resend): the copy in hand
+                        // answers it, so this one is settled as is, and the client sees one
+                        // reply. A copy arriving after the answer finds the outcome instead.
+                        in_hand.remove(&delivery.sequence);
+                        tracing::info!(event = "duplicate_in_hand", session_id = %message.session_id, message_id = %message.message_id, "settling a second copy of a message being answered");
+                        telemetry::message_settled("duplicate");
+                        if let Err(e) = delivery.acker.ack().await {
+                            tracing::warn!(event = "settle_failed", error = %e);
+                        }
+                        continue;
+                    }
                     let queue = sessions.entry(message.session_id.clone()).or_insert_with(|| {
                         let (tx, rx) = mpsc::unbounded_channel();
                         let (interrupted_before, interruptions) = watch::channel(0);
@@ -148,7 +167,7 @@ impl Runner {
                             finished_tx.clone(),
                             self.permits.clone(),
                         ));
-                        SessionQueue { tx, outstanding: 0, handed: 0, interrupted_before }
+                        SessionQueue { tx, outstanding: 0, handed: 0, interrupted_before, unanswered: Vec::new() }
                     });
                     let place = queue.handed;
                     if message.policy() == DoubleTexting::Interrupt && queue.outstanding > 0 {
@@ -166,6 +185,7 @@ impl Runner {
                     }
                     queue.handed += 1;
                     queue.outstanding += 1;
+                    queue.unanswered.push((delivery.sequence, message.message_id.clone()));
                     if queue.tx.send(session::Queued { place, delivery }).is_err() {
                         tracing::error!(event = "session_queue_closed", session_id = %message.session_id);
                     }
@@ -174,6 +194,7 @@ impl Runner {
                     in_hand.remove(&sequence);
                     if let Some(queue) = sessions.get_mut(&session) {
                         queue.outstanding -= 1;
+                        queue.unanswered.retain(|(s, _)| *s != sequence);
                         if queue.outstanding == 0 {
                             // Dropping the sender ends the session's task.
                             sessions.remove(&session);

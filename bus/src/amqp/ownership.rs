@@ -5,11 +5,13 @@
 //! every `heartbeat`: its id, the partitions it holds, and whether it is leaving. Every member
 //! thus sees the same live members (heard from within `lease_ttl`) and computes the same target
 //! with [`crate::assign`]. A member:
-//! - consumes a partition as soon as the target gives it to it ([`OwnershipEvent::Acquired`]).
-//!   If the previous owner still consumes the queue, the broker keeps the newcomer waiting
-//!   (single active consumer) until the previous owner's channel closes, and that close returns
-//!   the previous owner's unsettled messages to the head of the queue first: exclusivity and
-//!   order come from the broker, not from timing;
+//! - takes a partition the target gives it once no live member's latest heartbeat says it holds
+//!   it ([`OwnershipEvent::Acquired`]); a member that releases a partition beats at once, so a
+//!   hand-over takes milliseconds. Should two members ever consume one queue at once (views
+//!   differ for a moment), the broker still delivers to one of them only (single active
+//!   consumer), and the other receives nothing until the first one's channel closes, which
+//!   returns the first one's unsettled messages to the head of the queue before anything
+//!   newer: exclusivity and order never rest on timing alone;
 //! - hands over a partition the target gives to someone else ([`OwnershipEvent::Revoked`]): the
 //!   worker drains it, releases it, and its channel closes;
 //! - when its connection breaks, stops every partition at once ([`OwnershipEvent::Lost`]): the
@@ -66,6 +68,8 @@ pub(super) async fn join(bus: &AmqpBus, worker_id: &str) -> Result<Box<dyn Membe
         leaving: false,
         events: events_tx,
         link: None,
+        echoed: Instant::now(),
+        answer: false,
     };
     // Fail the join, rather than retry in the background, if the broker is not there now.
     coordinator.connect().await?;
@@ -119,15 +123,26 @@ struct Link {
     since: Instant,
 }
 
+/// A member's latest heartbeat.
+struct Heard {
+    at: Instant,
+    leaving: bool,
+    holding: Vec<u32>,
+}
+
 struct Coordinator {
     bus: AmqpBus,
     me: String,
-    /// When each member was last heard from, and whether it is leaving.
-    members: HashMap<String, (Instant, bool)>,
+    /// What each other member said last, and when.
+    members: HashMap<String, Heard>,
     owned: BTreeMap<Partition, Owned>,
     leaving: bool,
     events: mpsc::UnboundedSender<OwnershipEvent>,
     link: Option<Link>,
+    /// When our own latest heartbeat came back through the exchange.
+    echoed: Instant,
+    /// A newcomer was heard: beat at once so that it learns of us.
+    answer: bool,
 }
 
 impl Coordinator {
@@ -153,14 +168,26 @@ impl Coordinator {
                     }
                 }
                 beat = next_heartbeat(&mut self.link) => match beat {
-                    Some(beat) => self.observe(beat).await,
+                    Some(beat) => self.observe(beat),
                     None => self.link_lost(),
                 },
                 command = commands.recv() => match command {
-                    Some(Command::Release(p)) => self.release(p),
+                    Some(Command::Release(p)) => self.release(p).await,
                     Some(Command::Leave) | None => self.begin_leaving().await,
                 },
             }
+            // Act on everything the broker has handed over, not on a view that a busy moment
+            // left behind: a member that looks silent may only have beaten unread.
+            while let Some(beat) = futures::FutureExt::now_or_never(next_heartbeat(&mut self.link)) {
+                match beat {
+                    Some(beat) => self.observe(beat),
+                    None => self.link_lost(),
+                }
+            }
+            if std::mem::take(&mut self.answer) {
+                self.heartbeat().await;
+            }
+            self.fence();
             if self.synced() {
                 self.act();
             }
@@ -208,6 +235,7 @@ impl Coordinator {
             .await
             .map_err(unavailable("consume heartbeats"))?;
         self.link = Some(Link { channel, heartbeats, since: Instant::now() });
+        self.echoed = Instant::now();
         // Announce at once: every member answers a newcomer with its own heartbeat, so that
         // this one knows the deployment within milliseconds.
         self.heartbeat().await;
@@ -269,15 +297,33 @@ impl Coordinator {
         self.bus.settings().ownership.lease_ttl.as_millis().to_string()
     }
 
-    async fn observe(&mut self, beat: Heartbeat) {
+    fn observe(&mut self, beat: Heartbeat) {
         if beat.worker == self.me {
+            // Our own heartbeat came back: the others have it too.
+            self.echoed = Instant::now();
             return;
         }
         let known = self.members.contains_key(&beat.worker);
-        self.members.insert(beat.worker.clone(), (Instant::now(), beat.leaving));
+        let holding = beat.holding.iter().map(|(p, _)| *p).collect();
+        self.members.insert(beat.worker.clone(), Heard { at: Instant::now(), leaving: beat.leaving, holding });
         if !known && !beat.leaving {
-            self.heartbeat().await;
+            self.answer = true;
         }
+    }
+
+    /// Gives up every partition at once when our own heartbeats have not come back for longer
+    /// than the others wait before they count us dead (less a margin): they may be about to take
+    /// our partitions.
+    fn fence(&mut self) {
+        let ownership = &self.bus.settings().ownership;
+        if self.owned.is_empty() || self.echoed.elapsed() < ownership.lease_ttl - ownership.safety_margin {
+            return;
+        }
+        for partition in std::mem::take(&mut self.owned).into_keys() {
+            tracing::warn!(event = "partition_lost", worker = %self.me, partition = partition.get(), "our heartbeats are not getting through; stopping the partition");
+            let _ = self.events.send(OwnershipEvent::Lost(partition));
+        }
+        metrics::gauge!(OWNED_PARTITIONS).set(0.0);
     }
 
     /// Live members, this one included unless it is leaving.
@@ -286,7 +332,7 @@ impl Coordinator {
         let mut live: Vec<String> = self
             .members
             .iter()
-            .filter(|(_, (seen, leaving))| !leaving && seen.elapsed() < ttl)
+            .filter(|(_, heard)| !heard.leaving && heard.at.elapsed() < ttl)
             .map(|(m, _)| m.clone())
             .collect();
         if !self.leaving {
@@ -308,20 +354,29 @@ impl Coordinator {
         if self.leaving {
             return;
         }
-        for (partition, owner) in target {
-            if owner == self.me && !self.owned.contains_key(&partition) {
-                self.owned.insert(partition, Owned { since: Instant::now(), holding: Holding::Active });
-                tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), "consuming the partition");
-                metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
-                let _ = self.events.send(OwnershipEvent::Acquired(partition));
-            }
+        let ttl = self.bus.settings().ownership.lease_ttl;
+        let held_elsewhere = |p: Partition| {
+            self.members.values().any(|heard| heard.at.elapsed() < ttl && heard.holding.contains(&p.get()))
+        };
+        let free: Vec<Partition> = target
+            .iter()
+            .filter(|(p, owner)| **owner == self.me && !self.owned.contains_key(p) && !held_elsewhere(**p))
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in free {
+            self.owned.insert(partition, Owned { since: Instant::now(), holding: Holding::Active });
+            tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), "consuming the partition");
+            metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+            let _ = self.events.send(OwnershipEvent::Acquired(partition));
         }
     }
 
-    fn release(&mut self, partition: Partition) {
+    async fn release(&mut self, partition: Partition) {
         if self.owned.remove(&partition).is_some() {
             tracing::info!(event = "partition_released", worker = %self.me, partition = partition.get(), "handed the partition over");
             metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+            // The next owner waits for our word that we no longer hold it.
+            self.heartbeat().await;
         }
     }
 
