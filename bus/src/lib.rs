@@ -83,6 +83,14 @@ pub trait Acker: Send + Sync {
     async fn in_progress(&self) -> Result<(), BusError>;
     /// It can never be processed: stop delivering it.
     async fn reject(&self) -> Result<(), BusError>;
+
+    /// Not started, and this worker is handing the partition over: leave it for the next owner,
+    /// who receives it before anything newer. By default it goes back at once; a bus that
+    /// returns a consumer's unsettled messages in order when it lets the partition go does
+    /// nothing here, since returning messages one by one could reorder them.
+    async fn abandon(&self) -> Result<(), BusError> {
+        self.retry_after(Duration::ZERO).await
+    }
 }
 
 /// The deliveries of one partition, in the partition's order (redeliveries aside).

@@ -1,8 +1,10 @@
 //! Chaos under load: worker processes killed, added, removed and stopped, and the broker
 //! restarted, while users keep chatting. Every test checks the same promises: every accepted
 //! message is answered exactly once, each session's order is kept, and histories are
-//! consistent. The measured failover and rebalance times are printed.
+//! consistent. The measured failover and rebalance times are printed. Every test runs on NATS
+//! and on RabbitMQ.
 
+#[macro_use]
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,6 +17,14 @@ use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use support::{Backend, Options, Session, TestApp, echo_of};
+
+on_every_broker!(
+    killing_workers_at_random_loses_nothing_and_answers_once,
+    scaling_one_to_four_to_one_worker_mid_load_keeps_every_promise,
+    sigterm_during_generation_finishes_in_flight_replies_and_exits_0,
+    restarting_the_broker_mid_run_loses_nothing_and_answers_once,
+    a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done,
+);
 use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: u32 = 8;
@@ -56,20 +66,31 @@ impl Drop for WorkerProc {
 /// A fleet whose workers are separate processes.
 struct Fleet {
     app: TestApp,
-    bus: bus::NatsBus,
+    /// The fleet's bus as an operator's `chatfleet status` sees it.
+    bus: Arc<dyn Bus>,
     workers: Vec<WorkerProc>,
     next_id: usize,
 }
 
 impl Fleet {
-    async fn start(workers: usize, options: Options) -> Fleet {
+    async fn start(backend: Backend, workers: usize, options: Options) -> Fleet {
         llm::install_crypto_provider();
-        let app =
-            TestApp::spawn_with(Backend::NatsMongo, Options { workers: 0, partitions: PARTITIONS, ..options }).await;
-        let mut settings =
-            bus::NatsSettings::new(app.nats.as_ref().unwrap().url(), schemas::PartitionCount::new(PARTITIONS).unwrap());
-        settings.ownership = bus::OwnershipSettings::with_lease_ttl(Duration::from_secs(2));
-        let bus = bus::NatsBus::connect(settings).await.unwrap();
+        let app = TestApp::spawn_with(backend, Options { workers: 0, partitions: PARTITIONS, ..options }).await;
+        let partitions = schemas::PartitionCount::new(PARTITIONS).unwrap();
+        let ownership = bus::OwnershipSettings::with_lease_ttl(Duration::from_secs(2));
+        let bus: Arc<dyn Bus> = match backend {
+            Backend::NatsMongo => {
+                let mut settings = bus::NatsSettings::new(app.bus_url(), partitions);
+                settings.ownership = ownership;
+                Arc::new(bus::NatsBus::connect(settings).await.unwrap())
+            }
+            Backend::RabbitMongo => {
+                let mut settings = bus::AmqpSettings::new(app.bus_url(), partitions);
+                settings.ownership = ownership;
+                Arc::new(bus::AmqpBus::connect(settings).await.unwrap())
+            }
+            Backend::Dev => panic!("chaos needs worker processes and a broker"),
+        };
         let mut fleet = Fleet { app, bus, workers: Vec::new(), next_id: 0 };
         for _ in 0..workers {
             fleet.add_worker();
@@ -84,7 +105,7 @@ impl Fleet {
         let app = &self.app;
         let child = Command::new(env!("CARGO_BIN_EXE_chatfleet"))
             .args(["worker", "--listen", &format!("127.0.0.1:{}", testkit::free_port())])
-            .args(["--bus", &app.nats.as_ref().unwrap().url()])
+            .args(["--bus", &app.bus_url()])
             .args(["--store", &app.mongo.as_ref().unwrap().url_for_db("chatfleet_test")])
             .args(["--partitions", &PARTITIONS.to_string()])
             .args(["--llm-base-url", &app.mock.base_url, "--model", "mock"])
@@ -219,9 +240,8 @@ fn quick_replies() -> Options {
     Options { first_token_ms: 20, token_ms: 10, reply_tokens: 12, ..Options::default() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_workers_at_random_loses_nothing_and_answers_once() {
-    let mut fleet = Fleet::start(3, quick_replies()).await;
+async fn killing_workers_at_random_loses_nothing_and_answers_once(backend: Backend) {
+    let mut fleet = Fleet::start(backend, 3, quick_replies()).await;
     let load = Load::start(&fleet.app, 24, Duration::from_millis(50)).await;
 
     let mut failovers = Vec::new();
@@ -243,9 +263,8 @@ async fn killing_workers_at_random_loses_nothing_and_answers_once() {
     assert!(answered > 100, "the load ran: {answered}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scaling_one_to_four_to_one_worker_mid_load_keeps_every_promise() {
-    let mut fleet = Fleet::start(1, quick_replies()).await;
+async fn scaling_one_to_four_to_one_worker_mid_load_keeps_every_promise(backend: Backend) {
+    let mut fleet = Fleet::start(backend, 1, quick_replies()).await;
     let load = Load::start(&fleet.app, 24, Duration::from_millis(50)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
@@ -272,10 +291,9 @@ async fn scaling_one_to_four_to_one_worker_mid_load_keeps_every_promise() {
     assert!(exits.iter().all(|s| s.success()), "SIGTERM exits 0: {exits:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_generation_finishes_in_flight_replies_and_exits_0() {
+async fn sigterm_during_generation_finishes_in_flight_replies_and_exits_0(backend: Backend) {
     let options = Options { first_token_ms: 50, token_ms: 20, reply_tokens: 100, ..Options::default() };
-    let mut fleet = Fleet::start(2, options).await;
+    let mut fleet = Fleet::start(backend, 2, options).await;
     let load = Load::start(&fleet.app, 16, Duration::from_millis(300)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -290,16 +308,16 @@ async fn sigterm_during_generation_finishes_in_flight_replies_and_exits_0() {
     assert!(status.success(), "{status:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarting_the_broker_mid_run_loses_nothing_and_answers_once() {
-    let mut fleet = Fleet::start(2, quick_replies()).await;
+async fn restarting_the_broker_mid_run_loses_nothing_and_answers_once(backend: Backend) {
+    let options = Options { private_broker: true, ..quick_replies() };
+    let mut fleet = Fleet::start(backend, 2, options).await;
     let load = Load::start(&fleet.app, 16, Duration::from_millis(50)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let started = Instant::now();
-    fleet.app.nats_mut().stop().await;
+    fleet.app.broker_mut().stop().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    fleet.app.nats_mut().restart().await;
+    fleet.app.broker_mut().restart().await;
     let recovered = fleet.wait_balanced(Duration::from_secs(60)).await;
     let outage = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -314,10 +332,9 @@ fn rand_index(n: usize) -> usize {
     (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize) % n
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done() {
+async fn a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done(backend: Backend) {
     let options = Options { first_token_ms: 20, token_ms: 30, reply_tokens: 80, ..Options::default() };
-    let mut fleet = Fleet::start(2, options).await;
+    let mut fleet = Fleet::start(backend, 2, options).await;
     let session = fleet.app.create_session().await;
     let partition =
         schemas::PartitionCount::new(PARTITIONS).unwrap().of(&schemas::SessionId::parse(&session.id).unwrap());

@@ -1,19 +1,25 @@
 //! What happens when the broker goes away or delivers twice.
 
+#[macro_use]
 mod support;
 
 use std::time::{Duration, Instant};
 
+use bus::Bus;
 use serde_json::json;
-use support::{Backend, TestApp, read_until_terminals};
+use support::{Backend, Broker, Options, TestApp, read_until_terminals};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_recovers() {
-    let mut app = TestApp::spawn(Backend::NatsMongo).await;
+on_every_broker!(
+    the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_recovers,
+    a_message_delivered_twice_by_the_bus_is_answered_once,
+);
+
+async fn the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_recovers(backend: Backend) {
+    let mut app = TestApp::spawn_with(backend, Options { private_broker: true, ..Options::default() }).await;
     let session = app.create_session().await;
     app.send_streaming(&session, json!({"text": "before the outage"})).await;
 
-    app.nats_mut().stop().await;
+    app.broker_mut().stop().await;
     let started = Instant::now();
     let during =
         app.post_message(&session, json!({"text": "during the outage", "client_message_id": "outage-1"})).await;
@@ -36,7 +42,7 @@ async fn the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_re
     assert_eq!(streaming.status(), 503);
     assert_eq!(ready.status(), 503);
 
-    app.nats_mut().restart().await;
+    app.broker_mut().restart().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let r = app.post_message(&session, json!({"text": "during the outage", "client_message_id": "outage-1"})).await;
@@ -54,18 +60,37 @@ async fn the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_re
     assert_eq!(texts, ["before the outage", "during the outage"], "the retried message is answered exactly once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_delivered_twice_by_the_bus_is_answered_once() {
-    let app = TestApp::spawn(Backend::NatsMongo).await;
+/// Puts the same envelope on the bus twice, past any deduplication, as a redelivery would.
+async fn publish_twice(app: &TestApp, envelope: &schemas::UserMessage) {
+    let partitions = schemas::PartitionCount::new(app.options.partitions).unwrap();
+    match app.broker.as_ref().unwrap() {
+        Broker::Nats(server) => {
+            // Without a deduplication id.
+            let client = async_nats::connect(server.url()).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let partition = partitions.of(&envelope.session_id);
+            let subject = schemas::subjects::Names::default().input_subject(partition, &envelope.session_id);
+            let payload = serde_json::to_vec(envelope).unwrap();
+            for _ in 0..2 {
+                js.publish(subject.clone(), payload.clone().into()).await.unwrap().await.unwrap();
+            }
+        }
+        broker => {
+            // RabbitMQ keeps no deduplication window: both copies go in.
+            let bus = bus::AmqpBus::connect(bus::AmqpSettings::new(broker.url(), partitions)).await.unwrap();
+            for _ in 0..2 {
+                bus.enqueue(envelope).await.unwrap();
+            }
+        }
+    }
+}
+
+async fn a_message_delivered_twice_by_the_bus_is_answered_once(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     let session = app.create_session().await;
     let listener = app.open_events(&session).await;
 
-    // Publish the same envelope twice without a deduplication id, as a redelivery would.
-    let client = async_nats::connect(app.nats.as_ref().unwrap().url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
     let session_id = schemas::SessionId::parse(&session.id).unwrap();
-    let partition = schemas::PartitionCount::new(app.options.partitions).unwrap().of(&session_id);
-    let subject = schemas::subjects::Names::default().input_subject(partition, &session_id);
     let envelope = schemas::UserMessage {
         v: schemas::ENVELOPE_VERSION,
         session_id,
@@ -74,10 +99,7 @@ async fn a_message_delivered_twice_by_the_bus_is_answered_once() {
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
     };
-    let payload = serde_json::to_vec(&envelope).unwrap();
-    for _ in 0..2 {
-        js.publish(subject.clone(), payload.clone().into()).await.unwrap().await.unwrap();
-    }
+    publish_twice(&app, &envelope).await;
     // A later message of the same session is handled after both copies.
     let after: serde_json::Value =
         app.post_message(&session, json!({"text": "and then this"})).await.json().await.unwrap();

@@ -1,13 +1,16 @@
 //! The fleet as operators run it: `chatfleet gateway` and two `chatfleet worker` processes
-//! against NATS and a MongoDB-wire server, talking to `chatfleet mock-llm`.
+//! against NATS or RabbitMQ and a MongoDB-wire server, talking to `chatfleet mock-llm`.
 
+#[macro_use]
 mod support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{assembled_text, echo_of};
+use support::{Backend, Broker, assembled_text, echo_of};
+
+on_every_broker!(a_gateway_and_two_worker_processes_serve_many_sessions);
 
 /// A child process killed on drop.
 struct Proc(Child);
@@ -43,10 +46,10 @@ async fn wait_http_ok(http: &reqwest::Client, url: &str) {
     panic!("{url} did not answer 200 within 20 s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_and_two_worker_processes_serve_many_sessions() {
+async fn a_gateway_and_two_worker_processes_serve_many_sessions(backend: Backend) {
     llm::install_crypto_provider();
-    let (nats, mongo) = tokio::join!(testkit::NatsServer::start(), testkit::MongoServer::start());
+    let (broker, mongo) = tokio::join!(Broker::start(backend, false), testkit::MongoServer::start());
+    let broker = broker.expect("a broker-backed fleet");
     let store = mongo.url_for_db("fleet");
     let (gateway_port, mock_port) = (testkit::free_port(), testkit::free_port());
     let worker_ports = [testkit::free_port(), testkit::free_port()];
@@ -66,7 +69,7 @@ async fn a_gateway_and_two_worker_processes_serve_many_sessions() {
         s("--listen"),
         format!("127.0.0.1:{gateway_port}"),
         s("--bus"),
-        nats.url(),
+        broker.url(),
         s("--store"),
         store.clone(),
     ]);
@@ -78,7 +81,7 @@ async fn a_gateway_and_two_worker_processes_serve_many_sessions() {
                 s("--listen"),
                 format!("127.0.0.1:{port}"),
                 s("--bus"),
-                nats.url(),
+                broker.url(),
                 s("--store"),
                 store.clone(),
                 s("--llm-base-url"),

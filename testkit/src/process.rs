@@ -1,12 +1,15 @@
 //! A server child process for tests: spawned with its output in a log file, polled until its
-//! port accepts connections, and killed when dropped.
+//! port accepts connections (or answers a server-specific probe), and killed when dropped.
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
 
 /// How much of a log [`ServerProcess::log_tail`] returns: enough for a start-up failure,
 /// short enough to read in a test report.
@@ -15,12 +18,19 @@ const LOG_TAIL_BYTES: u64 = 8 * 1024;
 /// How often readiness is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Tells whether the server listening on an address is ready for the tests. It is polled, so
+/// one call should give up after a short while of its own.
+pub(crate) type ReadyProbe = fn(SocketAddrV4) -> BoxFuture<'static, bool>;
+
 /// One server binary, started (and restarted) with the same command line.
 pub(crate) struct ServerProcess {
     /// What the server is, for messages ("nats-server", "SecantusDB").
     name: &'static str,
     program: PathBuf,
     args: Vec<String>,
+    /// Set on top of the test process's own environment.
+    env: Vec<(String, OsString)>,
+    ready: ReadyProbe,
     port: u16,
     log_path: PathBuf,
     child: Option<Child>,
@@ -29,16 +39,29 @@ pub(crate) struct ServerProcess {
 impl ServerProcess {
     /// Describes a server; nothing runs until [`ServerProcess::start`].
     pub(crate) fn new(name: &'static str, program: PathBuf, args: Vec<String>, port: u16, log_path: PathBuf) -> Self {
-        Self { name, program, args, port, log_path, child: None }
+        Self { name, program, args, env: Vec::new(), ready: accepts_tcp, port, log_path, child: None }
+    }
+
+    /// Environment variables for the server, on top of the test process's own.
+    pub(crate) fn with_env(mut self, env: Vec<(String, OsString)>) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// Replaces the readiness check, which by default is that the port accepts a TCP connection;
+    /// for servers that listen before they can serve.
+    pub(crate) fn with_ready_probe(mut self, probe: ReadyProbe) -> Self {
+        self.ready = probe;
+        self
     }
 
     pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
-    /// Spawns the server and waits until its port accepts TCP connections. Panics with the
-    /// server's log if it exits or is not ready within `timeout`; the caller's value is then
-    /// dropped during unwinding, which kills the child.
+    /// Spawns the server and waits until it is ready (see [`ServerProcess::with_ready_probe`]).
+    /// Panics with the server's log if it exits or is not ready within `timeout`; the caller's
+    /// value is then dropped during unwinding, which kills the child.
     pub(crate) async fn start(&mut self, timeout: Duration) {
         assert!(self.child.is_none(), "{} is already running", self.name);
         // The log is appended to, so that after a restart it still shows the earlier runs.
@@ -52,6 +75,7 @@ impl ServerProcess {
             .unwrap_or_else(|e| panic!("cannot share the {} log {}: {e}", self.name, self.log_path.display()));
         let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr))
@@ -71,15 +95,11 @@ impl ServerProcess {
                 self.child = None;
                 panic!("{} exited during start-up ({status}); its log:\n{}", self.name, self.log_tail());
             }
-            if tokio::net::TcpStream::connect(address).await.is_ok() {
+            if (self.ready)(address).await {
                 return;
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "{} did not accept connections on {address} within {timeout:?}; its log:\n{}",
-                    self.name,
-                    self.log_tail()
-                );
+                panic!("{} was not ready on {address} within {timeout:?}; its log:\n{}", self.name, self.log_tail());
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -119,6 +139,11 @@ impl Drop for ServerProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// The default readiness: the port accepts a TCP connection.
+fn accepts_tcp(address: SocketAddrV4) -> BoxFuture<'static, bool> {
+    Box::pin(async move { tokio::net::TcpStream::connect(address).await.is_ok() })
 }
 
 fn read_tail(path: &Path) -> std::io::Result<String> {

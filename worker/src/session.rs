@@ -1,7 +1,6 @@
 //! A session's queue: its messages are handled strictly one after another.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bus::Delivery;
 use schemas::SessionId;
@@ -90,7 +89,7 @@ pub(crate) async fn run(
             }
             None if abort.is_cancelled() => {}
             None => {
-                if let Err(e) = delivery.acker.retry_after(Duration::ZERO).await {
+                if let Err(e) = delivery.acker.abandon().await {
                     tracing::warn!(event = "settle_failed", session_id = %session, message_id = %message_id, error = %e);
                 }
             }

@@ -23,6 +23,7 @@ use crate::{Acker, BusError, Deliveries, Delivery};
 
 /// A partition's channel and consumer, closed when the last holder lets go.
 struct Held {
+    bus: AmqpBus,
     channel: Channel,
     // Kept so that dropping the delivery stream does not cancel the consumer (see the module
     // documentation); it goes with the channel.
@@ -32,14 +33,18 @@ struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let channel = self.channel.clone();
-        let partition = self.partition.get();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(e) = channel.close(200, "partition released".into()).await {
-                    tracing::debug!(event = "partition_channel_close_failed", partition, error = %e);
-                }
-            });
+        let (bus, channel, partition) = (self.bus.clone(), self.channel.clone(), self.partition);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(e) = channel.close(200, "partition released".into()).await {
+                        tracing::debug!(event = "partition_channel_close_failed", partition = partition.get(), error = %e);
+                    }
+                    bus.channel_closed(partition);
+                });
+            }
+            // No runtime: the process is ending, and its connection with it.
+            Err(_) => bus.channel_closed(partition),
         }
     }
 }
@@ -60,7 +65,8 @@ pub(super) async fn deliveries(bus: &AmqpBus, partition: Partition) -> Result<De
         )
         .await
         .map_err(|e| BusError::Unavailable(format!("cannot consume {queue}: {e}")))?;
-    let held = Arc::new(Held { channel, _consumer: consumer.clone(), partition });
+    bus.channel_opened(partition);
+    let held = Arc::new(Held { bus: bus.clone(), channel, _consumer: consumer.clone(), partition });
     let bus = bus.clone();
     let stream = consumer
         .take_while(move |item| {
@@ -148,6 +154,12 @@ impl Acker for AmqpAcker {
 
     async fn in_progress(&self) -> Result<(), BusError> {
         // RabbitMQ redelivers only when the channel closes, never on a timer while it is open.
+        Ok(())
+    }
+
+    async fn abandon(&self) -> Result<(), BusError> {
+        // Closing the partition's channel returns it, with everything else unsettled, in queue
+        // order and before the next consumer starts.
         Ok(())
     }
 

@@ -154,6 +154,11 @@ struct Inner {
     router: events::Router,
     /// Deliveries handed out and not yet settled, per partition (status and metrics).
     in_flight: Vec<AtomicU64>,
+    /// Consuming channels of each partition not yet closed: a partition is released only once
+    /// its channel has closed and so returned whatever was left unsettled.
+    open_channels: std::sync::Mutex<std::collections::HashMap<Partition, usize>>,
+    /// Woken whenever a partition channel closes.
+    channel_closed: tokio::sync::Notify,
 }
 
 impl AmqpBus {
@@ -169,6 +174,8 @@ impl AmqpBus {
                 events_out: Mutex::new(None),
                 router: events::Router::default(),
                 in_flight,
+                open_channels: Default::default(),
+                channel_closed: tokio::sync::Notify::new(),
             }),
         };
         bus.connection().await?;
@@ -308,6 +315,37 @@ impl AmqpBus {
 
     async fn forget_channel(slot: &Mutex<Option<Channel>>) {
         *slot.lock().await = None;
+    }
+
+    fn channel_opened(&self, partition: Partition) {
+        let mut open = self.inner.open_channels.lock().unwrap_or_else(|e| e.into_inner());
+        *open.entry(partition).or_default() += 1;
+    }
+
+    fn channel_closed(&self, partition: Partition) {
+        let mut open = self.inner.open_channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&partition) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&partition);
+            }
+        }
+        drop(open);
+        self.inner.channel_closed.notify_waiters();
+    }
+
+    /// Waits, at most `limit`, until no channel of this process consumes the partition.
+    pub(crate) async fn wait_channels_closed(&self, partition: Partition, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let closed = self.inner.channel_closed.notified();
+            if !self.inner.open_channels.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&partition) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, closed).await.is_err() {
+                return false;
+            }
+        }
     }
 
     pub(crate) fn in_flight(&self, partition: Partition) -> Option<&AtomicU64> {

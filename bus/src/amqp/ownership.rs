@@ -372,6 +372,14 @@ impl Coordinator {
     }
 
     async fn release(&mut self, partition: Partition) {
+        // The next owner may attach only once our channel has closed and so returned what we
+        // left unsettled: then it receives those messages before anything newer.
+        // Closing takes milliseconds; waiting is bounded well within a lease so that heartbeats
+        // go on.
+        let limit = self.bus.settings().ownership.safety_margin;
+        if !self.bus.wait_channels_closed(partition, limit).await {
+            tracing::warn!(event = "partition_channel_still_open", worker = %self.me, partition = partition.get(), "releasing a partition whose channel has not closed yet");
+        }
         if self.owned.remove(&partition).is_some() {
             tracing::info!(event = "partition_released", worker = %self.me, partition = partition.get(), "handed the partition over");
             metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);

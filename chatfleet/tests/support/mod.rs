@@ -10,7 +10,7 @@ use clap::Parser;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use testkit::{MongoServer, NatsServer, free_port};
+use testkit::{MongoServer, NatsServer, RabbitMqServer, RabbitVhost, free_port};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +26,26 @@ macro_rules! on_every_backend {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(super::Backend::NatsMongo).await }) *
         }
+        mod rabbit_mongo {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::RabbitMongo).await }) *
+        }
+    };
+}
+
+/// Runs each named test, an `async fn(Backend)`, against every broker-backed fleet (the tests
+/// that stop brokers or run worker processes).
+#[allow(unused_macros)]
+macro_rules! on_every_broker {
+    ($($name:ident),* $(,)?) => {
+        mod nats_mongo {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::NatsMongo).await }) *
+        }
+        mod rabbit_mongo {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::RabbitMongo).await }) *
+        }
     };
 }
 
@@ -36,6 +56,55 @@ pub enum Backend {
     Dev,
     /// `chatfleet gateway` and `chatfleet worker` on NATS JetStream and a MongoDB-wire server.
     NatsMongo,
+    /// `chatfleet gateway` and `chatfleet worker` on RabbitMQ and a MongoDB-wire server.
+    RabbitMongo,
+}
+
+/// The broker of a fleet.
+pub enum Broker {
+    /// A private `nats-server`.
+    Nats(NatsServer),
+    /// A virtual host of its own on the machine's shared RabbitMQ.
+    RabbitVhost(RabbitVhost),
+    /// A private RabbitMQ node, for tests that stop or restart the broker.
+    Rabbit(RabbitMqServer),
+}
+
+impl Broker {
+    pub async fn start(backend: Backend, private: bool) -> Option<Broker> {
+        match backend {
+            Backend::Dev => None,
+            Backend::NatsMongo => Some(Broker::Nats(NatsServer::start().await)),
+            Backend::RabbitMongo if private => Some(Broker::Rabbit(RabbitMqServer::start().await)),
+            Backend::RabbitMongo => Some(Broker::RabbitVhost(RabbitVhost::create().await)),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Broker::Nats(server) => server.url(),
+            Broker::RabbitVhost(vhost) => vhost.url(),
+            Broker::Rabbit(server) => server.url(),
+        }
+    }
+
+    /// Kills the broker, as a crash would; its storage is kept.
+    pub async fn stop(&mut self) {
+        match self {
+            Broker::Nats(server) => server.stop().await,
+            Broker::Rabbit(server) => server.stop().await,
+            Broker::RabbitVhost(_) => panic!("the shared RabbitMQ is never stopped: ask for a private broker"),
+        }
+    }
+
+    /// Starts the broker again on the same port with the same storage.
+    pub async fn restart(&mut self) {
+        match self {
+            Broker::Nats(server) => server.restart().await,
+            Broker::Rabbit(server) => server.restart().await,
+            Broker::RabbitVhost(_) => panic!("the shared RabbitMQ is never restarted: ask for a private broker"),
+        }
+    }
 }
 
 /// How a test wants its fleet.
@@ -51,6 +120,9 @@ pub struct Options {
     pub partitions: u32,
     /// The gateway's `--double-texting`, if the test sets one.
     pub double_texting: Option<&'static str>,
+    /// A broker of the test's own, which it may stop and restart (RabbitMQ fleets otherwise
+    /// get a virtual host on the shared broker; NATS fleets always get their own server).
+    pub private_broker: bool,
 }
 
 impl Default for Options {
@@ -65,6 +137,7 @@ impl Default for Options {
             reply_tokens: 12,
             partitions: 8,
             double_texting: None,
+            private_broker: false,
         }
     }
 }
@@ -119,7 +192,7 @@ pub struct TestApp {
     pub backend: Backend,
     pub base: String,
     pub http: reqwest::Client,
-    pub nats: Option<NatsServer>,
+    pub broker: Option<Broker>,
     pub mongo: Option<MongoServer>,
     pub mock: MockLlm,
     pub options: Options,
@@ -161,7 +234,7 @@ impl TestApp {
             backend,
             base,
             http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
-            nats: None,
+            broker: None,
             mongo: None,
             mock,
             options,
@@ -185,9 +258,10 @@ impl TestApp {
                 args.extend(app.gateway_args());
                 app.gateway = Some(spawn_role(args));
             }
-            Backend::NatsMongo => {
-                let (nats, mongo) = tokio::join!(NatsServer::start(), MongoServer::start());
-                app.nats = Some(nats);
+            Backend::NatsMongo | Backend::RabbitMongo => {
+                let (broker, mongo) =
+                    tokio::join!(Broker::start(backend, app.options.private_broker), MongoServer::start());
+                app.broker = broker;
                 app.mongo = Some(mongo);
                 let mut args = vec![s("chatfleet"), s("gateway"), s("--listen"), format!("127.0.0.1:{port}")];
                 args.extend(app.wiring_args());
@@ -205,7 +279,7 @@ impl TestApp {
     fn wiring_args(&self) -> Vec<String> {
         vec![
             s("--bus"),
-            self.nats.as_ref().map(|n| n.url()).unwrap_or_else(|| s("memory:")),
+            self.bus_url(),
             s("--store"),
             self.mongo.as_ref().map(|m| m.url_for_db("chatfleet_test")).unwrap_or_default(),
             s("--partitions"),
@@ -241,7 +315,7 @@ impl TestApp {
         args
     }
 
-    /// Starts one more in-process worker (NATS and MongoDB fleets only).
+    /// Starts one more in-process worker (broker-backed fleets only).
     pub fn add_worker(&mut self) {
         let mut args = vec![s("chatfleet"), s("worker"), s("--listen"), format!("127.0.0.1:{}", free_port())];
         args.extend(self.wiring_args());
@@ -357,8 +431,13 @@ impl TestApp {
         }
     }
 
-    pub fn nats_mut(&mut self) -> &mut NatsServer {
-        self.nats.as_mut().expect("a NATS-backed fleet")
+    /// The `--bus` of the fleet's roles.
+    pub fn bus_url(&self) -> String {
+        self.broker.as_ref().map(|b| b.url()).unwrap_or_else(|| s("memory:"))
+    }
+
+    pub fn broker_mut(&mut self) -> &mut Broker {
+        self.broker.as_mut().expect("a broker-backed fleet")
     }
 
     /// Stops every role and waits for them to end.
