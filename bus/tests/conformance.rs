@@ -104,6 +104,11 @@ impl BusKind {
         !matches!(self, BusKind::Amqp)
     }
 
+    /// Whether rejected messages are kept, and counted by `status`, for operators.
+    fn keeps_dead_letters(self) -> bool {
+        matches!(self, BusKind::Amqp)
+    }
+
     /// Whether `Delivery::attempt` keeps counting when a partition changes owner. NATS recreates
     /// the partition's consumer on every hand-over, and JetStream counts per consumer.
     fn counts_attempts_across_owners(self) -> bool {
@@ -718,6 +723,13 @@ async fn a_rejected_message_is_never_delivered_again_even_after_a_hand_over(kind
     assert_eq!(id_of(&delivery), &marker.message_id, "the rejected message came again: {delivery:?}");
     next.assert_nothing_delivered("the marker").await;
     fleet.assert_ownership_was_exclusive();
+    // Where the bus keeps rejected messages for operators, `status` counts them.
+    let status = gateway.status().await.unwrap();
+    if kind.keeps_dead_letters() {
+        assert_eq!(status.dead_letters, Some(1), "the rejected message is in the dead-letter queue");
+    } else {
+        assert_eq!(status.dead_letters, None);
+    }
 }
 
 async fn an_unsettled_delivery_goes_first_to_the_next_owner_after_a_hand_over(kind: BusKind) {
