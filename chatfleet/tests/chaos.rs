@@ -70,6 +70,8 @@ struct Fleet {
     bus: Arc<dyn Bus>,
     workers: Vec<WorkerProc>,
     next_id: usize,
+    /// Every worker's log, shown when a test fails ([`Fleet::logs`]).
+    log_dir: tempfile::TempDir,
 }
 
 impl Fleet {
@@ -91,7 +93,8 @@ impl Fleet {
             }
             Backend::Dev => panic!("chaos needs worker processes and a broker"),
         };
-        let mut fleet = Fleet { app, bus, workers: Vec::new(), next_id: 0 };
+        let log_dir = tempfile::tempdir().expect("a directory for worker logs");
+        let mut fleet = Fleet { app, bus, workers: Vec::new(), next_id: 0, log_dir };
         for _ in 0..workers {
             fleet.add_worker();
         }
@@ -102,6 +105,7 @@ impl Fleet {
     fn add_worker(&mut self) -> String {
         let id = format!("w{}", self.next_id);
         self.next_id += 1;
+        let log = std::fs::File::create(self.log_dir.path().join(format!("{id}.log"))).expect("a worker log file");
         let app = &self.app;
         let child = Command::new(env!("CARGO_BIN_EXE_chatfleet"))
             .args(["worker", "--listen", &format!("127.0.0.1:{}", testkit::free_port())])
@@ -110,12 +114,28 @@ impl Fleet {
             .args(["--partitions", &PARTITIONS.to_string()])
             .args(["--llm-base-url", &app.mock.base_url, "--model", "mock"])
             .args(["--worker-id", &id, "--lease-ttl", "2", "--handover-grace", "2", "--shutdown-grace", "10"])
-            .env("RUST_LOG", std::env::var("CHATFLEET_TEST_WORKER_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::null())
+            .env("RUST_LOG", std::env::var("CHATFLEET_TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::from(log.try_clone().expect("the worker log can be shared")))
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("the worker starts");
         self.workers.push(WorkerProc { id: id.clone(), child });
         id
+    }
+
+    /// The last lines of every worker's log, for a failure message.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for id in 0..self.next_id {
+            let text = std::fs::read_to_string(self.log_dir.path().join(format!("w{id}.log"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("---- worker w{id} (last 40 lines)\n"));
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     fn take_worker(&mut self, index: usize) -> WorkerProc {
@@ -146,7 +166,11 @@ impl Fleet {
                     return started.elapsed();
                 }
             }
-            assert!(started.elapsed() < within, "partitions not balanced over {live:?} within {within:?}");
+            assert!(
+                started.elapsed() < within,
+                "partitions not balanced over {live:?} within {within:?}; the workers' logs:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -349,12 +373,20 @@ async fn a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done(bac
         .await
         .unwrap();
     let mut events = listener.bytes_stream().eventsource();
+    let log_dir = fleet.log_dir.path().to_owned();
     let mut next_event = async || {
-        let e = tokio::time::timeout(Duration::from_secs(60), events.next())
-            .await
-            .expect("an event in time")
-            .unwrap()
-            .unwrap();
+        let Ok(e) = tokio::time::timeout(Duration::from_secs(45), events.next()).await else {
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(&log_dir).unwrap().flatten() {
+                logs.push_str(&format!(
+                    "---- {}\n{}\n",
+                    entry.path().display(),
+                    std::fs::read_to_string(entry.path()).unwrap_or_default()
+                ));
+            }
+            panic!("no event within 45 s; the workers' logs:\n{logs}");
+        };
+        let e = e.unwrap().unwrap();
         support::SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).unwrap() }
     };
 

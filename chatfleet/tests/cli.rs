@@ -76,6 +76,29 @@ async fn an_unreachable_bus_ends_start_up_with_one_line() {
     assert_one_clear_line(&out, &["--bus", "cannot reach NATS"]);
 }
 
+#[tokio::test]
+async fn an_unreachable_rabbitmq_ends_start_up_with_one_line() {
+    let mongo = testkit::MongoServer::start().await;
+    let (bus, store) = (format!("amqp://guest:guest@127.0.0.1:{}/%2f", testkit::free_port()), mongo.url());
+    let out =
+        tokio::task::spawn_blocking(move || chatfleet(&["gateway", "--bus", &bus, "--store", &store])).await.unwrap();
+    assert_one_clear_line(&out, &["--bus", "cannot reach RabbitMQ"]);
+}
+
+#[tokio::test]
+async fn a_rabbitmq_queue_declared_with_other_settings_ends_start_up_with_one_line() {
+    let (vhost, mongo) = tokio::join!(testkit::RabbitVhost::create(), testkit::MongoServer::start());
+    // Someone made partition 0's queue a plain classic queue.
+    let connection = lapin::Connection::connect(&vhost.url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let durable = lapin::options::QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare("chatfleet.in.0".into(), durable, Default::default()).await.unwrap();
+    let (bus, store) = (vhost.url(), mongo.url());
+    let out =
+        tokio::task::spawn_blocking(move || chatfleet(&["gateway", "--bus", &bus, "--store", &store])).await.unwrap();
+    assert_one_clear_line(&out, &["--bus", "chatfleet.in.0", "other settings"]);
+}
+
 #[test]
 fn an_unreachable_store_ends_start_up_with_one_line() {
     let out = chatfleet(&[

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bus::Bus;
 use serde_json::json;
-use support::{Backend, Broker, Options, TestApp, read_until_terminals};
+use support::{Backend, Broker, Options, TestApp, read_until_terminal_of};
 
 on_every_broker!(
     the_gateway_answers_503_within_two_seconds_while_the_bus_is_down_and_recovers,
@@ -103,17 +103,18 @@ async fn a_message_delivered_twice_by_the_bus_is_answered_once(backend: Backend)
     // A later message of the same session is handled after both copies.
     let after: serde_json::Value =
         app.post_message(&session, json!({"text": "and then this"})).await.json().await.unwrap();
-    let events = read_until_terminals(listener, 3, Duration::from_secs(30)).await;
+    let events = read_until_terminal_of(listener, after["message_id"].as_str().unwrap(), Duration::from_secs(30)).await;
     let history = app.history(&session).await;
 
-    // The second copy announces the stored outcome again, with the same event id, so a
-    // client that keys events by id sees one `done` per message.
+    // A copy that arrives while the first is being answered is settled silently; one that
+    // arrives after it announces the stored outcome again, with the same event id. Either
+    // way a client that keys events by id sees one `done` per message.
     let mut dones: Vec<(String, String)> = events
         .iter()
         .filter(|e| e.event == "done")
         .map(|e| (e.data["message_id"].as_str().unwrap().to_owned(), e.id.clone()))
         .collect();
-    assert_eq!(dones.len(), 3, "{dones:?}");
+    assert!((2..=3).contains(&dones.len()), "{dones:?}");
     dones.dedup();
     let done_messages: Vec<&str> = dones.iter().map(|(m, _)| m.as_str()).collect();
     assert_eq!(done_messages, ["m_twice", after["message_id"].as_str().unwrap()], "one done per message, in order");

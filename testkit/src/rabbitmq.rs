@@ -259,6 +259,23 @@ impl RabbitVhost {
         format!("{}/{}", self.broker.amqp_base, encode(&self.name))
     }
 
+    /// `GET /api/<what>/<this vhost>` on the management API (`what`: `queues`, `bindings`,
+    /// `exchanges`, ...), parsed. Panics if the API does not answer 200 with JSON.
+    pub async fn api_get(&self, what: &str) -> serde_json::Value {
+        let path = format!("/api/{what}/{}", encode(&self.name));
+        let api = self.broker.api.clone();
+        let fetch = move || match api.request("GET", &path, "") {
+            Ok((200, body)) => serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("GET {path} on the RabbitMQ management API is not JSON ({e}): {body}")),
+            Ok((status, body)) => panic!("GET {path} on the RabbitMQ management API answered {status}: {body}"),
+            Err(e) => panic!("{e}"),
+        };
+        tokio::task::spawn_blocking(fetch).await.unwrap_or_else(|e| match e.try_into_panic() {
+            Ok(payload) => std::panic::resume_unwind(payload),
+            Err(e) => panic!("a RabbitMQ management API call did not finish: {e}"),
+        })
+    }
+
     /// Whether the shared broker has a vhost called `name`, as its management API says; for
     /// checking that a dropped [`RabbitVhost`] is gone. Panics if the API does not answer.
     pub async fn exists(name: &str) -> bool {
@@ -382,6 +399,7 @@ fn with_default_port(host_port: &str, port: u16) -> String {
 
 /// A minimal HTTP/1.1 client for RabbitMQ's management API: a request per connection over a
 /// blocking socket. Enough for a few calls per test, and free of any TLS or runtime machinery.
+#[derive(Clone)]
 struct ManagementApi {
     /// `host:port` to connect to.
     address: String,

@@ -492,6 +492,25 @@ pub async fn read_until_terminals(response: reqwest::Response, n: usize, within:
     events
 }
 
+/// Reads events until the terminal event of `message_id` (events of every message included).
+pub async fn read_until_terminal_of(response: reqwest::Response, message_id: &str, within: Duration) -> Vec<SseEvent> {
+    let mut stream = response.bytes_stream().eventsource();
+    let mut events = Vec::new();
+    let read = async {
+        while let Some(item) = stream.next().await {
+            let e = item.expect("a well-formed event stream");
+            let event = SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).expect("JSON data") };
+            let last = (event.event == "done" || event.event == "error") && event.data["message_id"] == message_id;
+            events.push(event);
+            if last {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.expect("the events arrived in time");
+    events
+}
+
 /// The text the deltas of one reply add up to, honouring `reset` events.
 pub fn assembled_text(events: &[SseEvent]) -> String {
     let mut text = String::new();
