@@ -374,6 +374,10 @@ async fn a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done(bac
         .unwrap();
     let mut events = listener.bytes_stream().eventsource();
     let log_dir = fleet.log_dir.path().to_owned();
+    let broker_log = match fleet.app.broker.as_ref() {
+        Some(support::Broker::Nats(server)) => Some(server.work_dir().join("nats-server.log")),
+        _ => None,
+    };
     let mut next_event = async || {
         let Ok(e) = tokio::time::timeout(Duration::from_secs(45), events.next()).await else {
             let mut logs = String::new();
@@ -384,7 +388,13 @@ async fn a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done(bac
                     std::fs::read_to_string(entry.path()).unwrap_or_default()
                 ));
             }
-            panic!("no event within 45 s; the workers' logs:\n{logs}");
+            if let Some(path) = &broker_log {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                logs.push_str(&format!("---- broker log (last 40 lines, newest first)\n{}\n", tail.join("\n")));
+            }
+            let session_partition = partition.get();
+            panic!("no event within 45 s (the session is in partition {session_partition}); the logs:\n{logs}");
         };
         let e = e.unwrap().unwrap();
         support::SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).unwrap() }

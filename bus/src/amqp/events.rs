@@ -7,7 +7,7 @@
 //! listened to is bound again; events published in between are lost, as events are on NATS.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex as SyncMutex};
+use std::sync::{Arc, Mutex as SyncMutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -106,7 +106,9 @@ async fn open_link(bus: &AmqpBus) -> Result<Link, BusError> {
         )
         .await
         .map_err(unavailable("consume reply events"))?;
-    tokio::spawn(dispatch(bus.clone(), consumer));
+    // The dispatcher holds the bus weakly: dropping the last handle of the bus closes its
+    // connection, which ends the consumer and the dispatcher with it.
+    tokio::spawn(dispatch(Arc::downgrade(&bus.inner), consumer));
     let link = Link { channel, queue, generation };
     *slot = Some(link.clone());
     tracing::debug!(event = "event_queue_ready", queue = %link.queue, generation, "listening for reply events");
@@ -188,8 +190,9 @@ async fn release_binding(bus: AmqpBus, session: SessionId) {
 
 /// Hands every event from the queue to its session's listeners; when the link breaks, sets up
 /// a new one and binds every session still listened to.
-async fn dispatch(bus: AmqpBus, mut consumer: Consumer) {
+async fn dispatch(bus: Weak<super::Inner>, mut consumer: Consumer) {
     while let Some(Ok(delivery)) = consumer.next().await {
+        let Some(inner) = bus.upgrade() else { return };
         let event = match serde_json::from_slice::<ReplyEvent>(&delivery.data) {
             Ok(event) => event,
             Err(e) => {
@@ -197,13 +200,15 @@ async fn dispatch(bus: AmqpBus, mut consumer: Consumer) {
                 continue;
             }
         };
-        let listeners = bus.inner.router.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let listeners = inner.router.listeners.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(listeners) = listeners.by_session.get(&event.session_id) {
             for (_, tx) in listeners {
                 let _ = tx.send(event.clone());
             }
         }
     }
+    let Some(inner) = bus.upgrade() else { return };
+    let bus = AmqpBus { inner };
     tracing::warn!(event = "event_queue_lost", "the reply-event queue's consumer stopped; listening again");
     let mut delay = Duration::from_millis(100);
     loop {

@@ -153,11 +153,12 @@ impl Coordinator {
         let mut retry_at = Instant::now();
         let mut lag_report = Instant::now();
         loop {
-            if self.link.is_none() && Instant::now() >= retry_at {
-                if let Err(e) = self.connect().await {
-                    tracing::warn!(event = "ownership_link_failed", error = %e, "cannot reach RabbitMQ; retrying");
-                    retry_at = Instant::now() + Duration::from_millis(500);
-                }
+            if self.link.is_none()
+                && Instant::now() >= retry_at
+                && let Err(e) = self.connect().await
+            {
+                tracing::warn!(event = "ownership_link_failed", error = %e, "cannot reach RabbitMQ; retrying");
+                retry_at = Instant::now() + Duration::from_millis(500);
             }
             tokio::select! {
                 _ = ticker.tick() => {
