@@ -246,7 +246,15 @@ impl Load {
             for (i, (message_id, text)) in sent.iter().enumerate() {
                 let (user, reply) = (&history[2 * i], &history[2 * i + 1]);
                 assert_eq!(user["role"], "user");
-                assert_eq!(&user["message_id"], message_id.as_str(), "order kept in session {}", session.id);
+                if user["message_id"] != message_id.as_str() {
+                    let answered: Vec<&Value> =
+                        history.iter().filter(|m| m["role"] == "user").map(|m| &m["message_id"]).collect();
+                    let sent: Vec<&String> = sent.iter().map(|(id, _)| id).collect();
+                    panic!(
+                        "order broken in session {} at message {i}: sent {sent:?}, history {answered:?}",
+                        session.id
+                    );
+                }
                 assert_eq!(&user["text"], text.as_str());
                 assert_eq!(reply["role"], "assistant");
                 assert_eq!(reply["reply_to"], user["message_id"], "exactly one reply, right after its message");
