@@ -9,7 +9,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use schemas::{Partition, PartitionCount, fnv1a_32};
+use tokio::sync::mpsc;
+
+use crate::{Membership, OwnershipEvent};
 
 /// Timing of the ownership protocol.
 #[derive(Debug, Clone)]
@@ -39,6 +43,34 @@ impl OwnershipSettings {
     pub fn with_lease_ttl(lease_ttl: Duration) -> Self {
         let lease_ttl = lease_ttl.max(Duration::from_millis(600));
         Self { heartbeat: lease_ttl / 6, lease_ttl, safety_margin: lease_ttl / 4 }
+    }
+}
+
+/// What a worker asks of its bus's ownership coordinator.
+pub(crate) enum Command {
+    Release(Partition),
+    Leave,
+}
+
+/// A [`Membership`] that talks to a coordinator task over channels: how both brokers' protocols
+/// hand their events to the worker.
+pub(crate) struct ChannelMembership {
+    pub(crate) events: mpsc::UnboundedReceiver<OwnershipEvent>,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+}
+
+#[async_trait]
+impl Membership for ChannelMembership {
+    async fn next(&mut self) -> Option<OwnershipEvent> {
+        self.events.recv().await
+    }
+
+    async fn release(&mut self, partition: Partition) {
+        let _ = self.commands.send(Command::Release(partition));
+    }
+
+    async fn leave(&mut self) {
+        let _ = self.commands.send(Command::Leave);
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex as SyncMutex, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::QueueBindOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use schemas::{ReplyEvent, SessionId};
@@ -86,26 +86,8 @@ async fn open_link(bus: &AmqpBus) -> Result<Link, BusError> {
     }
     let generation = slot.as_ref().map_or(0, |l| l.generation) + 1;
     *slot = None;
-    let connection = bus.connection().await?;
-    let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable("declare the reply-event queue"))?;
-    let queue = queue.name().to_string();
-    let consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable("consume reply events"))?;
+    // Bound per session later, as sessions are listened to.
+    let (channel, queue, consumer) = super::listen_queue(bus, "", None, "set up the reply-event queue").await?;
     // The dispatcher holds the bus weakly: dropping the last handle of the bus closes its
     // connection, which ends the consumer and the dispatcher with it.
     tokio::spawn(dispatch(Arc::downgrade(&bus.inner), consumer));

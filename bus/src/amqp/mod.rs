@@ -353,6 +353,40 @@ impl AmqpBus {
     }
 }
 
+/// A fresh channel consuming a new exclusive, server-named queue, without acknowledgements,
+/// bound to `exchange` with `routing_key` unless that is None. The broker deletes the queue with
+/// the channel's connection. Returns the channel, the queue's name and its consumer.
+async fn listen_queue(
+    bus: &AmqpBus,
+    exchange: &str,
+    routing_key: Option<&str>,
+    what: &'static str,
+) -> Result<(Channel, String, lapin::Consumer), BusError> {
+    let connection = bus.connection().await?;
+    let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
+    let exclusive = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let queue = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.map_err(unavailable(what))?;
+    let queue = queue.name().to_string();
+    if let Some(key) = routing_key {
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable(what))?;
+    }
+    let no_ack = lapin::options::BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
+    let consumer = channel
+        .basic_consume(queue.as_str().into(), "".into(), no_ack, FieldTable::default())
+        .await
+        .map_err(unavailable(what))?;
+    Ok((channel, queue, consumer))
+}
+
 fn quorum(mut arguments: FieldTable) -> FieldTable {
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     arguments

@@ -26,9 +26,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use schemas::Partition;
@@ -38,6 +37,7 @@ use tokio::time::Instant;
 
 use super::{AmqpBus, unavailable};
 use crate::nats::ownership::{OWNED_PARTITIONS, PARTITION_ACK_PENDING, PARTITION_PENDING, validate_worker_id};
+use crate::ownership::{ChannelMembership, Command};
 use crate::{BusError, Membership, OwnershipEvent, assign};
 
 /// What a worker says of itself every heartbeat.
@@ -74,32 +74,7 @@ pub(super) async fn join(bus: &AmqpBus, worker_id: &str) -> Result<Box<dyn Membe
     // Fail the join, rather than retry in the background, if the broker is not there now.
     coordinator.connect().await?;
     tokio::spawn(coordinator.run(commands_rx));
-    Ok(Box::new(AmqpMembership { events: events_rx, commands: commands_tx }))
-}
-
-enum Command {
-    Release(Partition),
-    Leave,
-}
-
-struct AmqpMembership {
-    events: mpsc::UnboundedReceiver<OwnershipEvent>,
-    commands: mpsc::UnboundedSender<Command>,
-}
-
-#[async_trait]
-impl Membership for AmqpMembership {
-    async fn next(&mut self) -> Option<OwnershipEvent> {
-        self.events.recv().await
-    }
-
-    async fn release(&mut self, partition: Partition) {
-        let _ = self.commands.send(Command::Release(partition));
-    }
-
-    async fn leave(&mut self) {
-        let _ = self.commands.send(Command::Leave);
-    }
+    Ok(Box::new(ChannelMembership { events: events_rx, commands: commands_tx }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,36 +180,9 @@ impl Coordinator {
 
     /// Binds a fresh heartbeat queue and announces this member.
     async fn connect(&mut self) -> Result<(), BusError> {
-        let connection = self.bus.connection().await?;
-        let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable("declare the heartbeat queue"))?;
         let exchange = self.bus.settings().names.members_exchange();
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                exchange.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable("bind the heartbeat queue"))?;
-        let heartbeats = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(unavailable("consume heartbeats"))?;
+        let (channel, _, heartbeats) =
+            super::listen_queue(&self.bus, &exchange, Some(""), "listen to heartbeats").await?;
         self.link = Some(Link { channel, heartbeats, since: Instant::now() });
         self.echoed = Instant::now();
         // Announce at once: every member answers a newcomer with its own heartbeat, so that
@@ -454,35 +402,8 @@ async fn count(bus: &AmqpBus, queue: &str) -> Result<(u32, u32), BusError> {
 /// backlogs and the dead letters.
 pub(super) async fn status(bus: &AmqpBus) -> Result<crate::FleetStatus, BusError> {
     let settings = bus.settings();
-    let connection = bus.connection().await?;
-    let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable("declare a status queue"))?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            settings.names.members_exchange().as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable("bind a status queue"))?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(unavailable("consume heartbeats"))?;
+    let exchange = settings.names.members_exchange();
+    let (channel, _, mut consumer) = super::listen_queue(bus, &exchange, Some(""), "listen to heartbeats").await?;
     // Every live worker beats within one heartbeat interval; listen for a little longer.
     let listen = settings.ownership.heartbeat * 2 + Duration::from_millis(100);
     let started = Instant::now();

@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use async_trait::async_trait;
 use futures::StreamExt;
 use schemas::Partition;
 use serde::{Deserialize, Serialize};
@@ -30,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::NatsBus;
+use crate::ownership::{ChannelMembership, Command};
 use crate::{BusError, Membership, OwnershipEvent, OwnershipSettings, assign};
 
 /// What a lease says.
@@ -102,32 +102,7 @@ pub(super) async fn join(
         events: events_tx,
     };
     tokio::spawn(coordinator.run(commands_rx));
-    Ok(Box::new(NatsMembership { events: events_rx, commands: commands_tx }))
-}
-
-enum Command {
-    Release(Partition),
-    Leave,
-}
-
-struct NatsMembership {
-    events: mpsc::UnboundedReceiver<OwnershipEvent>,
-    commands: mpsc::UnboundedSender<Command>,
-}
-
-#[async_trait]
-impl Membership for NatsMembership {
-    async fn next(&mut self) -> Option<OwnershipEvent> {
-        self.events.recv().await
-    }
-
-    async fn release(&mut self, partition: Partition) {
-        let _ = self.commands.send(Command::Release(partition));
-    }
-
-    async fn leave(&mut self) {
-        let _ = self.commands.send(Command::Leave);
-    }
+    Ok(Box::new(ChannelMembership { events: events_rx, commands: commands_tx }))
 }
 
 /// A key as last seen by this member.
