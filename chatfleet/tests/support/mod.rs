@@ -22,14 +22,7 @@ macro_rules! on_every_backend {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name(super::Backend::Dev).await }) *
         }
-        mod nats_mongo {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::NatsMongo).await }) *
-        }
-        mod rabbit_mongo {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::RabbitMongo).await }) *
-        }
+        on_every_broker!($($name),*);
     };
 }
 
