@@ -82,12 +82,34 @@ fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
     }
 }
 
+/// The host name, in the characters a worker id may hold (a dotted name's dots become `-`).
 fn host_name() -> String {
-    std::env::var("HOSTNAME")
+    let name = std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
-        .unwrap_or_else(|| "worker".into())
+        .unwrap_or_else(|| "worker".into());
+    worker_id_safe(&name)
+}
+
+fn worker_id_safe(name: &str) -> String {
+    let safe: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }).collect();
+    let safe: String = safe.chars().take(100).collect();
+    if safe.is_empty() { "worker".into() } else { safe }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_id_safe;
+
+    #[test]
+    fn default_worker_ids_keep_only_allowed_characters() {
+        assert_eq!(worker_id_safe("node-1.example.com"), "node-1-example-com");
+        assert_eq!(worker_id_safe("pod_7"), "pod_7");
+        assert_eq!(worker_id_safe(""), "worker");
+        assert_eq!(worker_id_safe(&"x".repeat(300)).len(), 100);
+    }
 }
 
 /// `chatfleet dev`: gateway, workers, bus and store in one process.
@@ -262,31 +284,42 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let bus =
         wiring::connect_bus(bus_choice, partitions, "chatfleet-status", bus::OwnershipSettings::default()).await?;
     let status = bus.status().await.context("cannot read the ownership state")?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+    // A closed stdout (`chatfleet status | head`) ends the listing quietly.
+    match print_status(&status, args.json) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn print_status(status: &bus::FleetStatus, json: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(status).map_err(std::io::Error::other)?)?;
         return Ok(());
     }
-    println!("workers: {}", status.workers.len());
+    writeln!(out, "workers: {}", status.workers.len())?;
     for w in &status.workers {
         let owned = status.partitions.iter().filter(|p| p.owner.as_deref() == Some(w.worker.as_str())).count();
-        println!("  {:<40} {:>3} partitions   seen {:.1}s ago", w.worker, owned, w.seen_secs_ago);
+        writeln!(out, "  {:<40} {:>3} partitions   seen {:.1}s ago", w.worker, owned, w.seen_secs_ago)?;
     }
-    println!();
-    println!("{:>9}  {:<40} {:>8} {:>9} {:>9}", "partition", "owner", "fence", "pending", "in-flight");
+    writeln!(out)?;
+    writeln!(out, "{:>9}  {:<40} {:>8} {:>9} {:>9}", "partition", "owner", "fence", "pending", "in-flight")?;
     let show = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     for p in &status.partitions {
-        println!(
+        writeln!(
+            out,
             "{:>9}  {:<40} {:>8} {:>9} {:>9}",
             p.partition,
             p.owner.as_deref().unwrap_or("(none)"),
             show(p.fence),
             show(p.pending),
             show(p.in_flight)
-        );
+        )?;
     }
     if let Some(dead) = status.dead_letters {
-        println!();
-        println!("dead letters: {dead} (messages given up on, kept in the dead-letter queue)");
+        writeln!(out)?;
+        writeln!(out, "dead letters: {dead} (messages given up on, kept in the dead-letter queue)")?;
     }
     Ok(())
 }
