@@ -34,12 +34,18 @@ struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let (bus, channel, partition) = (self.bus.clone(), self.channel.clone(), self.partition);
+        // The last handle of a lapin consumer cancels it when dropped, and a cancelled consumer
+        // keeps its unsettled messages while the queue already serves the next consumer: newer
+        // messages would go first. So the consumer outlives the channel's close, which returns
+        // the messages (in order) before the next consumer becomes active.
+        let consumer = self._consumer.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
                     if let Err(e) = channel.close(200, "partition released".into()).await {
                         tracing::debug!(event = "partition_channel_close_failed", partition = partition.get(), error = %e);
                     }
+                    drop(consumer);
                     bus.channel_closed(partition);
                 });
             }
