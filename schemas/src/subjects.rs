@@ -4,7 +4,9 @@
 //! NATS layout (the default prefix is `chatfleet`):
 //! - stream `CHATFLEET_IN`, subjects `chatfleet.in.<partition>.<session_id>`: user messages;
 //! - consumer `chatfleet-p<partition>` filtered on `chatfleet.in.<partition>.*`;
-//! - core subject `chatfleet.out.<session_id>`: reply events of one session.
+//! - core subject `chatfleet.out.<session_id>`: reply events of one session;
+//! - core subject `chatfleet.barrier`: requests nobody answers, to learn that the server has
+//!   processed what a connection sent before them.
 
 use crate::{Partition, SessionId};
 
@@ -60,6 +62,13 @@ impl Names {
     /// The subject carrying the reply events of one session.
     pub fn events_subject(&self, session: &SessionId) -> String {
         format!("{}.out.{}", self.prefix, session)
+    }
+
+    /// The subject a connection sends a request to, which nobody ever answers, so that the
+    /// server's "no responders" reply tells it the server has processed everything it sent
+    /// before (a subscription, say).
+    pub fn barrier_subject(&self) -> String {
+        format!("{}.barrier", self.prefix)
     }
 }
 

@@ -25,6 +25,15 @@ fn free_port_can_be_bound() {
     assert!(listener.is_ok(), "port {port} could not be bound: {listener:?}");
 }
 
+#[test]
+fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+    let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+
+    let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), ports.len(), "a port was handed out twice: {ports:?}");
+    assert!(ports.iter().all(|p| (20_000..32_000).contains(p)), "a port outside 20000..32000: {ports:?}");
+}
+
 #[tokio::test]
 async fn nats_server_is_version_2_14_with_jetstream() {
     let server = NatsServer::start().await;

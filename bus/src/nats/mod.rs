@@ -125,6 +125,22 @@ impl NatsBus {
         Ok(bus)
     }
 
+    /// Returns once the server has processed everything this connection sent before: a
+    /// request to a subject nobody answers comes back as the server's own "no responders"
+    /// reply, after it has handled what came first on the connection.
+    async fn barrier(&self) -> Result<(), String> {
+        let subject = self.settings.names.barrier_subject();
+        let request = async_nats::Request::new().timeout(Some(self.settings.publish_timeout));
+        match self.client.send_request(subject, request).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                Err(format!("NATS did not answer within {:?}", self.settings.publish_timeout))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     async fn ensure_stream(&self) -> Result<(), BusError> {
         let names = &self.settings.names;
         let config = stream::Config {
@@ -232,12 +248,11 @@ impl Bus for NatsBus {
             .subscribe(subject)
             .await
             .map_err(|e| BusError::Unavailable(format!("cannot subscribe: {e}")))?;
-        // The server registers the interest in order with everything this connection sends
-        // later, and the flush waits for it: events published after this returns reach us.
-        tokio::time::timeout(self.settings.publish_timeout, self.client.flush())
-            .await
-            .map_err(|_| BusError::Unavailable("NATS did not confirm the subscription in time".into()))?
-            .map_err(|e| BusError::Unavailable(format!("cannot confirm the subscription: {e}")))?;
+        // Sent is not registered: the server reads each connection on its own, so an event
+        // another connection publishes right after this returns could overtake the SUB. The
+        // server handles one connection's operations in order, so once it has answered a
+        // request sent after the SUB, the interest is in place.
+        self.barrier().await.map_err(|e| BusError::Unavailable(format!("cannot confirm the subscription: {e}")))?;
         Ok(subscriber
             .filter_map(|message| async move {
                 match serde_json::from_slice::<ReplyEvent>(&message.payload) {
