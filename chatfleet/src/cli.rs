@@ -105,8 +105,10 @@ pub struct WorkerTuning {
     #[arg(long, env = "CHATFLEET_CONTEXT_TOKENS", default_value_t = 3000)]
     pub context_tokens: usize,
 
-    /// Generations one worker runs at the same time (across all its sessions).
-    #[arg(long, env = "CHATFLEET_MAX_INFLIGHT", default_value_t = 512)]
+    /// Generations one worker runs at the same time (across all its sessions); later messages
+    /// wait for a slot. Each holds one connection to the model, so keep it well under the
+    /// process's open-files limit (`ulimit -n`), and under what the model's server accepts.
+    #[arg(long, env = "CHATFLEET_MAX_INFLIGHT", default_value_t = 4096)]
     pub max_inflight: usize,
 
     /// Model attempts per message, the first included, before the user gets an error event.
@@ -131,6 +133,13 @@ pub struct WorkerTuning {
     /// the partitions it owns, so that their next messages need no history read; 0 disables it.
     #[arg(long, env = "CHATFLEET_CONTEXT_CACHE_MB", default_value_t = 64)]
     pub context_cache_mb: usize,
+
+    /// Under load (more than 256 generations at once in this worker), the longest a reply's
+    /// model chunks are held to go out together as one `delta` event, in milliseconds: fewer,
+    /// larger events cost the worker, bus and gateway less per token. The first chunk of a
+    /// reply always goes out at once. 0 sends every chunk as it comes.
+    #[arg(long, env = "CHATFLEET_DELTA_BATCH_MS", default_value_t = 100)]
+    pub delta_batch_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -68,6 +68,7 @@ fn worker_config(worker_id: String, tuning: &WorkerTuning) -> WorkerConfig {
         shutdown_grace: Duration::from_secs(tuning.shutdown_grace),
         handover_grace: Duration::from_secs(tuning.handover_grace),
         context_cache_bytes: tuning.context_cache_mb.saturating_mul(1024 * 1024),
+        delta_batch: Duration::from_millis(tuning.delta_batch_ms),
         ..WorkerConfig::default()
     }
 }

@@ -21,6 +21,7 @@ pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use std::collections::HashMap;
@@ -56,6 +57,12 @@ pub struct WorkerConfig {
     /// Bytes of recent history kept in memory for the sessions of the partitions this worker
     /// owns, so that their next messages need no history read; 0 disables the cache.
     pub context_cache_bytes: usize,
+    /// While more than [`WorkerConfig::delta_batch_above`] generations run at once, the longest
+    /// a reply's chunks are held to be published together as one `delta` event (the first
+    /// chunk of a reply never waits). Zero publishes every chunk as it comes.
+    pub delta_batch: Duration,
+    /// The number of generations at once above which deltas are batched.
+    pub delta_batch_above: usize,
 }
 
 impl Default for WorkerConfig {
@@ -63,12 +70,14 @@ impl Default for WorkerConfig {
         Self {
             worker_id: format!("worker-{}", std::process::id()),
             context: ContextSettings::default(),
-            max_inflight: 512,
+            max_inflight: 4096,
             retry: RetryPolicy::default(),
             progress_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
             handover_grace: Duration::from_secs(5),
             context_cache_bytes: 64 * 1024 * 1024,
+            delta_batch: Duration::from_millis(100),
+            delta_batch_above: 256,
         }
     }
 }
@@ -81,6 +90,8 @@ pub struct Worker {
     model: Arc<dyn ChatModel>,
     config: Arc<WorkerConfig>,
     cache: Arc<cache::ContextCache>,
+    /// Generations running now, for [`Worker::delta_batch`].
+    generating: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -92,7 +103,17 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     pub fn new(bus: Arc<dyn Bus>, store: Arc<dyn Store>, model: Arc<dyn ChatModel>, config: WorkerConfig) -> Self {
         let cache = Arc::new(cache::ContextCache::new(config.context_cache_bytes));
-        Self { bus, store, model, config: Arc::new(config), cache }
+        Self { bus, store, model, config: Arc::new(config), cache, generating: Arc::default() }
+    }
+
+    /// How long a reply's chunks may be held to go out as one event: the configured batch
+    /// window while the worker is busier than [`WorkerConfig::delta_batch_above`], else zero.
+    fn delta_batch(&self) -> Duration {
+        if self.generating.load(Ordering::Relaxed) > self.config.delta_batch_above {
+            self.config.delta_batch
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// The recent history this worker has cached for `session`, if any: while the worker owns

@@ -415,7 +415,9 @@ impl Handler<'_> {
                 return Ok(Reply::interrupted(String::new()));
             }
             telemetry::inflight(1.0);
+            self.worker.generating.fetch_add(1, Ordering::Relaxed);
             let result = self.generate_once(request.clone(), events, started).await;
+            self.worker.generating.fetch_sub(1, Ordering::Relaxed);
             telemetry::inflight(-1.0);
             match result {
                 Ok(reply) => {
@@ -449,6 +451,11 @@ impl Handler<'_> {
 
     /// One attempt. On error, also says whether any delta went out. An interruption ends the
     /// attempt with what it has generated so far; dropping the model's stream stops the model.
+    ///
+    /// Chunks go out as `delta` events as they come, except under load ([`Worker::delta_batch`]):
+    /// then a chunk arriving sooner than the batch window after the previous event waits, with
+    /// any others, until the window has passed. The first chunk never waits, and whatever waits
+    /// goes out before the attempt ends with a reply, so the deltas still add up to it.
     async fn generate_once(
         &self,
         request: ChatRequest,
@@ -463,27 +470,37 @@ impl Handler<'_> {
             stream = self.worker.model.stream(request) => stream.map_err(|e| (e, false))?,
         };
         let mut text = String::new();
-        let mut index = 0u32;
+        let mut deltas = DeltaBatch::default();
+        let mut first = true;
         loop {
+            let due = deltas.due();
             let chunk = tokio::select! {
                 biased;
-                _ = &mut interrupted => return Ok(Reply::interrupted(text)),
+                _ = &mut interrupted => {
+                    deltas.flush(events).await;
+                    return Ok(Reply::interrupted(text));
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    deltas.flush(events).await;
+                    continue;
+                }
                 chunk = stream.next() => chunk,
             };
             let Some(chunk) = chunk else { break };
             match chunk {
                 Ok(ChatChunk::Delta(delta)) => {
-                    if index == 0 {
+                    if first {
+                        first = false;
                         telemetry::first_token(started.elapsed().as_secs_f64());
                     }
                     text.push_str(&delta);
-                    events.send(ReplyEventKind::Delta { index, text: delta }).await;
-                    index += 1;
+                    deltas.add(&delta, self.worker.delta_batch(), events).await;
                 }
                 Ok(ChatChunk::Finished { finish_reason, usage }) => {
+                    deltas.flush(events).await;
                     return Ok(Reply { text, finish_reason, usage });
                 }
-                Err(e) => return Err((e, index > 0)),
+                Err(e) => return Err((e, deltas.sent > 0)),
             }
         }
         Err((
@@ -491,7 +508,7 @@ impl Handler<'_> {
                 message: "the model's stream ended before the reply was complete".into(),
                 retry_after: None,
             },
-            index > 0,
+            deltas.sent > 0,
         ))
     }
 
@@ -521,6 +538,51 @@ impl Handler<'_> {
             _ = tokio::time::sleep(delay) => Ok(()),
             _ = self.stop.cancelled() => Err(Stopped),
         }
+    }
+}
+
+/// The chunks of one attempt not yet published, and when the last `delta` event went out.
+#[derive(Default)]
+struct DeltaBatch {
+    /// Text of the chunks held back.
+    pending: String,
+    /// `delta` events published so far in this attempt; the next one's index.
+    sent: u32,
+    /// When the last `delta` event went out.
+    last_sent: Option<tokio::time::Instant>,
+    /// When the held chunks must go out.
+    due: Option<tokio::time::Instant>,
+}
+
+impl DeltaBatch {
+    /// Publishes `chunk` now if the `window` since the last event has passed (or this is the
+    /// first), else holds it until then.
+    async fn add(&mut self, chunk: &str, window: Duration, events: &mut EventWriter<'_>) {
+        self.pending.push_str(chunk);
+        let now = tokio::time::Instant::now();
+        match self.last_sent.map(|last| last + window).filter(|&next| next > now) {
+            None => self.flush(events).await,
+            Some(next) => {
+                self.due.get_or_insert(next);
+            }
+        }
+    }
+
+    /// When the held chunks must go out, if any are held.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.due
+    }
+
+    /// Publishes the held chunks as one `delta` event.
+    async fn flush(&mut self, events: &mut EventWriter<'_>) {
+        self.due = None;
+        if self.pending.is_empty() {
+            return;
+        }
+        let text = std::mem::take(&mut self.pending);
+        events.send(ReplyEventKind::Delta { index: self.sent, text }).await;
+        self.sent += 1;
+        self.last_sent = Some(tokio::time::Instant::now());
     }
 }
 
