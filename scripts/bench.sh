@@ -212,10 +212,8 @@ start_target() { # target logdir
       # An explicit empty config file: otherwise SecantusDB reads whichever secantusd.toml it
       # finds in the working or home directory. Run it in the temp dir for the same reason.
       : >"$tmp/secantusd.toml"
-      local config=()
-      [[ "$MONGO_NAME" == secantusd-py ]] && config=(--config "$tmp/secantusd.toml")
       cd "$tmp" # (not in a subshell: the server must stay this shell's child, to be stopped and reaped)
-      start_proc mongo "$logs/mongo.log" "$MONGO_BIN" "${config[@]}" \
+      start_proc mongo "$logs/mongo.log" "$MONGO_BIN" --config "$tmp/secantusd.toml" \
         --host 127.0.0.1 --port "$mongo_port" --storage-path :memory:
       cd "$ROOT"
       wait_until "$MONGO_NAME" "${PID[mongo]}" "$logs/mongo.log" 60 tcp_open "$mongo_port"
