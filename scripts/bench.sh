@@ -7,7 +7,8 @@
 #   fleet   `chatfleet gateway` + 2 `chatfleet worker` on NATS JetStream and a MongoDB-wire server
 #
 # For each N in BENCH_USERS it runs a burst of N users (one message each), then a sustained ramp,
-# against each target; then it measures the memory an open idle event stream costs. Every run
+# against each target; then it searches, per target, the highest arrival rate that keeps TTFT p99
+# within 0.5 s; then it measures the memory an open idle event stream costs. Every run
 # gets freshly started servers (so no run inherits another's backlog, store or memory peak), a
 # small warm-up, and is measured with the loadtest's --json/--svg outputs plus the servers' peak
 # RSS and CPU time. The table goes to stdout and to BENCHMARKS.md.
@@ -15,6 +16,10 @@
 # Settings (environment):
 #   BENCH_USERS="100 1000 5000 10000"  burst sizes
 #   BENCH_RAMP_RATE=200 BENCH_RAMP_SECS=20   the ramp: new users per second, for this long
+#   BENCH_SUSTAIN_RATES="50 100 200 400 800"  sustained-rate search: open-loop ramps at these rates
+#   BENCH_SUSTAIN_SECS=15              (new users/s) for this long, per target, rising until TTFT
+#   BENCH_SUSTAIN_P99_MS=500           p99 exceeds this; the report names the highest rate within
+#                                      it ("" skips the search)
 #   BENCH_IDLE_STREAMS=2000            idle event streams opened for the memory figure (0: skip)
 #   BENCH_TARGETS="direct dev fleet"   which targets (ratios need direct)
 #   BENCH_WARMUP=5                     warm-up users before each measured run (0: none)
@@ -39,6 +44,9 @@ readonly DEFAULT_RAMP_SECS=20
 BENCH_USERS="${BENCH_USERS:-$DEFAULT_USERS}"
 BENCH_RAMP_RATE="${BENCH_RAMP_RATE:-$DEFAULT_RAMP_RATE}"
 BENCH_RAMP_SECS="${BENCH_RAMP_SECS:-$DEFAULT_RAMP_SECS}"
+BENCH_SUSTAIN_RATES="${BENCH_SUSTAIN_RATES-50 100 200 400 800}"
+BENCH_SUSTAIN_SECS="${BENCH_SUSTAIN_SECS:-15}"
+BENCH_SUSTAIN_P99_MS="${BENCH_SUSTAIN_P99_MS:-500}"
 BENCH_IDLE_STREAMS="${BENCH_IDLE_STREAMS:-2000}"
 BENCH_TARGETS="${BENCH_TARGETS:-direct dev fleet}"
 BENCH_WARMUP="${BENCH_WARMUP:-5}"
@@ -368,6 +376,7 @@ python3 "$HELPER" meta \
   "users=$BENCH_USERS" "ramp_rate=$BENCH_RAMP_RATE" "ramp_secs=$BENCH_RAMP_SECS" \
   "targets=$BENCH_TARGETS" "warmup=$BENCH_WARMUP" "timeout=$BENCH_TIMEOUT" \
   "idle_streams=$BENCH_IDLE_STREAMS" "label=${BENCH_LABEL:-}" "reference=$reference" \
+  "sustain_rates=$BENCH_SUSTAIN_RATES" "sustain_secs=$BENCH_SUSTAIN_SECS" "sustain_p99_ms=$BENCH_SUSTAIN_P99_MS" \
   "results_dir=${RESULTS#"$ROOT"/}" \
   "mock_args=${MOCK_ARGS[*]}" "nats_version=$nats_version" "mongo_server=$mongo_server" \
   "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >"$RESULTS/meta.json"
@@ -381,6 +390,14 @@ for n in $BENCH_USERS; do
 done
 for target in $BENCH_TARGETS; do
   run_case "$target" "$target-ramp" ramp --rate "$BENCH_RAMP_RATE" --duration "${BENCH_RAMP_SECS}s"
+done
+# The sustained rate: open-loop ramps at rising arrival rates, each on fresh servers, until one
+# misses the TTFT p99 goal (or has errors); the report names the highest rate that met it.
+for target in $BENCH_TARGETS; do
+  for rate in $BENCH_SUSTAIN_RATES; do
+    run_case "$target" "$target-sustain-$rate" ramp --rate "$rate" --duration "${BENCH_SUSTAIN_SECS}s"
+    python3 "$HELPER" meets-goal "$RESULTS/$target-sustain-$rate.json" "$BENCH_SUSTAIN_P99_MS" || break
+  done
 done
 if ((BENCH_IDLE_STREAMS > 0)); then
   for target in dev fleet; do

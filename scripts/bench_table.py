@@ -341,6 +341,16 @@ def run_figures(lt: dict | None) -> dict:
     }
 
 
+def meets_goal(f: dict, goal_ms: float) -> bool:
+    """Whether a run answered every message correctly with TTFT p99 within the goal."""
+    return bool(f) and f["errors"] == 0 and f["ttft_p99"] is not None and f["ttft_p99"] <= goal_ms
+
+
+def cmd_meets_goal(args: argparse.Namespace) -> None:
+    f = run_figures(load(Path(args.report)))
+    sys.exit(0 if meets_goal(f, args.p99_ms) else 1)
+
+
 def proc_usage(results: Path, name: str) -> dict:
     """Peak RSS and CPU seconds during the run, per role, from the before/after snapshots."""
     before = load(results / f"{name}.procs-before.json") or {}
@@ -474,7 +484,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             if "secantusd-py" in cfg.get("mongo_server", "")
             else []
         ),
-        "- Every target keeps its default settings (e.g. `--max-inflight 512` per worker, 16 partitions).",
+        "- Every target keeps its default settings (e.g. `--max-inflight 4096` per worker, `--delta-batch-ms 100`, 16 partitions).",
         "  Each run gets freshly started servers and a warm-up of "
         f"{cfg.get('warmup', '?')} users before it is measured.",
         "- The load generator runs on the same machine as the servers and competes with them for CPU.",
@@ -541,6 +551,36 @@ def cmd_report(args: argparse.Namespace) -> None:
             *idle_rows,
         ]
 
+    sustain_rates = [int(r) for r in cfg.get("sustain_rates", "").split()]
+    if sustain_rates:
+        goal = float(cfg.get("sustain_p99_ms", "500"))
+        secs = cfg.get("sustain_secs", "?")
+        md += [
+            "",
+            f"## Sustained load: the highest arrival rate that keeps TTFT p99 ≤ {goal:.0f} ms",
+            "",
+            f"Open-loop ramps of {secs} s at rising rates (new users per second, one message each), each on",
+            "freshly started servers; a target's search stops at the first rate that misses the goal",
+            "(\"not run\" above it).",
+            "",
+            "| target | highest rate meeting the goal | " + " | ".join(f"{r}/s: TTFT p99 ms" for r in sustain_rates) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in sustain_rates) + " |",
+        ]
+        for t in targets:
+            best, cells = None, []
+            for r in sustain_rates:
+                f = run_figures(load(results / f"{t}-sustain-{r}.json"))
+                if not f:
+                    cells.append("not run")
+                    continue
+                ok = meets_goal(f, goal)
+                if ok:
+                    best = r
+                errors = f" ({f['errors']} errors)" if f["errors"] else ""
+                cells.append(f"{fmt_ms(f['ttft_p99'])}{errors}{'' if ok else ' ✗'}")
+            best_cell = f"{best}/s" if best is not None else f"below {sustain_rates[0]}/s"
+            md.append(f"| {t} | {best_cell} | " + " | ".join(cells) + " |")
+
     problems = []
     for (t, n), f in bursts.items():
         if f and f["error_kinds"]:
@@ -577,6 +617,9 @@ def main() -> None:
     p.add_argument("--hold", type=float, default=3.0, help="seconds the streams stay open before measuring")
     p.add_argument("--settle", type=float, default=1.0)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("meets-goal", help="exit 0 if a loadtest report met the TTFT p99 goal with no errors")
+    p.add_argument("report")
+    p.add_argument("p99_ms", type=float)
     p = sub.add_parser("report")
     p.add_argument("results")
     p.add_argument("--out", required=True)
@@ -591,6 +634,8 @@ def main() -> None:
         cmd_balanced(args)
     elif args.command == "idle-streams":
         cmd_idle_streams(args)
+    elif args.command == "meets-goal":
+        cmd_meets_goal(args)
     elif args.command == "report":
         cmd_report(args)
 
