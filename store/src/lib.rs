@@ -102,6 +102,24 @@ impl StoredMessage {
     }
 }
 
+/// A user message and the reply to it, as [`Store::message_and_reply`] found them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MessageAndReply {
+    pub message: Option<StoredMessage>,
+    pub reply: Option<StoredMessage>,
+}
+
+impl MessageAndReply {
+    /// What became of the message: its reply, else its recorded failure, else nothing yet.
+    pub fn outcome(&self) -> Option<Outcome> {
+        if let Some(reply) = &self.reply {
+            return Some(Outcome::Replied(reply.clone()));
+        }
+        let message = self.message.as_ref()?;
+        message.failure.clone().map(|failure| Outcome::Failed { turn: message.turn, failure })
+    }
+}
+
 /// What became of a user message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -216,16 +234,19 @@ pub trait Store: Send + Sync + 'static {
     /// message, no marker, no session) does nothing.
     async fn end_reply(&self, session: &SessionId, message: &MessageId) -> Result<(), StoreError>;
 
+    /// User message `message` of the session and the reply to it, each if stored. Stores that
+    /// can fetch both in one round trip do; the default reads them one after the other.
+    async fn message_and_reply(&self, session: &SessionId, message: &MessageId) -> Result<MessageAndReply, StoreError> {
+        let reply_id = schemas::ReplyId::for_message(message);
+        Ok(MessageAndReply {
+            message: self.message(session, message.as_str()).await?,
+            reply: self.message(session, reply_id.as_str()).await?,
+        })
+    }
+
     /// What became of a user message: its reply, its failure, or nothing yet.
     async fn outcome(&self, session: &SessionId, message: &MessageId) -> Result<Option<Outcome>, StoreError> {
-        let reply_id = schemas::ReplyId::for_message(message);
-        if let Some(reply) = self.message(session, reply_id.as_str()).await? {
-            return Ok(Some(Outcome::Replied(reply)));
-        }
-        Ok(self
-            .message(session, message.as_str())
-            .await?
-            .and_then(|m| m.failure.map(|failure| Outcome::Failed { turn: m.turn, failure })))
+        Ok(self.message_and_reply(session, message).await?.outcome())
     }
 
     /// A deployment-wide secret named `name`: the stored one, or `proposed` stored now if

@@ -65,6 +65,7 @@ behaviours![
     messages_are_found_only_in_their_own_session,
     recent_returns_the_newest_messages_in_conversation_order,
     outcome_is_the_reply_the_failure_or_nothing,
+    a_message_and_its_reply_are_read_together_from_their_own_session_only,
     marking_an_unknown_message_failed_is_an_error,
     shared_secret_gives_every_caller_the_first_value,
     generation_starts_are_counted_from_one_and_kept_on_the_user_message,
@@ -318,6 +319,25 @@ async fn outcome_is_the_reply_the_failure_or_nothing(store: &dyn Store) {
     let failed = store.message(&id, message_id("s1", 2).as_str()).await.unwrap().unwrap();
     assert_eq!(failed.failure, Some(failure));
     assert_eq!(failed.text, "q2");
+}
+
+async fn a_message_and_its_reply_are_read_together_from_their_own_session_only(store: &dyn Store) {
+    let (question, answer) = (user_message("s1", 1, "q1"), reply("s1", 1, "a1"));
+    insert(store, question.clone()).await;
+    insert(store, answer.clone()).await;
+    insert(store, user_message("s1", 2, "q2")).await;
+    let id = session_id("s1");
+
+    let both = store.message_and_reply(&id, &message_id("s1", 1)).await.unwrap();
+    let unanswered = store.message_and_reply(&id, &message_id("s1", 2)).await.unwrap();
+    let unknown = store.message_and_reply(&id, &message_id("s1", 3)).await.unwrap();
+    let elsewhere = store.message_and_reply(&session_id("other"), &message_id("s1", 1)).await.unwrap();
+
+    assert_eq!((both.message, both.reply), (Some(question), Some(answer)));
+    assert_eq!(unanswered.message.map(|m| m.text), Some("q2".to_owned()));
+    assert_eq!(unanswered.reply, None);
+    assert_eq!((unknown.message, unknown.reply), (None, None));
+    assert_eq!((elsewhere.message, elsewhere.reply), (None, None));
 }
 
 async fn marking_an_unknown_message_failed_is_an_error(store: &dyn Store) {

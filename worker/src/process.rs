@@ -206,7 +206,9 @@ impl Handler<'_> {
             self.distrust_cache();
             return Ok(Settlement::Ack("session_gone"));
         }
-        if let Some(outcome) = self.store_call(|| store.outcome(session, message_id)).await? {
+        // One read for both the outcome and whether an earlier delivery recorded the message.
+        let stored = self.store_call(|| store.message_and_reply(session, message_id)).await?;
+        if let Some(outcome) = stored.outcome() {
             // Answered before, perhaps by another worker: what else it wrote is not known here.
             self.distrust_cache();
             // Announce it again: a worker that stored it may have crashed before announcing.
@@ -222,7 +224,7 @@ impl Handler<'_> {
             }
             return Ok(Settlement::Ack("duplicate"));
         }
-        let Recorded { turn, start, history } = self.record_user_message().await?;
+        let Recorded { turn, start, history } = self.record_user_message(stored.message).await?;
 
         let mut history = match history {
             Some(history) => history,
@@ -320,13 +322,19 @@ impl Handler<'_> {
     }
 
     /// Stores the user message at the next turn of the conversation, unless a previous
-    /// delivery already did.
-    async fn record_user_message(&self) -> Result<Recorded, Stopped> {
+    /// delivery already did. `known` is the message as just read from the store, if it was
+    /// there.
+    async fn record_user_message(&self, known: Option<StoredMessage>) -> Result<Recorded, Stopped> {
         let store = &self.worker.store;
         let session = self.session();
         let message_id = &self.message.message_id;
+        let mut known = Some(known);
         loop {
-            if let Some(existing) = self.store_call(|| store.message(session, message_id.as_str())).await? {
+            let existing = match known.take() {
+                Some(known) => known,
+                None => self.store_call(|| store.message(session, message_id.as_str())).await?,
+            };
+            if let Some(existing) = existing {
                 // An earlier delivery recorded it, and its generation may have gone on elsewhere
                 // (a crash, a hand-over): the cached history may miss what that wrote.
                 self.distrust_cache();

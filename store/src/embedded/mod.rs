@@ -15,7 +15,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{Failure, Inserted, ReplyClaim, Role, SessionRecord, Store, StoreError, StoredMessage, to_stored_time};
+use crate::{
+    Failure, Inserted, MessageAndReply, ReplyClaim, Role, SessionRecord, Store, StoreError, StoredMessage,
+    to_stored_time,
+};
 
 /// Session id → JSON of the [`SessionRecord`].
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
@@ -170,6 +173,25 @@ fn read_messages(db: &Database, session: &str, rev: bool, limit: usize) -> Resul
         .collect()
 }
 
+/// Message `id` of `session`, if stored (under another session it does not count).
+fn read_message(
+    tx: &redb::ReadTransaction,
+    session: &SessionId,
+    id: &str,
+) -> Result<Option<StoredMessage>, StoreError> {
+    let ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+    let Some(location) = ids.get(id).map_err(fatal)? else {
+        return Ok(None);
+    };
+    let (owner, position) = location.value();
+    if owner != session.as_str() {
+        return Ok(None);
+    }
+    let messages = tx.open_table(MESSAGES).map_err(fatal)?;
+    let value = messages.get((owner, position)).map_err(fatal)?;
+    value.map(|v| decode(v.value())).transpose()
+}
+
 /// Applies `change` to user message `message_id` of `session` and writes it back, all in one write transaction.
 /// A message that is missing, in another session or not a user message is a [`StoreError::Fatal`] saying that
 /// the store cannot `doing`.
@@ -301,19 +323,19 @@ impl Store for EmbeddedStore {
     async fn message(&self, session: &SessionId, id: &str) -> Result<Option<StoredMessage>, StoreError> {
         let session = session.clone();
         let id = id.to_owned();
+        self.run(move |db| read_message(&db.begin_read().map_err(fatal)?, &session, &id)).await
+    }
+
+    async fn message_and_reply(&self, session: &SessionId, message: &MessageId) -> Result<MessageAndReply, StoreError> {
+        let session = session.clone();
+        let message = message.clone();
         self.run(move |db| {
             let tx = db.begin_read().map_err(fatal)?;
-            let ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
-            let Some(location) = ids.get(id.as_str()).map_err(fatal)? else {
-                return Ok(None);
-            };
-            let (owner, position) = location.value();
-            if owner != session.as_str() {
-                return Ok(None);
-            }
-            let messages = tx.open_table(MESSAGES).map_err(fatal)?;
-            let value = messages.get((owner, position)).map_err(fatal)?;
-            value.map(|v| decode(v.value())).transpose()
+            let reply_id = schemas::ReplyId::for_message(&message);
+            Ok(MessageAndReply {
+                message: read_message(&tx, &session, message.as_str())?,
+                reply: read_message(&tx, &session, reply_id.as_str())?,
+            })
         })
         .await
     }

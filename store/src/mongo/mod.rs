@@ -17,7 +17,7 @@ use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
 use schemas::{MessageId, SessionId};
 
-use crate::{Failure, Inserted, ReplyClaim, SessionRecord, Store, StoreError, StoredMessage};
+use crate::{Failure, Inserted, MessageAndReply, ReplyClaim, SessionRecord, Store, StoreError, StoredMessage};
 use documents::{MessageDoc, SecretDoc, SessionDoc, from_bson_time, starts_value, to_bson_time};
 use errors::{classify, is_duplicate_key};
 
@@ -210,6 +210,29 @@ impl Store for MongoStore {
             .map_err(|e| classify(e, "reading a message"))?
             .map(MessageDoc::into_record)
             .transpose()
+    }
+
+    async fn message_and_reply(&self, session: &SessionId, message: &MessageId) -> Result<MessageAndReply, StoreError> {
+        let reply_id = schemas::ReplyId::for_message(message);
+        let ids = [message.as_str(), reply_id.as_str()];
+        let docs: Vec<MessageDoc> = self
+            .messages
+            .find(doc! { "_id": { "$in": ids.as_slice() }, "session_id": session.as_str() })
+            .await
+            .map_err(|e| classify(e, "reading a message and its reply"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "reading a message and its reply"))?;
+        let mut found = MessageAndReply::default();
+        for doc in docs {
+            let record = doc.into_record()?;
+            if record.id == reply_id.as_str() {
+                found.reply = Some(record);
+            } else {
+                found.message = Some(record);
+            }
+        }
+        Ok(found)
     }
 
     async fn insert_message(&self, message: &StoredMessage) -> Result<Inserted, StoreError> {
