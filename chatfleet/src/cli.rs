@@ -163,6 +163,15 @@ pub struct GatewayTuning {
     /// progress, keeping its text so far, and answer the new one).
     #[arg(long, env = "CHATFLEET_DOUBLE_TEXTING", default_value_t = DoubleTexting::Enqueue, value_parser = parse_double_texting)]
     pub double_texting: DoubleTexting,
+
+    /// How long a gateway keeps a session record it has read (or created) in memory, in
+    /// milliseconds, so that most requests need no store read to know their session exists.
+    /// The price is the staleness bound after a deletion: the gateway that deletes a session
+    /// forgets it at once, but another gateway may keep accepting messages for the deleted
+    /// session for up to this long; the worker then drops them (logging `session_gone`), so
+    /// they are never answered. 0 disables the cache (a store read on every request).
+    #[arg(long = "session-cache-ms", env = "CHATFLEET_SESSION_CACHE_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub session_cache_ms: u64,
 }
 
 /// Parses a policy name, with the message naming the valid ones.

@@ -79,6 +79,7 @@ fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
         token_key: tuning.token_key.as_ref().map(|k| k.as_bytes().to_vec()),
         keep_alive: Duration::from_secs(tuning.sse_keep_alive),
         double_texting: tuning.double_texting,
+        session_cache_ttl: Duration::from_millis(tuning.session_cache_ms),
         ..GatewayConfig::default()
     }
 }

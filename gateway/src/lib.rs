@@ -2,12 +2,14 @@
 //! operational endpoints. It turns requests into bus envelopes and reply events into
 //! Server-Sent Events.
 //!
-//! Invariants: the gateway never calls the model and holds no per-session state, so any
-//! replica can serve any request; it answers 202 only once the bus has the message.
+//! Invariants: the gateway never calls the model and holds no per-session state beyond a
+//! cache of session records that lives seconds (`session_cache`), so any replica can serve
+//! any request; it answers 202 only once the bus has the message.
 
 mod auth;
 mod error;
 mod routes;
+mod session_cache;
 mod sse;
 pub mod telemetry;
 
@@ -20,6 +22,7 @@ use bus::Bus;
 use metrics_exporter_prometheus::PrometheusHandle;
 use rand::RngCore;
 use schemas::DoubleTexting;
+use session_cache::SessionCache;
 use store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +43,12 @@ pub struct GatewayConfig {
     pub readiness_timeout: Duration,
     /// The double-texting policy of sessions created without one.
     pub double_texting: DoubleTexting,
+    /// How long a session record read from the store (or just created) is kept in memory,
+    /// so that requests for the session need no store read to know it exists. Zero disables
+    /// the cache; at most an hour is used. The cost is staleness after a deletion: the
+    /// gateway that deletes a session forgets it at once, but another replica may accept
+    /// messages for it for up to this long, which the worker then drops (`session_gone`).
+    pub session_cache_ttl: Duration,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -50,6 +59,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("keep_alive", &self.keep_alive)
             .field("readiness_timeout", &self.readiness_timeout)
             .field("double_texting", &self.double_texting)
+            .field("session_cache_ttl", &self.session_cache_ttl)
             .finish()
     }
 }
@@ -62,6 +72,7 @@ impl Default for GatewayConfig {
             keep_alive: Duration::from_secs(15),
             readiness_timeout: Duration::from_secs(1),
             double_texting: DoubleTexting::Enqueue,
+            session_cache_ttl: Duration::from_secs(2),
         }
     }
 }
@@ -73,6 +84,9 @@ pub(crate) struct AppState {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) tokens: TokenKey,
     pub(crate) config: Arc<GatewayConfig>,
+    /// Recently seen session records, so that most requests skip the store read of their
+    /// session.
+    pub(crate) sessions: SessionCache,
     pub(crate) metrics: Option<PrometheusHandle>,
     /// Cancelled when the gateway shuts down; open reply streams end then, so that a
     /// graceful shutdown does not wait forever on them.
@@ -115,6 +129,7 @@ impl Gateway {
             bus,
             store,
             tokens: TokenKey::new(key),
+            sessions: SessionCache::new(config.session_cache_ttl),
             config: Arc::new(config),
             metrics,
             closing: CancellationToken::new(),

@@ -204,6 +204,15 @@ impl Handler<'_> {
         if self.store_call(|| store.session(session)).await?.is_none() {
             tracing::info!(event = "session_gone", "the session was deleted; dropping its message");
             self.distrust_cache();
+            // A client still streaming the reply (through a gateway that had not yet heard of
+            // the deletion) learns why none comes. The session has no turns left, so turn 0.
+            let mut events = EventWriter { worker: self.worker, message: self.message, turn: 0, start: 1, seq: 0 };
+            events
+                .send(ReplyEventKind::Error {
+                    code: "session_not_found".into(),
+                    message: "the session was deleted before this message was answered".into(),
+                })
+                .await;
             return Ok(Settlement::Ack("session_gone"));
         }
         // One read for both the outcome and whether an earlier delivery recorded the message.

@@ -66,7 +66,10 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     serde_json::from_value(value).map(Some).map_err(|e| ApiError::Invalid(format!("invalid request: {e}")))
 }
 
-/// Checks the token and that the session exists; returns the session as stored.
+/// Checks the token and that the session exists; returns the session as stored. The session
+/// cache answers when it can (see `session_cache` for how stale that may be); otherwise the
+/// store does, and a session found there is cached. An absence is never cached, so a session
+/// just created through another replica is usable at once.
 async fn open_session(
     state: &AppState,
     session_id: &str,
@@ -75,7 +78,12 @@ async fn open_session(
 ) -> Result<SessionRecord, ApiError> {
     let session =
         auth::authorize_session(&state.tokens, auth::bearer(headers, query.access_token.as_deref()), session_id)?;
-    state.store.session(&session).await?.ok_or(ApiError::SessionNotFound)
+    if let Some(record) = state.sessions.get(&session) {
+        return Ok(record);
+    }
+    let record = state.store.session(&session).await?.ok_or(ApiError::SessionNotFound)?;
+    state.sessions.insert(record.clone());
+    Ok(record)
 }
 
 fn wants_event_stream(headers: &HeaderMap) -> bool {

@@ -59,11 +59,15 @@ pub(crate) async fn create(
         id: SessionId::generate(),
         user: request.user,
         metadata: request.metadata,
-        created_at: time::OffsetDateTime::now_utc(),
+        // In UTC to the millisecond, the form both stores keep times in: so the record given
+        // to the store is the record it hands back, and can be cached as it is.
+        created_at: time::OffsetDateTime::now_utc().truncate_to_millisecond(),
         double_texting,
     };
     tracing::Span::current().record("session_id", tracing::field::display(&session.id));
     state.store.create_session(&session).await?;
+    // The client's first message usually follows at once; spare it the store read.
+    state.sessions.insert(session.clone());
     telemetry::session_created();
     tracing::info!(event = "session_created", double_texting = %double_texting, "session created");
     let token = state.tokens.issue(&session.id);
@@ -80,9 +84,47 @@ pub(crate) async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let session =
         auth::authorize_session(&state.tokens, auth::bearer(&headers, query.access_token.as_deref()), &session_id)?;
-    if !state.store.delete_session(&session).await? {
+    let deleted = state.store.delete_session(&session).await;
+    // Forget the session whatever the store said: even a failed delete may have been applied,
+    // and forgetting costs no more than a store read.
+    state.sessions.remove(&session);
+    if !deleted? {
         return Err(ApiError::SessionNotFound);
     }
     tracing::info!(event = "session_deleted", "session deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use schemas::{PartitionCount, SessionId};
+    use serde_json::{Value, json};
+    use store::Store;
+
+    use crate::{Gateway, GatewayConfig};
+
+    #[tokio::test]
+    async fn a_created_session_is_cached_exactly_as_the_store_returns_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+        let bus = Arc::new(bus::MemoryBus::new(PartitionCount::new(1).unwrap()));
+        let config =
+            GatewayConfig { session_cache_ttl: std::time::Duration::from_secs(60), ..GatewayConfig::default() };
+        let state = Gateway::build(bus, store.clone(), config, None).await.unwrap().state;
+        let body = json!({"user": "u-1", "metadata": {"plan": "pro"}, "double_texting": "reject"}).to_string();
+
+        let response = super::create(State(state.clone()), HeaderMap::new(), Body::from(body)).await.unwrap();
+
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let body: Value =
+            serde_json::from_slice(&axum::body::to_bytes(response.into_body(), 4096).await.unwrap()).unwrap();
+        let id = SessionId::parse(body["session_id"].as_str().unwrap()).unwrap();
+        let stored = store.session(&id).await.unwrap().unwrap();
+        assert_eq!(state.sessions.get(&id), Some(stored));
+    }
 }
