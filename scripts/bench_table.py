@@ -578,7 +578,12 @@ def cmd_report(args: argparse.Namespace) -> None:
                     best = r
                 errors = f" ({f['errors']} errors)" if f["errors"] else ""
                 cells.append(f"{fmt_ms(f['ttft_p99'])}{errors}{'' if ok else ' ✗'}")
-            best_cell = f"{best}/s" if best is not None else f"below {sustain_rates[0]}/s"
+            if best is None:
+                best_cell = f"below {sustain_rates[0]}/s"
+            elif best == sustain_rates[-1]:
+                best_cell = f"≥ {best}/s (the highest tried)"
+            else:
+                best_cell = f"{best}/s"
             md.append(f"| {t} | {best_cell} | " + " | ".join(cells) + " |")
 
     problems = []

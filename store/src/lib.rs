@@ -168,7 +168,7 @@ pub enum Inserted {
 }
 
 /// A store error, typed by what the caller should do next.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or timed out: try again later.
     #[error("store unavailable: {0}")]

@@ -90,3 +90,42 @@ fn a_file_that_is_not_a_store_is_refused() {
 
     assert!(matches!(opened, Err(StoreError::Fatal(_))), "{opened:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_committed_together_keep_their_own_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    store.create_session(&session()).await.unwrap();
+
+    // 100 turns, each written twice under different ids: one of each pair is stored, the other
+    // refused as a conflict, however the writes are batched, and refusals leave no trace.
+    let writes = (1..=100u64).flat_map(|turn| {
+        let first = user_message(turn, "first");
+        let second = StoredMessage { id: format!("m_{turn}_again"), text: "second".into(), ..user_message(turn, "x") };
+        [first, second]
+    });
+    let tasks: Vec<_> = writes
+        .map(|message| {
+            let store = store.clone();
+            tokio::spawn(async move { store.insert_message(&message).await })
+        })
+        .collect();
+    let mut stored = 0;
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(Inserted::New) => stored += 1,
+            Err(StoreError::Conflict(_)) => refused += 1,
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+
+    assert_eq!((stored, refused), (100, 100));
+    let history = store.history(&SessionId::parse("s1").unwrap()).await.unwrap();
+    assert_eq!(history.len(), 100);
+    assert!(history.iter().enumerate().all(|(i, m)| m.turn == i as u64 + 1));
+    drop(store);
+    // Every answered write was committed: the file, reopened at once, holds them all.
+    let reopened = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    assert_eq!(reopened.history(&SessionId::parse("s1").unwrap()).await.unwrap().len(), 100);
+}

@@ -1,15 +1,23 @@
 //! The embedded store, for `chatfleet dev` and single-node use: one redb file holding sessions,
 //! messages and secrets, with the same uniqueness rules as the MongoDB store.
 //!
-//! redb is synchronous, so every operation runs on tokio's blocking pool. Each operation is
-//! one redb transaction, which makes every check-then-write here atomic: redb allows one
-//! write transaction at a time.
+//! redb is synchronous. Reads run on tokio's blocking pool, each in a read transaction of its
+//! own. Writes go to one writer thread, which applies every write waiting for it, one after
+//! the other, in a single write transaction and commits them together (group commit): one
+//! disk sync answers them all, where one each would queue every writer behind the syncs of
+//! the others. Each write still sees the ones before it, so every check-then-write here is
+//! atomic; and no caller hears of its write before the commit that makes it durable.
+//!
+//! A write decides any refusal (a conflict, a missing message) before it changes anything,
+//! so a refused write leaves nothing in the shared transaction. A storage fault abandons the
+//! whole batch: nothing of it is written, and every write in it gets the error.
 
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, mpsc};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use schemas::{MessageId, SessionId};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -45,7 +53,41 @@ const FORMAT_VERSION: u64 = 1;
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
+    writer: Arc<Writer>,
 }
+
+/// The writer thread and its queue. Dropping the last clone of the store closes the queue and
+/// waits for the thread to commit what it holds, so that the file is closed when the drop
+/// returns and can be opened again at once.
+struct Writer {
+    queue: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            // A panicking writer has answered nobody since; nothing more to report here.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The most writes committed together: enough to absorb a burst, few enough that the first
+/// of them does not wait long for the last.
+const MAX_BATCH: usize = 256;
+
+/// What a write decided, if it could decide: its answer, or a refusal decided before it changed
+/// anything. The outer error is a storage fault, which abandons the batch.
+type Applied<T> = Result<Result<T, StoreError>, StoreError>;
+
+/// Answers a write's caller once its batch is committed (`Ok`) or abandoned (the fault).
+type Deliver = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A queued write. Given the batch's transaction, it applies itself and returns the storage
+/// fault it hit, if any; given none, its batch was abandoned before its turn.
+type Job = Box<dyn FnOnce(Option<&WriteTransaction>) -> (Deliver, Option<StoreError>) + Send>;
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,7 +121,9 @@ impl EmbeddedStore {
             StoreError::Fatal(m) => StoreError::Fatal(format!("{}: {m}", path.display())),
             other => other,
         })?;
-        Ok(EmbeddedStore { db: Arc::new(db), path: path.to_path_buf() })
+        let db = Arc::new(db);
+        let writer = spawn_writer(Arc::clone(&db), path)?;
+        Ok(EmbeddedStore { db, path: path.to_path_buf(), writer: Arc::new(writer) })
     }
 
     /// The file the store lives in.
@@ -97,6 +141,87 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || op(&db))
             .await
             .map_err(|e| StoreError::Fatal(format!("an embedded store operation did not finish: {e}")))?
+    }
+
+    /// Queues `op` for the writer thread and waits until the batch holding it is committed.
+    async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Applied<T> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |tx| {
+            let (result, fault) = match tx.map(op) {
+                Some(Ok(decided)) => (decided, None),
+                Some(Err(fault)) => (Err(fault.clone()), Some(fault)),
+                // Replaced by the batch's fault when answered.
+                None => (Err(StoreError::Fatal("the write's batch was abandoned".into())), None),
+            };
+            let deliver: Deliver = Box::new(move |batch| {
+                // The caller may have given up waiting; then nobody needs the answer.
+                let _ = reply.send(batch.and(result));
+            });
+            (deliver, fault)
+        });
+        let stopped = || StoreError::Fatal("the embedded store's writer has stopped".into());
+        let queue = self.writer.queue.as_ref().ok_or_else(stopped)?;
+        queue.send(job).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// Starts the thread that applies and commits writes in batches (see the module's notes).
+fn spawn_writer(db: Arc<Database>, path: &Path) -> Result<Writer, StoreError> {
+    let (writes, queue) = mpsc::channel::<Job>();
+    let thread = std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || {
+            while let Ok(first) = queue.recv() {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                commit_batch(&db, batch);
+            }
+        })
+        .map_err(|e| StoreError::Fatal(format!("cannot start the writer of the embedded store {}: {e}", path.display())))?;
+    Ok(Writer { queue: Some(writes), thread: Some(thread) })
+}
+
+/// Applies `batch` in one transaction and commits it, then answers every write in it.
+fn commit_batch(db: &Database, batch: Vec<Job>) {
+    let mut jobs = batch.into_iter();
+    let mut answers = Vec::with_capacity(jobs.len());
+    let outcome = match db.begin_write() {
+        Err(e) => Err(fatal(e)),
+        Ok(tx) => {
+            let mut fault = None;
+            for job in jobs.by_ref() {
+                // A panicking write is a bug; it must not take the writer, and every later
+                // write, with it. Its caller hears that the writer stopped; the batch is abandoned.
+                let Ok((deliver, faulted)) = std::panic::catch_unwind(AssertUnwindSafe(|| job(Some(&tx)))) else {
+                    fault = Some(StoreError::Fatal("embedded store: a write failed unexpectedly".into()));
+                    break;
+                };
+                answers.push(deliver);
+                if faulted.is_some() {
+                    fault = faulted;
+                    break;
+                }
+            }
+            match fault {
+                // Dropping the transaction without committing abandons it.
+                Some(fault) => Err(fault),
+                None => tx.commit().map_err(fatal),
+            }
+        }
+    };
+    answers.extend(jobs.map(|job| job(None).0));
+    for deliver in answers {
+        deliver(outcome.clone());
     }
 }
 
@@ -192,39 +317,37 @@ fn read_message(
     value.map(|v| decode(v.value())).transpose()
 }
 
-/// Applies `change` to user message `message_id` of `session` and writes it back, all in one write transaction.
-/// A message that is missing, in another session or not a user message is a [`StoreError::Fatal`] saying that
-/// the store cannot `doing`.
+/// Applies `change` to user message `message_id` of `session` and writes it back, as one write.
+/// A message that is missing, in another session or not a user message is a refusal
+/// ([`StoreError::Fatal`]) saying that the store cannot `doing`; so is an error from `change`.
+/// Both come before anything is written.
 fn update_user_message<T>(
-    db: &Database,
+    tx: &WriteTransaction,
     session: &SessionId,
     message_id: &MessageId,
     doing: &str,
     change: impl FnOnce(&mut StoredMessage) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
+) -> Applied<T> {
     let missing = || StoreError::Fatal(format!("cannot {doing}: session {session} has no such user message"));
-    let tx = db.begin_write().map_err(fatal)?;
-    let result = {
-        let ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
-        let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
-        let location = ids.get(message_id.as_str()).map_err(fatal)?.map(|v| {
-            let (owner, position) = v.value();
-            (owner.to_owned(), position)
-        });
-        let Some((owner, position)) = location.filter(|(owner, _)| owner == session.as_str()) else {
-            return Err(missing());
-        };
-        let stored =
-            messages.get((owner.as_str(), position)).map_err(fatal)?.map(|v| decode::<StoredMessage>(v.value()));
-        let Some(mut stored) = stored.transpose()?.filter(|m| m.role == Role::User) else {
-            return Err(missing());
-        };
-        let result = change(&mut stored)?;
-        messages.insert((owner.as_str(), position), encode(&stored)?.as_slice()).map_err(fatal)?;
-        result
+    let ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+    let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
+    let location = ids.get(message_id.as_str()).map_err(fatal)?.map(|v| {
+        let (owner, position) = v.value();
+        (owner.to_owned(), position)
+    });
+    let Some((owner, position)) = location.filter(|(owner, _)| owner == session.as_str()) else {
+        return Ok(Err(missing()));
     };
-    tx.commit().map_err(fatal)?;
-    Ok(result)
+    let stored = messages.get((owner.as_str(), position)).map_err(fatal)?.map(|v| decode::<StoredMessage>(v.value()));
+    let Some(mut stored) = stored.transpose()?.filter(|m| m.role == Role::User) else {
+        return Ok(Err(missing()));
+    };
+    let result = match change(&mut stored) {
+        Ok(result) => result,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    messages.insert((owner.as_str(), position), encode(&stored)?.as_slice()).map_err(fatal)?;
+    Ok(Ok(result))
 }
 
 #[async_trait]
@@ -240,25 +363,18 @@ impl Store for EmbeddedStore {
 
     async fn create_session(&self, session: &SessionRecord) -> Result<(), StoreError> {
         let session = normalise_session(session)?;
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(fatal)?;
-            {
-                let mut table = tx.open_table(SESSIONS).map_err(fatal)?;
-                let existing =
-                    table.get(session.id.as_str()).map_err(fatal)?.map(|v| decode::<SessionRecord>(v.value()));
-                match existing.transpose()? {
-                    // A repeated create is not an error; a different session under the same
-                    // id is.
-                    Some(existing) if existing == session => return Ok(()),
-                    Some(_) => {
-                        return Err(StoreError::Conflict(format!("session {} already exists", session.id)));
-                    }
-                    None => {
-                        table.insert(session.id.as_str(), encode(&session)?.as_slice()).map_err(fatal)?;
-                    }
+        self.write(move |tx| {
+            let mut table = tx.open_table(SESSIONS).map_err(fatal)?;
+            let existing = table.get(session.id.as_str()).map_err(fatal)?.map(|v| decode::<SessionRecord>(v.value()));
+            match existing.transpose()? {
+                // A repeated create is not an error; a different session under the same id is.
+                Some(existing) if existing == session => Ok(Ok(())),
+                Some(_) => Ok(Err(StoreError::Conflict(format!("session {} already exists", session.id)))),
+                None => {
+                    table.insert(session.id.as_str(), encode(&session)?.as_slice()).map_err(fatal)?;
+                    Ok(Ok(()))
                 }
             }
-            tx.commit().map_err(fatal)
         })
         .await
     }
@@ -276,31 +392,26 @@ impl Store for EmbeddedStore {
 
     async fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError> {
         let id = id.clone();
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(fatal)?;
-            let existed = {
-                let mut sessions = tx.open_table(SESSIONS).map_err(fatal)?;
-                let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
-                let mut ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
-                let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
-                let existed = sessions.remove(id.as_str()).map_err(fatal)?.is_some();
-                markers.remove(id.as_str()).map_err(fatal)?;
-                let session = id.as_str();
-                let mut removed =
-                    messages.extract_from_if((session, 0u64)..=(session, u64::MAX), |_, _| true).map_err(fatal)?;
-                let mut message_ids = Vec::new();
-                for entry in removed.by_ref() {
-                    let (_, value) = entry.map_err(fatal)?;
-                    message_ids.push(decode::<StoredMessage>(value.value())?.id);
-                }
-                drop(removed);
-                for message_id in &message_ids {
-                    ids.remove(message_id.as_str()).map_err(fatal)?;
-                }
-                existed
-            };
-            tx.commit().map_err(fatal)?;
-            Ok(existed)
+        self.write(move |tx| {
+            let mut sessions = tx.open_table(SESSIONS).map_err(fatal)?;
+            let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
+            let mut ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+            let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
+            let existed = sessions.remove(id.as_str()).map_err(fatal)?.is_some();
+            markers.remove(id.as_str()).map_err(fatal)?;
+            let session = id.as_str();
+            let mut removed =
+                messages.extract_from_if((session, 0u64)..=(session, u64::MAX), |_, _| true).map_err(fatal)?;
+            let mut message_ids = Vec::new();
+            for entry in removed.by_ref() {
+                let (_, value) = entry.map_err(fatal)?;
+                message_ids.push(decode::<StoredMessage>(value.value())?.id);
+            }
+            drop(removed);
+            for message_id in &message_ids {
+                ids.remove(message_id.as_str()).map_err(fatal)?;
+            }
+            Ok(Ok(existed))
         })
         .await
     }
@@ -342,35 +453,32 @@ impl Store for EmbeddedStore {
 
     async fn insert_message(&self, message: &StoredMessage) -> Result<Inserted, StoreError> {
         let message = normalise_message(message)?;
-        self.run(move |db| {
+        self.write(move |tx| {
             let session = message.session_id.as_str();
             let position = message.position();
-            let tx = db.begin_write().map_err(fatal)?;
-            {
-                let mut ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
-                let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
-                let owner = ids.get(message.id.as_str()).map_err(fatal)?.map(|v| v.value().0.to_owned());
-                match owner {
-                    Some(owner) if owner == session => return Ok(Inserted::AlreadyPresent),
-                    Some(owner) => {
-                        return Err(StoreError::Conflict(format!(
-                            "message id {} already belongs to session {owner}",
-                            message.id
-                        )));
-                    }
-                    None => {}
+            let mut ids = tx.open_table(MESSAGE_IDS).map_err(fatal)?;
+            let mut messages = tx.open_table(MESSAGES).map_err(fatal)?;
+            let owner = ids.get(message.id.as_str()).map_err(fatal)?.map(|v| v.value().0.to_owned());
+            match owner {
+                Some(owner) if owner == session => return Ok(Ok(Inserted::AlreadyPresent)),
+                Some(owner) => {
+                    return Ok(Err(StoreError::Conflict(format!(
+                        "message id {} already belongs to session {owner}",
+                        message.id
+                    ))));
                 }
-                if messages.get((session, position)).map_err(fatal)?.is_some() {
-                    return Err(StoreError::Conflict(format!(
-                        "session {session} already has another message at position {position} (turn {})",
-                        message.turn
-                    )));
-                }
-                messages.insert((session, position), encode(&message)?.as_slice()).map_err(fatal)?;
-                ids.insert(message.id.as_str(), (session, position)).map_err(fatal)?;
+                None => {}
             }
-            tx.commit().map_err(fatal)?;
-            Ok(Inserted::New)
+            if messages.get((session, position)).map_err(fatal)?.is_some() {
+                return Ok(Err(StoreError::Conflict(format!(
+                    "session {session} already has another message at position {position} (turn {})",
+                    message.turn
+                ))));
+            }
+            let encoded = encode(&message)?;
+            messages.insert((session, position), encoded.as_slice()).map_err(fatal)?;
+            ids.insert(message.id.as_str(), (session, position)).map_err(fatal)?;
+            Ok(Ok(Inserted::New))
         })
         .await
     }
@@ -379,8 +487,8 @@ impl Store for EmbeddedStore {
         let session = session.clone();
         let message = message.clone();
         let failure = failure.clone();
-        self.run(move |db| {
-            update_user_message(db, &session, &message, &format!("mark message {message} failed"), |stored| {
+        self.write(move |tx| {
+            update_user_message(tx, &session, &message, &format!("mark message {message} failed"), |stored| {
                 stored.failure = Some(failure);
                 Ok(())
             })
@@ -391,11 +499,11 @@ impl Store for EmbeddedStore {
     async fn begin_generation(&self, session: &SessionId, message: &MessageId) -> Result<u32, StoreError> {
         let session = session.clone();
         let message = message.clone();
-        // Read, increment and write back in one write transaction; redb runs one at a time, so concurrent callers
-        // each get their own count.
-        self.run(move |db| {
+        // Read, increment and write back as one write; writes apply one after the other, so
+        // concurrent callers each get their own count.
+        self.write(move |tx| {
             update_user_message(
-                db,
+                tx,
                 &session,
                 &message,
                 &format!("record a generation start for message {message}"),
@@ -413,27 +521,22 @@ impl Store for EmbeddedStore {
     async fn begin_reply(&self, session: &SessionId, message: &MessageId) -> Result<ReplyClaim, StoreError> {
         let session = session.clone();
         let marker = ReplyMarker { message: message.clone(), since: to_stored_time(OffsetDateTime::now_utc())? };
-        // Check and set in one write transaction; redb runs one at a time, so of two racing
+        // Check and set as one write; writes apply one after the other, so of two racing
         // callers the second sees the first's marker.
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(fatal)?;
-            let claim = {
-                let sessions = tx.open_table(SESSIONS).map_err(fatal)?;
-                if sessions.get(session.as_str()).map_err(fatal)?.is_none() {
-                    return Ok(ReplyClaim::NoSession);
-                }
-                let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
-                let held = markers.get(session.as_str()).map_err(fatal)?.map(|v| decode::<ReplyMarker>(v.value()));
-                let claim = match held.transpose()? {
-                    None => ReplyClaim::Taken,
-                    Some(held) if held.message == marker.message => ReplyClaim::AlreadyHeld,
-                    Some(held) => return Ok(ReplyClaim::HeldBy { message: held.message, since: held.since }),
-                };
-                markers.insert(session.as_str(), encode(&marker)?.as_slice()).map_err(fatal)?;
-                claim
+        self.write(move |tx| {
+            let sessions = tx.open_table(SESSIONS).map_err(fatal)?;
+            if sessions.get(session.as_str()).map_err(fatal)?.is_none() {
+                return Ok(Ok(ReplyClaim::NoSession));
+            }
+            let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
+            let held = markers.get(session.as_str()).map_err(fatal)?.map(|v| decode::<ReplyMarker>(v.value()));
+            let claim = match held.transpose()? {
+                None => ReplyClaim::Taken,
+                Some(held) if held.message == marker.message => ReplyClaim::AlreadyHeld,
+                Some(held) => return Ok(Ok(ReplyClaim::HeldBy { message: held.message, since: held.since })),
             };
-            tx.commit().map_err(fatal)?;
-            Ok(claim)
+            markers.insert(session.as_str(), encode(&marker)?.as_slice()).map_err(fatal)?;
+            Ok(Ok(claim))
         })
         .await
     }
@@ -441,17 +544,13 @@ impl Store for EmbeddedStore {
     async fn end_reply(&self, session: &SessionId, message: &MessageId) -> Result<(), StoreError> {
         let session = session.clone();
         let message = message.clone();
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(fatal)?;
-            {
-                let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
-                let held = markers.get(session.as_str()).map_err(fatal)?.map(|v| decode::<ReplyMarker>(v.value()));
-                if held.transpose()?.is_none_or(|held| held.message != message) {
-                    return Ok(());
-                }
+        self.write(move |tx| {
+            let mut markers = tx.open_table(REPLY_MARKERS).map_err(fatal)?;
+            let held = markers.get(session.as_str()).map_err(fatal)?.map(|v| decode::<ReplyMarker>(v.value()));
+            if held.transpose()?.is_some_and(|held| held.message == message) {
                 markers.remove(session.as_str()).map_err(fatal)?;
             }
-            tx.commit().map_err(fatal)
+            Ok(Ok(()))
         })
         .await
     }
@@ -459,21 +558,16 @@ impl Store for EmbeddedStore {
     async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError> {
         let name = name.to_owned();
         let proposed = proposed.to_vec();
-        self.run(move |db| {
-            let tx = db.begin_write().map_err(fatal)?;
-            let value = {
-                let mut secrets = tx.open_table(SECRETS).map_err(fatal)?;
-                let stored = secrets.get(name.as_str()).map_err(fatal)?.map(|v| v.value().to_vec());
-                match stored {
-                    Some(stored) => stored,
-                    None => {
-                        secrets.insert(name.as_str(), proposed.as_slice()).map_err(fatal)?;
-                        proposed
-                    }
+        self.write(move |tx| {
+            let mut secrets = tx.open_table(SECRETS).map_err(fatal)?;
+            let stored = secrets.get(name.as_str()).map_err(fatal)?.map(|v| v.value().to_vec());
+            match stored {
+                Some(stored) => Ok(Ok(stored)),
+                None => {
+                    secrets.insert(name.as_str(), proposed.as_slice()).map_err(fatal)?;
+                    Ok(Ok(proposed))
                 }
-            };
-            tx.commit().map_err(fatal)?;
-            Ok(value)
+            }
         })
         .await
     }
