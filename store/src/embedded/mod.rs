@@ -187,7 +187,9 @@ fn spawn_writer(db: Arc<Database>, path: &Path) -> Result<Writer, StoreError> {
                 commit_batch(&db, batch);
             }
         })
-        .map_err(|e| StoreError::Fatal(format!("cannot start the writer of the embedded store {}: {e}", path.display())))?;
+        .map_err(|e| {
+            StoreError::Fatal(format!("cannot start the writer of the embedded store {}: {e}", path.display()))
+        })?;
     Ok(Writer { queue: Some(writes), thread: Some(thread) })
 }
 
