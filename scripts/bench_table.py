@@ -436,9 +436,9 @@ def cpu_budget(results: Path, targets: list[str], users: list[str], bursts: dict
 BOUNDS = """
 ### What bounds the goals that are not met
 
-- **This machine's CPU.** From 1,000 users up, a burst keeps both cores busy for nearly the whole
-  run ("share of the cores"), and the servers, the mock model and the load generator all draw on
-  them. The direct baseline costs only the mock model and the load generator, about 0.9 ms of CPU
+- **This machine's CPU.** From 1,000 users up, a burst keeps both cores busy for most of the run
+  ("share of the cores" averages over the whole run, including its lighter end, when the last
+  replies finish), and the servers, the mock model and the load generator all draw on them. The direct baseline costs only the mock model and the load generator, about 0.9 ms of CPU
   per message together; chatfleet adds its own ("chatfleet ms/msg"), and the fleet also NATS and
   the MongoDB-wire server. With every user arriving at once, the last first tokens come only when
   the cores have worked through nearly every admission and much of the streaming, so TTFT p99
