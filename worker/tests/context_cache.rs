@@ -5,7 +5,6 @@
 //! has stored the outcome and updated its cache, so the cache can be compared with the store
 //! at that point.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -21,6 +20,8 @@ use store::{
     EmbeddedStore, Failure, Inserted, Outcome, ReplyClaim, Role, SessionRecord, Store, StoreError, StoredMessage,
 };
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 /// Delegates everything to the real store and counts the history reads (`recent`).
 struct CountingStore {
@@ -130,15 +131,7 @@ impl Fleet {
         config.context.history_limit = HISTORY_LIMIT;
         let worker = Worker::new(bus.clone(), store.clone(), model, config);
 
-        let session = SessionId::generate();
-        let record = SessionRecord {
-            id: session.clone(),
-            user: None,
-            metadata: BTreeMap::new(),
-            created_at: time::OffsetDateTime::now_utc(),
-            double_texting: DoubleTexting::Enqueue,
-        };
-        store.create_session(&record).await.unwrap();
+        let session = support::create_session(store.as_ref()).await;
         let events = bus.subscribe_events(&session).await.unwrap();
 
         let stop = CancellationToken::new();

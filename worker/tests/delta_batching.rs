@@ -2,7 +2,6 @@
 //! events, and otherwise one event per chunk; either way the first chunk goes out alone and at
 //! once, the indexes count up from 0, and the deltas concatenate to the `done` text.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +10,11 @@ use chatfleet_worker::{Worker, WorkerConfig};
 use futures::StreamExt;
 use llm::mock_reply::{MockSettings, reply_tokens};
 use llm::stand_in::StandInModel;
-use schemas::{DoubleTexting, MessageId, PartitionCount, ReplyEventKind, SessionId, UserMessage};
-use store::{EmbeddedStore, SessionRecord, Store};
+use schemas::{MessageId, PartitionCount, ReplyEventKind, UserMessage};
+use store::EmbeddedStore;
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 /// The model: 20 chunks, 10 ms apart.
 fn model() -> MockSettings {
@@ -39,15 +40,7 @@ async fn reply_with(configure: impl FnOnce(&mut WorkerConfig)) -> Reply {
     let mut config = WorkerConfig { worker_id: "batching-test".into(), ..WorkerConfig::default() };
     configure(&mut config);
     let worker = Worker::new(bus.clone(), store.clone(), Arc::new(StandInModel::new(model())), config);
-    let session = SessionId::generate();
-    let record = SessionRecord {
-        id: session.clone(),
-        user: None,
-        metadata: BTreeMap::new(),
-        created_at: time::OffsetDateTime::now_utc(),
-        double_texting: DoubleTexting::Enqueue,
-    };
-    store.create_session(&record).await.unwrap();
+    let session = support::create_session(store.as_ref()).await;
     let mut events = bus.subscribe_events(&session).await.unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(worker.run(stop.clone().cancelled_owned()));
