@@ -168,8 +168,8 @@ pub struct GatewayTuning {
     /// milliseconds, so that most requests need no store read to know their session exists.
     /// The price is the staleness bound after a deletion: the gateway that deletes a session
     /// forgets it at once, but another gateway may keep accepting messages for the deleted
-    /// session for up to this long; the worker then drops them (logging `session_gone`), so
-    /// they are never answered. 0 disables the cache (a store read on every request).
+    /// session for up to this long; the worker then drops them, so they are never answered
+    /// (their streams end with a `session_not_found` error event). 0 disables the cache (a store read on every request).
     #[arg(long = "session-cache-ms", env = "CHATFLEET_SESSION_CACHE_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub session_cache_ms: u64,
 }

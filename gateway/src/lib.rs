@@ -47,7 +47,8 @@ pub struct GatewayConfig {
     /// so that requests for the session need no store read to know it exists. Zero disables
     /// the cache; at most an hour is used. The cost is staleness after a deletion: the
     /// gateway that deletes a session forgets it at once, but another replica may accept
-    /// messages for it for up to this long, which the worker then drops (`session_gone`).
+    /// messages for it for up to this long, which the worker then drops with a `session_not_found`
+    /// error event.
     pub session_cache_ttl: Duration,
 }
 

@@ -10,10 +10,11 @@
 //! record for up to the time-to-live (`GatewayConfig::session_cache_ttl`, 2 seconds by
 //! default) and, until it expires, keeps accepting messages for the deleted session. Those
 //! messages are dropped by the worker, which reads the session from the store before
-//! answering (it logs `session_gone`); so nothing is written for a deleted session, but within
-//! that window such a replica answers `202` to a message that will never be answered (a
-//! streamed request waits with keep-alives for a reply that never comes), lists an empty
-//! history rather than 404, and opens an events stream that stays silent. A request whose
+//! answering (it logs `session_gone` and sends an `error` event with code `session_not_found`);
+//! so nothing is written for a deleted session, but within that window such a replica answers
+//! `202` to a message that will never be answered (a streamed request ends with that error
+//! event), lists an empty history rather than 404, and opens an events stream that stays
+//! silent. A request whose
 //! store read raced with a delete on the same gateway may put the record back just after the
 //! eviction; the same time-to-live bounds that too.
 //!
