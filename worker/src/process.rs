@@ -490,7 +490,7 @@ impl Handler<'_> {
         let mut deltas = DeltaBatch::default();
         let mut first = true;
         loop {
-            let due = deltas.due();
+            let due = deltas.due;
             let chunk = tokio::select! {
                 biased;
                 _ = &mut interrupted => {
@@ -583,11 +583,6 @@ impl DeltaBatch {
                 self.due.get_or_insert(next);
             }
         }
-    }
-
-    /// When the held chunks must go out, if any are held.
-    fn due(&self) -> Option<tokio::time::Instant> {
-        self.due
     }
 
     /// Publishes the held chunks as one `delta` event.
