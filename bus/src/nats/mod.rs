@@ -248,10 +248,10 @@ impl Bus for NatsBus {
             .subscribe(subject)
             .await
             .map_err(|e| BusError::Unavailable(format!("cannot subscribe: {e}")))?;
-        // Sent is not registered: the server reads each connection on its own, so an event
-        // another connection publishes right after this returns could overtake the SUB. The
-        // server handles one connection's operations in order, so once it has answered a
-        // request sent after the SUB, the interest is in place.
+        // A SUB that has been sent is not yet registered: the server reads each connection on
+        // its own, so an event another connection publishes right after this returns could
+        // overtake it. The server handles one connection's operations in order, so once it
+        // has answered a request sent after the SUB, the interest is in place.
         self.barrier().await.map_err(|e| BusError::Unavailable(format!("cannot confirm the subscription: {e}")))?;
         Ok(subscriber
             .filter_map(|message| async move {
