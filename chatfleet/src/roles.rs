@@ -319,6 +319,24 @@ fn print_status(status: &bus::FleetStatus, json: bool) -> std::io::Result<()> {
             show(p.in_flight)
         )?;
     }
+    // A partition without a live owner is one whose users are waiting: say so, not only "(none)".
+    let live = |owner: &str| status.workers.iter().any(|w| w.worker == owner);
+    let unowned: Vec<String> = status
+        .partitions
+        .iter()
+        .filter(|p| !p.owner.as_deref().is_some_and(live))
+        .map(|p| p.partition.to_string())
+        .collect();
+    if !unowned.is_empty() {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "unowned: {} of {} partitions have no live owner ({}); their messages wait until a worker takes them",
+            unowned.len(),
+            status.partitions.len(),
+            unowned.join(", ")
+        )?;
+    }
     if let Some(dead) = status.dead_letters {
         writeln!(out)?;
         writeln!(out, "dead letters: {dead} (messages given up on, kept in the dead-letter queue)")?;

@@ -88,6 +88,7 @@ pub(super) async fn join(
     let kv = bucket(bus).await?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
     let coordinator = Coordinator {
         bus: bus.clone(),
         kv,
@@ -98,10 +99,14 @@ pub(super) async fn join(
         revisions: HashMap::new(),
         synced: false,
         owned: BTreeMap::new(),
+        taking: BTreeSet::new(),
+        renewing: false,
         leaving: false,
+        worker_gone: false,
         events: events_tx,
+        done: done_tx,
     };
-    tokio::spawn(coordinator.run(commands_rx));
+    tokio::spawn(coordinator.run(commands_rx, done_rx));
     Ok(Box::new(ChannelMembership { events: events_rx, commands: commands_tx }))
 }
 
@@ -131,6 +136,58 @@ struct Owned {
     holding: Holding,
 }
 
+/// Everything that drives the coordinator, handled in one place ([`Coordinator::handle`]).
+enum Event {
+    /// Time to beat, renew the leases and report the backlog.
+    Tick,
+    /// The watcher saw a change of the bucket, failed, or ended.
+    Watched(Option<Result<kv::Entry, kv::WatcherError>>),
+    /// The worker asked for something; `None` once the worker dropped its membership.
+    Command(Option<Command>),
+    /// One lease renewal came back.
+    Renewed(Renewal),
+    /// A round of renewals (and the member heartbeat) is over.
+    RoundOver,
+    /// An attempt to take a partition came back.
+    Took(Take),
+}
+
+/// The outcome of renewing one lease.
+struct Renewal {
+    partition: Partition,
+    /// The revision the renewal was written against.
+    sent: u64,
+    /// When the write was sent: the lease is good for `lease_ttl` from here at the most.
+    started: Instant,
+    outcome: Renewed,
+}
+
+enum Renewed {
+    /// Written; the new fencing token.
+    Yes(u64),
+    /// The write failed, but the server holds a newer write of ours (an earlier renewal whose
+    /// answer was lost, e.g. to a timeout): continue from that revision.
+    Adopt(u64),
+    No(String),
+}
+
+/// The outcome of trying to take one partition.
+struct Take {
+    partition: Partition,
+    outcome: Taken,
+}
+
+enum Taken {
+    /// The lease is ours and the consumer fresh; the lease is good from `valid_from`.
+    Yes {
+        revision: u64,
+        valid_from: Instant,
+    },
+    /// Someone else's, or the mirror was behind: here is the key as the server has it.
+    Busy(Option<kv::Entry>),
+    No(String),
+}
+
 struct Coordinator {
     bus: NatsBus,
     kv: kv::Store,
@@ -144,52 +201,50 @@ struct Coordinator {
     /// True once the watcher has delivered the bucket's current state.
     synced: bool,
     owned: BTreeMap<Partition, Owned>,
+    /// Partitions an attempt to take is under way for.
+    taking: BTreeSet<Partition>,
+    /// A round of renewals is under way; the next waits for it.
+    renewing: bool,
     leaving: bool,
+    /// The worker dropped its membership: nobody drains or releases partitions any more.
+    worker_gone: bool,
     events: mpsc::UnboundedSender<OwnershipEvent>,
+    /// Where the coordinator's own background writes report back.
+    done: mpsc::UnboundedSender<Event>,
 }
 
 impl Coordinator {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    /// The loop. Every write to the server runs in a task of its own and reports back as an
+    /// [`Event`], so that a slow broker delays no renewal behind another and never keeps
+    /// [`Coordinator::fence`] from stopping a partition in time.
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, mut done: mpsc::UnboundedReceiver<Event>) {
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watch = None;
         let mut lag_report = Instant::now();
         loop {
             if watch.is_none() {
-                match self.kv.watch_all().await {
-                    Ok(w) => {
-                        self.synced = false;
-                        watch = Some(w);
-                    }
-                    Err(e) => tracing::warn!(event = "ownership_watch_failed", error = %e),
-                }
+                watch = self.open_watch().await;
             }
-            tokio::select! {
-                _ = ticker.tick() => {
-                    self.heartbeat().await;
-                    if lag_report.elapsed() >= Duration::from_secs(5) {
-                        lag_report = Instant::now();
-                        self.report_lag().await;
-                    }
-                }
-                entry = next_entry(&mut watch) => match entry {
-                    Some(Ok(entry)) => self.observe(entry),
-                    Some(Err(e)) => {
-                        tracing::warn!(event = "ownership_watch_error", error = %e);
-                        watch = None;
-                    }
-                    None => watch = None,
-                },
-                command = commands.recv() => match command {
-                    Some(Command::Release(p)) => self.release(p).await,
-                    Some(Command::Leave) | None => self.begin_leaving().await,
-                },
+            let event = tokio::select! {
+                _ = ticker.tick() => Event::Tick,
+                entry = next_entry(&mut watch) => Event::Watched(entry),
+                command = commands.recv(), if !self.worker_gone => Event::Command(command),
+                Some(event) = done.recv() => event,
+            };
+            if matches!(event, Event::Watched(None | Some(Err(_)))) {
+                watch = None;
             }
+            if matches!(event, Event::Tick) && lag_report.elapsed() >= Duration::from_secs(5) {
+                lag_report = Instant::now();
+                self.report_lag();
+            }
+            self.handle(event).await;
             self.fence();
             if self.synced {
-                self.act().await;
+                self.act();
             }
-            if self.leaving && self.owned.is_empty() {
+            if self.leaving && self.owned.is_empty() && self.taking.is_empty() {
                 let _ = self.kv.delete(member_key(&self.me)).await;
                 tracing::info!(event = "ownership_left", worker = %self.me, "left the deployment");
                 return;
@@ -197,11 +252,48 @@ impl Coordinator {
         }
     }
 
-    /// Records a change of the bucket.
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick => self.tick(),
+            Event::Watched(Some(Ok(entry))) => self.observe(entry),
+            Event::Watched(Some(Err(e))) => tracing::warn!(event = "ownership_watch_error", error = %e),
+            Event::Watched(None) => tracing::warn!(event = "ownership_watch_ended"),
+            Event::Command(Some(Command::Release(p))) => self.release(p).await,
+            Event::Command(Some(Command::Leave)) => self.begin_leaving().await,
+            Event::Command(None) => self.worker_dropped().await,
+            Event::Renewed(renewal) => self.renewed(renewal),
+            Event::RoundOver => self.renewing = false,
+            Event::Took(take) => self.took(take),
+        }
+    }
+
+    /// Watches the whole bucket, starting with the current value of every key: a member that
+    /// joins must learn of leases that will never change again (a crashed owner's), or it
+    /// could never take them.
+    async fn open_watch(&mut self) -> Option<kv::Watch> {
+        match self.kv.watch_with_history(">").await {
+            Ok(w) => {
+                self.synced = false;
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(event = "ownership_watch_failed", error = %e);
+                None
+            }
+        }
+    }
+
+    /// Records a change the watcher delivered; the mirror is current once it delivers a change
+    /// with nothing pending behind it.
     fn observe(&mut self, entry: kv::Entry) {
         if entry.delta == 0 {
             self.synced = true;
         }
+        self.learn(entry);
+    }
+
+    /// Records a key as the server has it (from the watcher or a read of our own).
+    fn learn(&mut self, entry: kv::Entry) {
         let newest = self.revisions.entry(entry.key.clone()).or_default();
         if entry.revision <= *newest {
             return;
@@ -253,30 +345,16 @@ impl Coordinator {
         live.into_iter().collect()
     }
 
-    async fn heartbeat(&mut self) {
-        if !self.leaving {
-            let beat = serde_json::json!({"worker": self.me}).to_string();
-            if let Err(e) = self.kv.put(member_key(&self.me), beat.into()).await {
-                tracing::warn!(event = "heartbeat_failed", error = %e);
-            }
+    /// Starts a round of renewals (with the member heartbeat) unless the last one is still
+    /// under way, and forgets members long gone so that the bucket does not grow without bound.
+    fn tick(&mut self) {
+        if self.renewing {
+            tracing::debug!(event = "renewal_round_slow", worker = %self.me, "the last round of renewals is still under way");
+        } else {
+            self.renewing = true;
+            let leases: Vec<(Partition, u64)> = self.owned.iter().map(|(p, o)| (*p, o.revision)).collect();
+            tokio::spawn(renew_round(self.kv.clone(), self.me.clone(), !self.leaving, leases, self.done.clone()));
         }
-        let value = lease_value(&self.me);
-        let mut renewed = Vec::new();
-        for (partition, owned) in self.owned.iter_mut() {
-            let started = Instant::now();
-            match self.kv.update(lease_key(*partition), value.clone(), owned.revision).await {
-                Ok(revision) => {
-                    owned.revision = revision;
-                    owned.valid_until = started + self.settings.lease_ttl - self.settings.safety_margin;
-                    renewed.push((*partition, revision));
-                }
-                Err(e) => tracing::warn!(event = "lease_renewal_failed", partition = partition.get(), error = %e),
-            }
-        }
-        for (partition, revision) in renewed {
-            self.record_own_lease(partition, revision);
-        }
-        // Forget members long gone, so the bucket does not grow without bound.
         let stale: Vec<(String, u64)> = self
             .members
             .iter()
@@ -284,9 +362,36 @@ impl Coordinator {
             .map(|(m, seen)| (m.clone(), seen.revision))
             .collect();
         for (member, revision) in stale {
-            let _ = self.kv.delete_expect_revision(member_key(&member), Some(revision)).await;
             self.members.remove(&member);
+            let kv = self.kv.clone();
+            tokio::spawn(async move {
+                let _ = kv.delete_expect_revision(member_key(&member), Some(revision)).await;
+            });
         }
+    }
+
+    fn renewed(&mut self, renewal: Renewal) {
+        let Some(owned) = self.owned.get_mut(&renewal.partition) else { return };
+        if owned.revision != renewal.sent {
+            // Released, lost or adopted since the renewal went out: it says nothing now.
+            return;
+        }
+        let revision = match renewal.outcome {
+            Renewed::Yes(revision) => {
+                owned.valid_until = renewal.started + self.settings.lease_ttl - self.settings.safety_margin;
+                revision
+            }
+            Renewed::Adopt(revision) => {
+                tracing::info!(event = "lease_revision_adopted", worker = %self.me, partition = renewal.partition.get(), fence = revision, "a renewal whose answer was lost had been written");
+                revision
+            }
+            Renewed::No(e) => {
+                tracing::warn!(event = "lease_renewal_failed", worker = %self.me, partition = renewal.partition.get(), error = %e);
+                return;
+            }
+        };
+        owned.revision = revision;
+        self.record_own_lease(renewal.partition, revision);
     }
 
     /// Gives up, at once, every partition whose lease may no longer be ours.
@@ -310,11 +415,11 @@ impl Coordinator {
         }
     }
 
-    /// Moves towards the target assignment.
-    async fn act(&mut self) {
+    /// Moves towards the target assignment: hands over what the target gives to others, and
+    /// starts taking what it gives to us once it is free.
+    fn act(&mut self) {
         let members = self.live_members();
         let target = assign(self.bus.settings.partitions, &members);
-        // Hand over what the target gives to others.
         for (partition, owned) in self.owned.iter_mut() {
             if owned.holding == Holding::Active && target.get(partition) != Some(&self.me) {
                 owned.holding = Holding::Revoking;
@@ -325,52 +430,46 @@ impl Coordinator {
         if self.leaving {
             return;
         }
-        // Take what the target gives us, once it is free.
         let wanted: Vec<Partition> = target
             .iter()
-            .filter(|(p, owner)| **owner == self.me && !self.owned.contains_key(p))
+            .filter(|(p, owner)| **owner == self.me && !self.owned.contains_key(p) && !self.taking.contains(p))
             .map(|(p, _)| *p)
             .collect();
         for partition in wanted {
-            let started = Instant::now();
-            let value = lease_value(&self.me);
-            let result = match self.leases.get(&partition).cloned() {
-                None => self.kv.create(lease_key(partition), value).await.map_err(|e| e.to_string()),
-                Some(lease) if lease.value == self.me || !self.alive(&lease) => {
-                    // The watcher may lag: before taking a lease that looks dead, ask the server
-                    // whether it changed since we last saw it.
-                    match self.kv.entry(lease_key(partition)).await {
-                        Ok(Some(current)) if current.revision != lease.revision => {
-                            self.observe(current);
-                            continue;
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(event = "lease_check_failed", partition = partition.get(), error = %e);
-                            continue;
-                        }
-                    }
-                    self.kv.update(lease_key(partition), value, lease.revision).await.map_err(|e| e.to_string())
-                }
+            let seen = match self.leases.get(&partition) {
+                None => None,
+                Some(lease) if lease.value == self.me || !self.alive(lease) => Some(lease.revision),
                 Some(_) => continue,
             };
-            match result {
-                Ok(revision) => {
-                    if let Err(e) = super::consume::reset_consumer(&self.bus, partition).await {
-                        // Without a fresh consumer the order guarantee cannot be kept: let the
-                        // lease go and try again later.
-                        tracing::warn!(event = "consumer_reset_failed", partition = partition.get(), error = %e);
-                        let _ = self.kv.delete_expect_revision(lease_key(partition), Some(revision)).await;
-                        continue;
-                    }
-                    let valid_until = started + self.settings.lease_ttl - self.settings.safety_margin;
-                    self.owned.insert(partition, Owned { revision, valid_until, holding: Holding::Active });
-                    self.record_own_lease(partition, revision);
-                    tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), fence = revision, "took the partition");
-                    metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
-                    let _ = self.events.send(OwnershipEvent::Acquired(partition));
+            self.taking.insert(partition);
+            let (bus, kv, me, done) = (self.bus.clone(), self.kv.clone(), self.me.clone(), self.done.clone());
+            tokio::spawn(async move {
+                let outcome = take(&bus, &kv, &me, partition, seen).await;
+                let _ = done.send(Event::Took(Take { partition, outcome }));
+            });
+        }
+    }
+
+    fn took(&mut self, take: Take) {
+        let partition = take.partition;
+        self.taking.remove(&partition);
+        match take.outcome {
+            Taken::Yes { revision, valid_from } => {
+                let valid_until = valid_from + self.settings.lease_ttl - self.settings.safety_margin;
+                self.owned.insert(partition, Owned { revision, valid_until, holding: Holding::Active });
+                self.record_own_lease(partition, revision);
+                tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), fence = revision, "took the partition");
+                metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+                let _ = self.events.send(OwnershipEvent::Acquired(partition));
+            }
+            Taken::Busy(entry) => {
+                tracing::debug!(event = "partition_busy", worker = %self.me, partition = partition.get());
+                if let Some(entry) = entry {
+                    self.learn(entry);
                 }
-                Err(e) => tracing::debug!(event = "partition_busy", partition = partition.get(), error = %e),
+            }
+            Taken::No(e) => {
+                tracing::warn!(event = "partition_take_failed", worker = %self.me, partition = partition.get(), error = %e)
             }
         }
     }
@@ -396,16 +495,114 @@ impl Coordinator {
         tracing::info!(event = "ownership_leaving", worker = %self.me, owned = self.owned.len(), "leaving the deployment");
     }
 
-    /// Publishes each owned partition's backlog as a metric.
-    async fn report_lag(&self) {
-        for partition in self.owned.keys() {
-            if let Ok(info) = super::consume::consumer_info(&self.bus, *partition).await {
-                let labels = [("partition", partition.get().to_string())];
-                metrics::gauge!(PARTITION_PENDING, &labels).set(info.num_pending as f64);
-                metrics::gauge!(PARTITION_ACK_PENDING, &labels).set(info.num_ack_pending as f64);
-            }
+    /// The worker is gone without releasing its partitions: nothing of ours runs on them any
+    /// more, so their leases go at once rather than after their lifetime.
+    async fn worker_dropped(&mut self) {
+        self.worker_gone = true;
+        self.begin_leaving().await;
+        let owned: Vec<Partition> = self.owned.keys().copied().collect();
+        for partition in owned {
+            self.release(partition).await;
         }
     }
+
+    /// Publishes each owned partition's backlog as a metric, in the background.
+    fn report_lag(&self) {
+        let (bus, partitions): (NatsBus, Vec<Partition>) = (self.bus.clone(), self.owned.keys().copied().collect());
+        tokio::spawn(async move {
+            for partition in partitions {
+                if let Ok(info) = super::consume::consumer_info(&bus, partition).await {
+                    let labels = [("partition", partition.get().to_string())];
+                    metrics::gauge!(PARTITION_PENDING, &labels).set(info.num_pending as f64);
+                    metrics::gauge!(PARTITION_ACK_PENDING, &labels).set(info.num_ack_pending as f64);
+                }
+            }
+        });
+    }
+}
+
+/// Beats (unless leaving) and renews each lease by compare-and-set, all at once, reporting each
+/// renewal as soon as it is answered.
+async fn renew_round(
+    kv: kv::Store,
+    me: String,
+    beat: bool,
+    leases: Vec<(Partition, u64)>,
+    done: mpsc::UnboundedSender<Event>,
+) {
+    let heartbeat = async {
+        if beat {
+            let value = serde_json::json!({"worker": me}).to_string();
+            if let Err(e) = kv.put(member_key(&me), value.into()).await {
+                tracing::warn!(event = "heartbeat_failed", worker = %me, error = %e);
+            }
+        }
+    };
+    let mut renewals: futures::stream::FuturesUnordered<_> =
+        leases.into_iter().map(|(partition, sent)| renew(&kv, &me, partition, sent)).collect();
+    let report = async {
+        while let Some(renewal) = renewals.next().await {
+            let _ = done.send(Event::Renewed(renewal));
+        }
+    };
+    tokio::join!(heartbeat, report);
+    let _ = done.send(Event::RoundOver);
+}
+
+async fn renew(kv: &kv::Store, me: &str, partition: Partition, sent: u64) -> Renewal {
+    let started = Instant::now();
+    let outcome = match kv.update(lease_key(partition), lease_value(me), sent).await {
+        Ok(revision) => Renewed::Yes(revision),
+        Err(e) => match kv.entry(lease_key(partition)).await {
+            Ok(Some(current)) if current.revision > sent && is_lease_of(&current, me) => {
+                Renewed::Adopt(current.revision)
+            }
+            _ => Renewed::No(e.to_string()),
+        },
+    };
+    Renewal { partition, sent, started, outcome }
+}
+
+/// Takes a partition: writes the lease (create when free, compare-and-set on the revision
+/// seen when it looks dead, after checking that it has not changed since), recreates the
+/// partition's consumer, and renews once more so that the lease is good from after the reset,
+/// however long that took.
+async fn take(bus: &NatsBus, kv: &kv::Store, me: &str, partition: Partition, seen: Option<u64>) -> Taken {
+    let key = lease_key(partition);
+    let busy = async || Taken::Busy(kv.entry(key.clone()).await.ok().flatten());
+    let written = match seen {
+        None => kv.create(&key, lease_value(me)).await.map_err(|e| e.to_string()),
+        Some(revision) => {
+            // The watcher may lag: before taking a lease that looks dead, ask the server whether
+            // it changed since we last saw it.
+            match kv.entry(key.clone()).await {
+                Ok(Some(current)) if current.revision != revision => return Taken::Busy(Some(current)),
+                Ok(_) => {}
+                Err(e) => return Taken::No(format!("cannot read the lease: {e}")),
+            }
+            kv.update(&key, lease_value(me), revision).await.map_err(|e| e.to_string())
+        }
+    };
+    let Ok(revision) = written else { return busy().await };
+    if let Err(e) = super::consume::reset_consumer(bus, partition).await {
+        // Without a fresh consumer the order guarantee cannot be kept: let the lease go and
+        // try again later.
+        let _ = kv.delete_expect_revision(&key, Some(revision)).await;
+        return Taken::No(format!("cannot recreate the partition's consumer: {e}"));
+    }
+    let valid_from = Instant::now();
+    match kv.update(&key, lease_value(me), revision).await {
+        Ok(revision) => Taken::Yes { revision, valid_from },
+        Err(e) => {
+            let _ = kv.delete_expect_revision(&key, Some(revision)).await;
+            Taken::No(format!("cannot renew the lease after taking it: {e}"))
+        }
+    }
+}
+
+fn is_lease_of(entry: &kv::Entry, worker: &str) -> bool {
+    matches!(entry.operation, kv::Operation::Put)
+        && serde_json::from_slice::<LeaseValue>(&entry.value).is_ok_and(|lease| lease.owner == worker)
 }
 
 /// Partitions this worker owns.
