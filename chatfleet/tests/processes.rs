@@ -248,6 +248,14 @@ impl Fleet {
         support::collect_events(r, Duration::from_secs(60)).await
     }
 
+    /// `GET .../events` on a gateway; checks it answered 200.
+    async fn open_events(&self, gateway: usize, session: &Session) -> reqwest::Response {
+        let url = format!("{}/v1/sessions/{}/events", self.gateway(gateway), session.id);
+        let r = self.http.get(url).bearer_auth(&session.token).send().await.unwrap();
+        assert_eq!(r.status(), 200, "gateway {gateway} accepts the session's token");
+        r
+    }
+
     async fn history(&self, gateway: usize, session: &Session) -> Vec<Value> {
         let url = format!("{}/v1/sessions/{}/messages", self.gateway(gateway), session.id);
         let r = self.http.get(url).bearer_auth(&session.token).send().await.unwrap();
@@ -347,6 +355,18 @@ async fn a_gateway_and_two_worker_processes_serve_many_sessions_and_count_them_i
     }
 }
 
+/// The reply the events of one message add up to, checked against its `done`; the message is
+/// `text`'s.
+fn reply_of(events: &[support::SseEvent], message_id: &str, text: &str) -> String {
+    let events: Vec<_> = events.iter().filter(|e| e.data["message_id"] == message_id).cloned().collect();
+    let done = events.last().unwrap_or_else(|| panic!("no event of {message_id}"));
+    assert_eq!(done.event, "done", "{events:#?}");
+    let reply = done.data["text"].as_str().unwrap();
+    assert!(reply.starts_with(&echo_of(text)), "{reply}");
+    assert_eq!(assembled_text(&events), reply, "every delta reached the stream");
+    reply.to_owned()
+}
+
 async fn a_token_issued_by_one_gateway_works_on_another_and_replies_stream_to_whichever_holds_the_connection(
     backend: Backend,
 ) {
@@ -354,37 +374,28 @@ async fn a_token_issued_by_one_gateway_works_on_another_and_replies_stream_to_wh
     // Started together, with no CHATFLEET_TOKEN_KEY: they agree on the key through the store.
     fleet.add_gateways(2).await;
     fleet.add_worker("w0").await;
-    let session = fleet.create_session(0).await;
-    let (posted_on_a, streamed_on_b) = ("posted on gateway A", "streamed from gateway B");
+    let (a, b) = (0, 1);
+    let session = fleet.create_session(a).await;
+    let texts = ["posted on A, heard on B", "posted on B, heard on A", "streamed from B"];
 
-    let listening_on_b = fleet
-        .http
-        .get(format!("{}/v1/sessions/{}/events", fleet.gateway(1), session.id))
-        .bearer_auth(&session.token)
-        .send()
-        .await
-        .unwrap();
-    let listening_status = listening_on_b.status();
-    let message_id = fleet.post_accepted(0, &session, posted_on_a).await;
-    let heard_on_b = read_until_terminal_of(listening_on_b, &message_id, Duration::from_secs(30)).await;
-    let streamed = fleet.send_streaming(1, &session, streamed_on_b).await;
-    let history = fleet.history(0, &session).await;
+    let listening_on_b = fleet.open_events(b, &session).await;
+    let posted_on_a = fleet.post_accepted(a, &session, texts[0]).await;
+    let heard_on_b = read_until_terminal_of(listening_on_b, &posted_on_a, Duration::from_secs(30)).await;
+    let listening_on_a = fleet.open_events(a, &session).await;
+    let posted_on_b = fleet.post_accepted(b, &session, texts[1]).await;
+    let heard_on_a = read_until_terminal_of(listening_on_a, &posted_on_b, Duration::from_secs(30)).await;
+    let streamed = fleet.send_streaming(b, &session, texts[2]).await;
+    let history = fleet.history(a, &session).await;
 
-    assert_eq!(listening_status, 200, "gateway B accepts gateway A's token");
-    let done = heard_on_b.last().unwrap();
-    assert_eq!(done.event, "done", "{heard_on_b:#?}");
-    assert_eq!(done.data["message_id"], message_id.as_str());
-    let reply = done.data["text"].as_str().unwrap();
-    assert!(reply.starts_with(&echo_of(posted_on_a)), "{reply}");
-    assert_eq!(assembled_text(&heard_on_b), reply, "every delta reached gateway B's stream");
-    let streamed_done = streamed.last().unwrap();
-    assert_eq!(streamed_done.event, "done", "{streamed:#?}");
-    assert!(streamed_done.data["text"].as_str().unwrap().starts_with(&echo_of(streamed_on_b)));
-    let texts: Vec<&str> = history.iter().map(|m| m["text"].as_str().unwrap()).collect();
-    assert_eq!(texts.len(), 4, "{history:#?}");
-    assert_eq!(texts[0], posted_on_a);
-    assert_eq!(texts[1], reply);
-    assert_eq!(texts[2], streamed_on_b);
+    let streamed_id = streamed.last().unwrap().data["message_id"].as_str().unwrap().to_owned();
+    let replies = [
+        reply_of(&heard_on_b, &posted_on_a, texts[0]),
+        reply_of(&heard_on_a, &posted_on_b, texts[1]),
+        reply_of(&streamed, &streamed_id, texts[2]),
+    ];
+    let stored: Vec<&str> = history.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    let expected = [texts[0], &replies[0], texts[1], &replies[1], texts[2], &replies[2]];
+    assert_eq!(stored, expected, "{history:#?}");
 }
 
 /// The rows of `chatfleet status`'s table, `partition owner fence pending in-flight`, by
