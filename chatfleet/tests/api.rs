@@ -29,7 +29,7 @@ on_every_backend!(
     a_model_that_keeps_failing_ends_in_an_error_event_once,
     idle_streams_get_keep_alive_comments,
     operational_endpoints_answer,
-    hundreds_of_concurrent_sessions_each_get_their_own_reply,
+    hundreds_of_sessions_streaming_at_once_each_get_their_own_reply,
 );
 
 fn error_code(body: &Value) -> &str {
@@ -402,26 +402,35 @@ async fn operational_endpoints_answer(backend: Backend) {
     assert_eq!(error_code(&missing.json().await.unwrap()), "not_found");
 }
 
-async fn hundreds_of_concurrent_sessions_each_get_their_own_reply(backend: Backend) {
-    let app = TestApp::spawn_with(backend, Options { first_token_ms: 50, token_ms: 5, ..Options::default() }).await;
+async fn hundreds_of_sessions_streaming_at_once_each_get_their_own_reply(backend: Backend) {
+    // Replies of about a second: sessions answered side by side overlap by far, sessions
+    // answered one after another would not overlap at all.
+    let options = Options { first_token_ms: 50, token_ms: 20, reply_tokens: 40, ..Options::default() };
+    let app = TestApp::spawn_with(backend, options).await;
     let sessions = futures::future::join_all((0..300).map(|_| app.create_session())).await;
 
     let replies = futures::future::join_all(sessions.iter().enumerate().map(|(i, session)| {
         let app = &app;
         async move {
             let text = format!("user {i} asks {}", session.id);
-            let events = app.send_streaming(session, json!({"text": text})).await;
-            (text, events)
+            let timed = app.send_streaming_timed(session, json!({"text": text})).await;
+            (text, timed)
         }
     }))
     .await;
 
-    for ((text, events), session) in replies.iter().zip(&sessions) {
+    let mut streaming = Vec::new();
+    for ((text, timed), session) in replies.iter().zip(&sessions) {
+        let events: Vec<support::SseEvent> = timed.iter().map(|(_, e)| e.clone()).collect();
         let done = events.last().unwrap();
         assert_eq!(done.event, "done");
         let reply = done.data["text"].as_str().unwrap();
         assert!(reply.starts_with(&echo_of(text)), "session {} got someone else's reply: {reply}", session.id);
-        assert_eq!(assembled_text(events), reply);
+        assert_eq!(assembled_text(&events), reply);
         assert!(events.iter().all(|e| e.data["session_id"] == session.id.as_str()));
+        // From the first event to `done`, the reply was being generated.
+        streaming.push((timed.first().unwrap().0, timed.last().unwrap().0));
     }
+    let most = support::most_at_once(&streaming);
+    assert!(most >= 100, "at most {most} of the 300 replies were streaming at one instant");
 }

@@ -1,5 +1,7 @@
-//! Start-up as an operator sees it: the real binary, its help, and one clear line for every
-//! setting that is wrong.
+//! Start-up as an operator sees it: the real binary, its help, one clear line for every
+//! setting that is wrong, and `chatfleet` with no arguments as a new user first runs it.
+
+mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -180,4 +182,89 @@ async fn nats_server_older_than_2_11_is_refused_at_start_up() {
     .await
     .unwrap();
     assert_one_clear_line(&out, &["2.9.10", "too old", "2.11"]);
+}
+
+/// A `chatfleet` process killed on drop, should a test fail before it stops it.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `chatfleet` as a new user first runs it: no arguments, nothing configured, in a directory of
+/// its own. The listen address alone comes from `CHATFLEET_LISTEN`, the documented equivalent of
+/// `--listen`: the default port 8080 may be taken on a test machine (by another test running at
+/// the same time, or by anything else), and the command line must stay empty, which is the point.
+#[tokio::test]
+async fn with_no_arguments_chatfleet_keeps_its_store_in_the_working_directory_answers_and_serves_the_page() {
+    llm::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let port = testkit::free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chatfleet"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CHATFLEET_") || name.starts_with("OPENAI_") {
+            command.env_remove(name);
+        }
+    }
+    let child = command
+        .current_dir(dir.path())
+        .env("CHATFLEET_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let mut chatfleet = Running(child);
+    let stdout = chatfleet.0.stdout.take().unwrap();
+    let printed = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
+    let (http, base) = (reqwest::Client::new(), format!("http://127.0.0.1:{port}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(chatfleet.0.try_wait().unwrap().is_none(), "chatfleet stopped during start-up");
+        assert!(std::time::Instant::now() < deadline, "chatfleet was not ready within 20 s");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let created: serde_json::Value =
+        http.post(format!("{base}/v1/sessions")).send().await.unwrap().json().await.unwrap();
+    let (id, token) = (created["session_id"].as_str().unwrap(), created["token"].as_str().unwrap());
+    let text = "hello, is anyone there?";
+    let streamed = http
+        .post(format!("{base}/v1/sessions/{id}/messages"))
+        .bearer_auth(token)
+        .header("Accept", "text/event-stream")
+        .json(&serde_json::json!({"text": text}))
+        .send()
+        .await
+        .unwrap();
+    let events = support::collect_events(streamed, std::time::Duration::from_secs(30)).await;
+    let page = http.get(format!("{base}/")).send().await.unwrap();
+    let page_type = page.headers()["content-type"].to_str().unwrap().to_owned();
+    let page_text = page.text().await.unwrap();
+    Command::new("kill").args(["-INT", &chatfleet.0.id().to_string()]).status().expect("kill runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let exit = loop {
+        if let Some(status) = chatfleet.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "chatfleet did not stop within 20 s of Ctrl-C");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let printed = printed.join().unwrap().join("\n");
+
+    let store = dir.path().canonicalize().unwrap().join(".chatfleet").join("dev.redb");
+    assert!(store.is_file(), "the default store {} was created", store.display());
+    assert!(printed.contains(&format!("conversations are kept in {}", store.display())), "{printed}");
+    assert!(printed.contains("stand-in model"), "{printed}");
+    let done = events.last().expect("some events");
+    assert_eq!(done.event, "done", "{events:#?}");
+    let reply = done.data["text"].as_str().unwrap();
+    assert!(reply.starts_with(&support::echo_of(text)), "the stand-in model echoes: {reply}");
+    assert_eq!(support::assembled_text(&events), reply);
+    assert!(page_type.starts_with("text/html"), "{page_type}");
+    assert!(page_text.contains("/v1/sessions"), "the chat page uses the API");
+    assert!(exit.success(), "Ctrl-C ends chatfleet cleanly: {exit}");
 }

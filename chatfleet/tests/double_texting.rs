@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use futures::stream::BoxStream;
 use serde_json::{Value, json};
 use store::{MongoStore, ReplyClaim, Store};
 use support::{Backend, Options, Session, SseEvent, TestApp, assembled_text, echo_of};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 on_every_backend!(
     session_creation_takes_a_policy_echoes_the_effective_one_and_refuses_unknown_ones,
@@ -65,10 +66,21 @@ async fn accepted(app: &TestApp, session: &Session, body: Value) -> String {
     answer["message_id"].as_str().unwrap().to_owned()
 }
 
-/// A session's `GET .../events` stream, read step by step; what was read is kept.
+/// A session's `GET .../events` stream, read step by step; what was read is kept. A task reads
+/// the stream as events arrive and notes when each came, so a test can tell what had arrived at
+/// a given moment even if it only looks later.
 struct Events {
-    stream: BoxStream<'static, SseEvent>,
+    arrivals: mpsc::UnboundedReceiver<(Instant, SseEvent)>,
     seen: Vec<SseEvent>,
+    /// When each event of `seen` arrived, at the same index.
+    arrived: Vec<Instant>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl Events {
@@ -76,28 +88,39 @@ impl Events {
     /// returns can be missed.
     async fn open(app: &TestApp, session: &Session) -> Events {
         let r = app.open_events(session).await;
-        let stream = r
-            .bytes_stream()
-            .eventsource()
-            .map(|item| {
+        let mut stream = r.bytes_stream().eventsource();
+        let (send, arrivals) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            while let Some(item) = stream.next().await {
                 let e = item.expect("a well-formed event stream");
-                SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).expect("JSON data") }
-            })
-            .boxed();
-        Events { stream, seen: Vec::new() }
+                let event =
+                    SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).expect("JSON data") };
+                if send.send((Instant::now(), event)).is_err() {
+                    return;
+                }
+            }
+        });
+        Events { arrivals, seen: Vec::new(), arrived: Vec::new(), reader }
     }
 
     /// Reads until `enough` holds for what has been read (or fails after 30 s).
     async fn read_until(&mut self, what: &str, enough: impl Fn(&Events) -> bool) {
         let read = async {
             while !enough(self) {
-                let event = self.stream.next().await.expect("the event stream stays open");
+                let (at, event) = self.arrivals.recv().await.expect("the event stream stays open");
                 self.seen.push(event);
+                self.arrived.push(at);
             }
         };
         if tokio::time::timeout(Duration::from_secs(30), read).await.is_err() {
             panic!("waited 30 s for {what}; read {:#?}", self.seen);
         }
+    }
+
+    /// When the `done` of the reply to `message_id` arrived, if it has been read.
+    fn done_arrived_at(&self, message_id: &str) -> Option<Instant> {
+        let index = self.seen.iter().position(|e| e.event == "done" && e.data["message_id"] == message_id)?;
+        Some(self.arrived[index])
     }
 
     /// The events read so far of the reply to `message_id`.
@@ -164,14 +187,15 @@ async fn under_reject_a_message_sent_during_a_reply_is_refused_until_that_reply_
         .await
         .unwrap();
     let (streamed_status, streamed) = (streamed_refusal.status(), streamed_refusal.json::<Value>().await.unwrap());
-    let answered_before_the_refusals = events.done_of(&first_id).is_some();
+    let refusals_answered = Instant::now();
     events.read_until("the first reply", |e| e.done_of(&first_id).is_some()).await;
     let second_id = accepted(&app, &session, second).await;
     events.read_until("the second reply", |e| e.done_of(&second_id).is_some()).await;
     let history = app.history(&session).await;
 
     assert_eq!(policy, "reject");
-    assert!(!answered_before_the_refusals);
+    let first_done = events.done_arrived_at(&first_id).unwrap();
+    assert!(first_done > refusals_answered, "the refusals came while the first reply was still streaming");
     assert_eq!(refused_status, 409, "{refused}");
     assert_eq!(error_code(&refused), "reply_in_progress");
     assert!(!refused["error"]["message"].as_str().unwrap().is_empty());

@@ -3,7 +3,7 @@
 //! client that speaks the public API.
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chatfleet::cli::Cli;
 use clap::Parser;
@@ -366,6 +366,11 @@ impl TestApp {
     /// `POST .../messages` asking for the reply as a stream; returns every event until the
     /// stream ends.
     pub async fn send_streaming(&self, session: &Session, body: Value) -> Vec<SseEvent> {
+        self.send_streaming_timed(session, body).await.into_iter().map(|(_, event)| event).collect()
+    }
+
+    /// Like [`TestApp::send_streaming`], with the instant each event arrived.
+    pub async fn send_streaming_timed(&self, session: &Session, body: Value) -> Vec<(Instant, SseEvent)> {
         let r = self
             .http
             .post(self.url(&format!("/v1/sessions/{}/messages", session.id)))
@@ -377,7 +382,7 @@ impl TestApp {
             .unwrap();
         assert_eq!(r.status(), 200, "streaming post: {}", r.text().await.unwrap_or_default());
         assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-        collect_events(r, Duration::from_secs(60)).await
+        collect_timed_events(r, Duration::from_secs(60)).await
     }
 
     /// Opens `GET .../events` for the session and checks it answered 200.
@@ -452,16 +457,45 @@ impl Drop for TestApp {
 
 /// Reads a reply stream until it ends (or `within` passes).
 pub async fn collect_events(response: reqwest::Response, within: Duration) -> Vec<SseEvent> {
+    collect_timed_events(response, within).await.into_iter().map(|(_, event)| event).collect()
+}
+
+/// Reads a reply stream until it ends (or `within` passes), noting when each event arrived.
+pub async fn collect_timed_events(response: reqwest::Response, within: Duration) -> Vec<(Instant, SseEvent)> {
     let mut stream = response.bytes_stream().eventsource();
     let mut events = Vec::new();
     let read = async {
         while let Some(item) = stream.next().await {
             let e = item.expect("a well-formed event stream");
-            events.push(SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).expect("JSON data") });
+            let event = SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).expect("JSON data") };
+            events.push((Instant::now(), event));
         }
     };
     tokio::time::timeout(within, read).await.expect("the reply stream ended in time");
     events
+}
+
+/// The most intervals open at one instant (an interval is open from its start to its end).
+pub fn most_at_once(intervals: &[(Instant, Instant)]) -> usize {
+    // At equal instants an end comes before a start, so that touching intervals do not count
+    // as overlapping.
+    let mut edges: Vec<(Instant, i32)> = intervals.iter().flat_map(|&(start, end)| [(start, 1), (end, -1)]).collect();
+    edges.sort();
+    let (mut open, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        open += step;
+        most = most.max(open);
+    }
+    most as usize
+}
+
+/// The value of one series in a Prometheus text exposition, e.g.
+/// `chatfleet_worker_messages_total{outcome="replied"}`; `None` if it is absent.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().expect("a number"))
+    })
 }
 
 /// Reads events from an open stream until `n` terminal events (`done`/`error`) have arrived.
