@@ -11,7 +11,8 @@
 # within 0.5 s; then it measures the memory an open idle event stream costs. Every run
 # gets freshly started servers (so no run inherits another's backlog, store or memory peak), a
 # small warm-up, and is measured with the loadtest's --json/--svg outputs plus the servers' peak
-# RSS and CPU time. The table goes to stdout and to BENCHMARKS.md.
+# RSS and CPU time. The table goes to stdout and to BENCHMARKS.md, with the hand-written analysis
+# of docs/benchmarks-analysis.md pasted in.
 #
 # Settings (environment):
 #   BENCH_USERS="100 1000 5000 10000"  burst sizes
