@@ -27,17 +27,19 @@ test_servers_install
 # costs a few milliseconds on a prepared machine.
 PATH="$PATH:/usr/sbin"
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# Prints the body of a GET on the shared broker's management API; fails if it does not answer 200.
+# Prints the body of a GET on the shared broker's management API; fails unless it answers 200.
+# Credentials as the test kit takes them: the API URL's, else the AMQP URL's, else guest:guest.
 rabbitmq_api_get() {
-  local url="${CHATFLEET_TEST_RABBITMQ_API:-http://127.0.0.1:15672}"
-  "$TEST_VENV/bin/python" - "${url%/}/api/$1" <<'PY' 2>/dev/null
-import base64, sys, urllib.parse, urllib.request
-url = urllib.parse.urlsplit(sys.argv[1])
-user, password = urllib.parse.unquote(url.username or "guest"), urllib.parse.unquote(url.password or "guest")
-plain = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()
-auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-request = urllib.request.Request(plain, headers={"Authorization": "Basic " + auth})
-print(urllib.request.urlopen(request, timeout=5).read().decode())
+  "$TEST_VENV/bin/python" - "$1" <<'PY' 2>/dev/null
+import base64, os, sys, urllib.parse, urllib.request
+api = urllib.parse.urlsplit(os.environ.get("CHATFLEET_TEST_RABBITMQ_API") or "http://127.0.0.1:15672")
+amqp = urllib.parse.urlsplit(os.environ.get("CHATFLEET_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672")
+credentials = next((u for u in (api, amqp) if u.username), None)
+user, password = ("guest", "guest") if credentials is None else (credentials.username, credentials.password or "")
+auth = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+url = f"{api.scheme}://{api.netloc.rpartition('@')[2]}{api.path.rstrip('/')}/api/{sys.argv[1]}"
+direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the broker is never behind a proxy
+print(direct.open(urllib.request.Request(url, headers={"Authorization": "Basic " + auth}), timeout=5).read().decode())
 PY
 }
 rabbitmq_api_answers() { rabbitmq_api_get overview >/dev/null; }
