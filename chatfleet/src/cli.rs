@@ -172,6 +172,13 @@ pub struct GatewayTuning {
     /// (their streams end with a `session_not_found` error event). 0 disables the cache (a store read on every request).
     #[arg(long = "session-cache-ms", env = "CHATFLEET_SESSION_CACHE_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub session_cache_ms: u64,
+
+    /// Seconds a streamed reply may go without an event before the gateway looks up the
+    /// message's outcome in the store: a `done` or `error` lost on the bus (a broker blip) is
+    /// found there, so a stream never waits forever for an answer that was stored. Each check is
+    /// one store read per quiet stream.
+    #[arg(long = "reply-check-secs", env = "CHATFLEET_REPLY_CHECK_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub reply_check_secs: u64,
 }
 
 /// Parses a policy name, with the message naming the valid ones.

@@ -80,6 +80,7 @@ fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
         keep_alive: Duration::from_secs(tuning.sse_keep_alive),
         double_texting: tuning.double_texting,
         session_cache_ttl: Duration::from_millis(tuning.session_cache_ms),
+        reply_check: Duration::from_secs(tuning.reply_check_secs),
         ..GatewayConfig::default()
     }
 }

@@ -50,6 +50,11 @@ pub struct GatewayConfig {
     /// messages for it for up to this long, which the worker then drops with a `session_not_found`
     /// error event.
     pub session_cache_ttl: Duration,
+    /// How long a streamed reply may go without an event before the gateway asks the store
+    /// whether the message has its outcome already. Reply events travel best-effort, and a
+    /// worker stores the outcome before it announces it, so a lost `done` or `error` is found
+    /// there and the stream still ends with it.
+    pub reply_check: Duration,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -61,6 +66,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("readiness_timeout", &self.readiness_timeout)
             .field("double_texting", &self.double_texting)
             .field("session_cache_ttl", &self.session_cache_ttl)
+            .field("reply_check", &self.reply_check)
             .finish()
     }
 }
@@ -74,6 +80,7 @@ impl Default for GatewayConfig {
             readiness_timeout: Duration::from_secs(1),
             double_texting: DoubleTexting::Enqueue,
             session_cache_ttl: Duration::from_secs(2),
+            reply_check: Duration::from_secs(10),
         }
     }
 }

@@ -12,6 +12,8 @@ pub const ENQUEUE_SECONDS: &str = "chatfleet_gateway_enqueue_seconds";
 pub const OPEN_STREAMS: &str = "chatfleet_gateway_open_streams";
 /// Sessions created.
 pub const SESSIONS_CREATED: &str = "chatfleet_gateway_sessions_created_total";
+/// Streamed replies whose terminal event never arrived and was read from the store instead.
+pub const TERMINAL_EVENTS_RECOVERED: &str = "chatfleet_gateway_terminal_events_recovered_total";
 
 pub fn request_failed(code: &'static str) {
     counter!(REQUEST_ERRORS, "code" => code).increment(1);
@@ -24,6 +26,10 @@ pub fn message_accepted(duplicate: bool, seconds: f64) {
 
 pub fn session_created() {
     counter!(SESSIONS_CREATED).increment(1);
+}
+
+pub fn terminal_event_recovered() {
+    counter!(TERMINAL_EVENTS_RECOVERED).increment(1);
 }
 
 /// Counts an open stream for as long as the guard lives.

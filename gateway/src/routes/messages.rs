@@ -151,7 +151,7 @@ pub(crate) async fn post(
     }
     let admission = admit(&state, &message, repeatable).await?;
     enqueue_admitted(&state, &message, admission).await?;
-    let reply = reply_stream(events, message_id);
+    let reply = reply_stream(state.clone(), session, events, message_id);
     Ok(sse_response(&state, reply.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
 }
 
@@ -242,17 +242,56 @@ async fn enqueue(state: &AppState, message: &UserMessage) -> Result<(), ApiError
 }
 
 /// The events of one message's reply, ending after its `done` or `error`.
-fn reply_stream(events: bus::EventStream, message_id: MessageId) -> impl Stream<Item = ReplyEvent> + Send {
-    let mine = events.filter(move |e| futures::future::ready(e.message_id == message_id));
-    // End right after the terminal event rather than when the next event arrives.
-    futures::stream::unfold((mine, false), |(mut events, finished)| async move {
-        if finished {
-            return None;
+///
+/// Reply events travel best-effort (a broker blip may lose one), while the outcome is stored
+/// before it is announced. So whenever the reply goes quiet for `reply_check`, the stream asks
+/// the store: a stored outcome ends it with the terminal event that was lost (under the same
+/// terminal id, so a client that got it after all sees it once); otherwise it waits on.
+fn reply_stream(
+    state: AppState,
+    session: SessionId,
+    events: bus::EventStream,
+    message_id: MessageId,
+) -> impl Stream<Item = ReplyEvent> + Send {
+    let wanted = message_id.clone();
+    let mine = events.filter(move |e| futures::future::ready(e.message_id == wanted)).boxed();
+    futures::stream::unfold((mine, false), move |(mut events, finished)| {
+        let (state, session, message_id) = (state.clone(), session.clone(), message_id.clone());
+        async move {
+            if finished {
+                return None;
+            }
+            let event = loop {
+                match tokio::time::timeout(state.config.reply_check, events.next()).await {
+                    Ok(event) => break event?,
+                    Err(_quiet) => {
+                        if let Some(event) = stored_outcome(&state, &session, &message_id).await {
+                            break event;
+                        }
+                    }
+                }
+            };
+            // End right after the terminal event rather than when the next event arrives.
+            let finished = event.kind.is_terminal();
+            Some((event, (events, finished)))
         }
-        let event = events.next().await?;
-        let finished = event.kind.is_terminal();
-        Some((event, (events, finished)))
     })
+}
+
+/// The terminal event of a message whose outcome is stored, if it is.
+async fn stored_outcome(state: &AppState, session: &SessionId, message_id: &MessageId) -> Option<ReplyEvent> {
+    match state.store.outcome(session, message_id).await {
+        Ok(Some(outcome)) => {
+            tracing::warn!(event = "terminal_event_recovered", session_id = %session, message_id = %message_id, "the reply went quiet and its outcome was stored: ending the stream from the store");
+            telemetry::terminal_event_recovered();
+            Some(outcome.terminal_event(session, message_id))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(event = "reply_check_failed", error = %e);
+            None
+        }
+    }
 }
 
 fn sse_response(state: &AppState, events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
