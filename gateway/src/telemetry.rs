@@ -13,8 +13,8 @@ pub const OPEN_STREAMS: &str = "chatfleet_gateway_open_streams";
 /// Sessions created.
 pub const SESSIONS_CREATED: &str = "chatfleet_gateway_sessions_created_total";
 
-pub fn request_failed(code: &'static str) {
-    counter!(REQUEST_ERRORS, "code" => code).increment(1);
+pub fn request_failed(code: &schemas::ErrorCode) {
+    counter!(REQUEST_ERRORS, "code" => code.known_name().unwrap_or("other")).increment(1);
 }
 
 pub fn message_accepted(duplicate: bool, seconds: f64) {

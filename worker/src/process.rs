@@ -22,7 +22,7 @@ use bus::{Acker, Delivery};
 use futures::StreamExt;
 use llm::{ChatChunk, ChatRequest, LlmError};
 use schemas::{
-    DoubleTexting, EventId, FinishReason, ReplyEvent, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage,
+    DoubleTexting, ErrorCode, EventId, FinishReason, ReplyEvent, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage,
 };
 use store::{Failure, Inserted, Role, StoreError, StoredMessage};
 use tokio_util::sync::CancellationToken;
@@ -209,7 +209,7 @@ impl Handler<'_> {
             let mut events = EventWriter { worker: self.worker, message: self.message, turn: 0, start: 1, seq: 0 };
             events
                 .send(ReplyEventKind::Error {
-                    code: "session_not_found".into(),
+                    code: ErrorCode::SessionNotFound,
                     message: "the session was deleted before this message was answered".into(),
                 })
                 .await;
@@ -304,14 +304,14 @@ impl Handler<'_> {
                         (code.clone(), format!("the model refused the request: {message}"))
                     }
                     LlmError::Transient { message, .. } => (
-                        "model_unavailable".to_owned(),
+                        ErrorCode::ModelUnavailable,
                         format!(
                             "the model did not answer after {} attempts: {message}",
                             self.worker.config.retry.max_attempts
                         ),
                     ),
                 };
-                let failure = Failure { code: code.clone(), message: text.clone() };
+                let failure = Failure { code: code.to_string(), message: text.clone() };
                 self.store_call(|| store.mark_failed(session, message_id, &failure)).await?;
                 if self.caching() {
                     match history.iter_mut().rev().find(|m| m.id == message_id.as_str() && m.role == Role::User) {
