@@ -7,13 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::Router;
-use axum::routing::get;
-use bus::Bus;
 use gateway::{Gateway, GatewayConfig};
 use llm::ChatModel;
 use schemas::PartitionCount;
-use store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use worker::{ContextSettings, RetryPolicy, Worker, WorkerConfig};
@@ -208,7 +204,13 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
     let address = listener.local_addr()?;
 
     let stop = shutdown_token(shutdown);
-    let ops = ops_router(bus.clone(), store.clone());
+    // The gateway's own /healthz, /readyz and /metrics: one implementation for both roles.
+    let ops: axum::Router = gateway::health::router(gateway::health::Health {
+        bus: bus.clone(),
+        store: store.clone(),
+        readiness_timeout: GatewayConfig::default().readiness_timeout,
+        metrics: crate::telemetry::metrics(),
+    });
     let ops_stop = stop.clone();
     let ops_server =
         tokio::spawn(
@@ -220,41 +222,6 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
     stop.cancel();
     let _ = ops_server.await;
     Ok(())
-}
-
-/// What a worker's operational endpoints look at.
-#[derive(Clone)]
-struct OpsState {
-    bus: Arc<dyn Bus>,
-    store: Arc<dyn Store>,
-    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-}
-
-/// A worker's operational endpoints: /healthz, /readyz, /metrics.
-fn ops_router(bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Router {
-    let state = OpsState { bus, store, metrics: crate::telemetry::metrics() };
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ops_ready))
-        .route("/metrics", get(ops_metrics))
-        .with_state(state)
-}
-
-async fn ops_ready(axum::extract::State(state): axum::extract::State<OpsState>) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let timeout = Duration::from_secs(1);
-    let bus_ok = matches!(tokio::time::timeout(timeout, state.bus.ping()).await, Ok(Ok(())));
-    let store_ok = matches!(tokio::time::timeout(timeout, state.store.ping()).await, Ok(Ok(())));
-    let status =
-        if bus_ok && store_ok { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
-    let label = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let body: std::collections::BTreeMap<&str, &str> =
-        [("bus", label(bus_ok)), ("store", label(store_ok))].into_iter().collect();
-    (status, axum::Json(body)).into_response()
-}
-
-async fn ops_metrics(axum::extract::State(state): axum::extract::State<OpsState>) -> String {
-    state.metrics.map(|m| m.render()).unwrap_or_default()
 }
 
 /// `chatfleet mock-llm`.

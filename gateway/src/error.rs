@@ -4,6 +4,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use schemas::ErrorCode;
 
 /// A failed request.
 #[derive(Debug, thiserror::Error)]
@@ -38,20 +39,20 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    fn status_and_code(&self) -> (StatusCode, ErrorCode) {
         match self {
-            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
-            Self::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
-            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
-            Self::ReplyInProgress => (StatusCode::CONFLICT, "reply_in_progress"),
-            Self::BusUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable"),
-            Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            Self::Forbidden => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            Self::SessionNotFound => (StatusCode::NOT_FOUND, ErrorCode::SessionNotFound),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
+            Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJson),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest),
+            Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType),
+            Self::ReplyInProgress => (StatusCode::CONFLICT, ErrorCode::ReplyInProgress),
+            Self::BusUnavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::BusUnavailable),
+            Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
         }
     }
 }
@@ -83,7 +84,7 @@ impl IntoResponse for ApiError {
             // The detail goes to the log, not to the client.
             tracing::error!(event = "internal_error", detail = %detail);
         }
-        crate::telemetry::request_failed(code);
+        crate::telemetry::request_failed(&code);
         let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
         (status, Json(body)).into_response()
     }

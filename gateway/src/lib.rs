@@ -8,6 +8,7 @@
 
 mod auth;
 mod error;
+pub mod health;
 mod routes;
 mod session_cache;
 mod sse;

@@ -15,8 +15,8 @@ pub const SESSIONS_CREATED: &str = "chatfleet_gateway_sessions_created_total";
 /// Streamed replies whose terminal event never arrived and was read from the store instead.
 pub const TERMINAL_EVENTS_RECOVERED: &str = "chatfleet_gateway_terminal_events_recovered_total";
 
-pub fn request_failed(code: &'static str) {
-    counter!(REQUEST_ERRORS, "code" => code).increment(1);
+pub fn request_failed(code: &schemas::ErrorCode) {
+    counter!(REQUEST_ERRORS, "code" => code.known_name().unwrap_or("other")).increment(1);
 }
 
 pub fn message_accepted(duplicate: bool, seconds: f64) {

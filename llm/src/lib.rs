@@ -63,7 +63,7 @@ pub enum LlmError {
     },
     /// Retrying will not help: a bad request, a bad key, an unknown model.
     #[error("model error ({code}): {message}")]
-    Permanent { code: String, message: String },
+    Permanent { code: schemas::ErrorCode, message: String },
 }
 
 impl LlmError {

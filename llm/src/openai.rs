@@ -32,7 +32,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER};
-use schemas::{FinishReason, Usage};
+use schemas::{ErrorCode, FinishReason, Usage};
 use tokio::time::Instant;
 
 use crate::{ChatChunk, ChatMessage, ChatModel, ChatRequest, ChatRole, ChunkStream, LlmError};
@@ -106,7 +106,7 @@ impl OpenAiModel {
     pub fn new(settings: OpenAiSettings) -> Result<Self, LlmError> {
         install_crypto_provider();
 
-        let misconfigured = |message: String| LlmError::Permanent { code: "model_misconfigured".into(), message };
+        let misconfigured = |message: String| LlmError::Permanent { code: ErrorCode::ModelMisconfigured, message };
         let base_url = settings.base_url.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base_url).map_err(|error| {
             misconfigured(format!("model base URL {:?} is not a URL: {error}", redact_url(&base_url)))
@@ -356,7 +356,7 @@ fn classify(error: &OpenAIError) -> LlmError {
             None,
         ),
         OpenAIError::Reqwest(error) if error.is_builder() => LlmError::Permanent {
-            code: "model_misconfigured".into(),
+            code: ErrorCode::ModelMisconfigured,
             message: format!("cannot build the model request: {error}"),
         },
         OpenAIError::Reqwest(error) => transient(format!("model connection failed: {error}")),
@@ -368,14 +368,14 @@ fn classify(error: &OpenAIError) -> LlmError {
                 return transient(format!("model failed mid-reply: {}", wrapped.error.message));
             }
             LlmError::Permanent {
-                code: "model_bad_response".into(),
+                code: ErrorCode::ModelBadResponse,
                 message: format!("the model sent something that is not a chat chunk: {error}"),
             }
         }
         OpenAIError::InvalidArgument(message) => {
-            LlmError::Permanent { code: "model_bad_request".into(), message: message.clone() }
+            LlmError::Permanent { code: ErrorCode::ModelBadRequest, message: message.clone() }
         }
-        other => LlmError::Permanent { code: "model_client_error".into(), message: other.to_string() },
+        other => LlmError::Permanent { code: ErrorCode::ModelClientError, message: other.to_string() },
     }
 }
 
@@ -406,21 +406,21 @@ pub(crate) fn error_for_status(
         format!("the model answered HTTP {status}: {detail}")
     };
     if api_code == Some("insufficient_quota") {
-        return LlmError::Permanent { code: "model_quota_exhausted".into(), message };
+        return LlmError::Permanent { code: ErrorCode::ModelQuotaExhausted, message };
     }
     if matches!(status, 408 | 409 | 425 | 429) || (500..=599).contains(&status) {
         return LlmError::Transient { message, retry_after };
     }
     let code = match status {
-        400 if api_code == Some("context_length_exceeded") => "model_context_too_long",
-        400 | 422 => "model_bad_request",
-        401 => "model_unauthorized",
-        403 => "model_forbidden",
-        404 => "model_not_found",
-        413 => "model_request_too_large",
-        _ => "model_rejected",
+        400 if api_code == Some("context_length_exceeded") => ErrorCode::ModelContextTooLong,
+        400 | 422 => ErrorCode::ModelBadRequest,
+        401 => ErrorCode::ModelUnauthorized,
+        403 => ErrorCode::ModelForbidden,
+        404 => ErrorCode::ModelNotFound,
+        413 => ErrorCode::ModelRequestTooLarge,
+        _ => ErrorCode::ModelRejected,
     };
-    LlmError::Permanent { code: code.into(), message }
+    LlmError::Permanent { code, message }
 }
 
 /// A non-2xx answer, with what async-openai would otherwise drop.

@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{MessageId, ReplyId, SessionId};
+use crate::{ErrorCode, MessageId, ReplyId, SessionId};
 
 /// A user message accepted by a gateway, published to the session's partition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -181,8 +181,13 @@ pub enum ReplyEventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         usage: Option<Usage>,
     },
-    /// The message could not be answered; it will not be retried.
-    Error { code: String, message: String },
+    /// The message could not be answered; it will not be retried. (Any string is a valid code
+    /// on the wire: readers keep codes they do not know.)
+    Error {
+        #[schemars(with = "String")]
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl ReplyEventKind {

@@ -6,11 +6,13 @@
 //! [`ENVELOPE_VERSION`] when a reader could misunderstand an old envelope.
 
 pub mod envelope;
+pub mod error_code;
 pub mod ids;
 pub mod partition;
 pub mod subjects;
 
 pub use envelope::{DoubleTexting, EventId, FinishReason, ReplyEvent, ReplyEventKind, Usage, UserMessage};
+pub use error_code::ErrorCode;
 pub use ids::{ClientMessageId, IdError, MessageId, ReplyId, SessionId};
 pub use partition::{Partition, PartitionCount, fnv1a_32};
 

@@ -145,9 +145,10 @@ impl Outcome {
                     usage: reply.usage,
                 },
             ),
-            Outcome::Failed { turn, failure } => {
-                (*turn, schemas::ReplyEventKind::Error { code: failure.code.clone(), message: failure.message.clone() })
-            }
+            Outcome::Failed { turn, failure } => (
+                *turn,
+                schemas::ReplyEventKind::Error { code: failure.code.as_str().into(), message: failure.message.clone() },
+            ),
         };
         schemas::ReplyEvent {
             v: schemas::ENVELOPE_VERSION,

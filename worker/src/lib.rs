@@ -2,9 +2,11 @@
 //! order with the model, streams the reply back on the session's subject and persists it.
 //!
 //! Shape: [`Worker::run`] starts one partition runner per partition (`partition.rs`); a
-//! runner hands each delivery to its session's queue, where messages are handled one at a
-//! time (`session.rs`, `process.rs`), while different sessions run concurrently up to
-//! [`WorkerConfig::max_inflight`].
+//! runner reads each delivery into a job (`job.rs`) and hands it to its session's queue, where
+//! messages are handled one at a time (`session.rs`, `process.rs`, whose reply events go out
+//! through `events.rs`), while different sessions run concurrently up to
+//! [`WorkerConfig::max_inflight`]. Every delivery ends in one typed decision, carried out in
+//! `settle.rs`.
 //!
 //! Invariants: a session's messages are handled strictly one after another; a delivery is
 //! acknowledged only after its outcome (reply or failure) is stored; the worker never speaks
@@ -13,10 +15,13 @@
 
 mod cache;
 mod context;
+mod events;
+mod job;
 mod partition;
 mod process;
 mod retry;
 mod session;
+mod settle;
 pub mod telemetry;
 
 use std::future::Future;

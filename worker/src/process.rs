@@ -15,72 +15,50 @@
 //! refused.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bus::{Acker, Delivery};
+use bus::Acker;
 use futures::StreamExt;
 use llm::{ChatChunk, ChatRequest, LlmError};
-use schemas::{
-    DoubleTexting, EventId, FinishReason, ReplyEvent, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage,
-};
-use store::{Failure, Inserted, Role, StoreError, StoredMessage};
+use schemas::{DoubleTexting, ErrorCode, FinishReason, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage};
+use store::{Failure, Inserted, Outcome as StoredOutcome, Role, StoreError, StoredMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cache::CacheScope;
-use crate::session::Interruption;
+use crate::events::{DeltaBatch, EventWriter};
+use crate::job::{Interruption, Job};
+use crate::settle::{Decision, Outcome, settle};
 use crate::{Worker, context, telemetry};
 
-/// How a delivery is settled.
-enum Settlement {
-    /// Done with it; the label says how, for metrics.
-    Ack(&'static str),
-    /// Shutdown interrupted it: leave it unsettled, the bus delivers it again.
-    Abandon,
-}
-
-/// Handles one delivery. `stop` interrupts only waits on the store (shutdown); `abort` drops
-/// the work at once, leaving the delivery unsettled for the partition's next owner.
+/// Handles one job and settles its delivery. `stop` interrupts only waits on the store
+/// (shutdown); `abort` drops the work at once, leaving the delivery unsettled for the
+/// partition's next owner.
 pub(crate) async fn handle(
     worker: &Worker,
     cache: &CacheScope,
-    delivery: Delivery,
+    job: Job,
     interruption: &Interruption,
     stop: &CancellationToken,
     abort: &CancellationToken,
 ) {
-    let Ok(message) = delivery.message else {
-        return;
-    };
+    let Job { message, attempt, acker, .. } = job;
     let span = tracing::info_span!(
         "message",
         session_id = %message.session_id,
         message_id = %message.message_id,
-        attempt = delivery.attempt,
+        attempt,
         worker = %worker.config.worker_id,
     );
-    let acker = delivery.acker;
     async {
         let handler = Handler::new(worker, cache, &message, interruption, stop);
         let work = with_progress(acker.as_ref(), worker.config.progress_interval, handler.answer());
-        let settlement = tokio::select! {
-            settlement = work => settlement,
-            _ = abort.cancelled() => Settlement::Abandon,
+        let decision = tokio::select! {
+            decision = work => decision,
+            _ = abort.cancelled() => Decision::Abandon,
         };
-        match settlement {
-            Settlement::Ack(outcome) => {
-                telemetry::message_settled(outcome);
-                if let Err(e) = acker.ack().await {
-                    // The outcome is stored, so a redelivery is recognised and not answered
-                    // again; only the acknowledgement is lost.
-                    tracing::warn!(event = "ack_failed", error = %e, "acknowledgement failed");
-                }
-            }
-            Settlement::Abandon => {
-                tracing::info!(event = "message_abandoned", "left for redelivery")
-            }
-        }
+        settle(acker.as_ref(), decision).await;
     }
     .instrument(span)
     .await
@@ -126,10 +104,17 @@ struct Handler<'a> {
     /// Whether this handling keeps the session's cached history; cleared, and the cached copy
     /// dropped, as soon as what the store holds is no longer known for certain.
     caching: AtomicBool,
+    /// The message's conversation turn once it is recorded; 0 before.
+    turn: AtomicU64,
 }
 
-/// The store call failed and shutdown began while waiting to retry it.
-struct Stopped;
+/// Why the handling of a message ended without an outcome.
+enum Halt {
+    /// A store call failed and shutdown began while waiting to retry it.
+    Stopped,
+    /// The store refused a call for good ([`StoreError::Fatal`]): retrying cannot help.
+    StoreRefused(StoreError),
+}
 
 /// The user message, recorded.
 struct Recorded {
@@ -151,8 +136,8 @@ impl<'a> Handler<'a> {
     ) -> Self {
         // With no history to read there is nothing to cache, and the cache could not tell the
         // next turn either.
-        let caching = cache.enabled() && worker.config.context.history_limit > 0;
-        Self { worker, cache, message, interruption, stop, caching: AtomicBool::new(caching) }
+        let caching = AtomicBool::new(cache.enabled() && worker.config.context.history_limit > 0);
+        Self { worker, cache, message, interruption, stop, caching, turn: AtomicU64::new(0) }
     }
 }
 
@@ -190,62 +175,43 @@ impl Handler<'_> {
         self.cache.put(self.session(), history.clone());
     }
 
-    async fn answer(&self) -> Settlement {
+    /// The events of this message's reply at `turn`, generation start `start`.
+    fn events(&self, turn: u64, start: u32) -> EventWriter<'_> {
+        EventWriter::new(self.worker.bus.as_ref(), self.message, turn, start)
+    }
+
+    /// What to do with the delivery, once the message has an outcome or cannot get one here.
+    async fn answer(&self) -> Decision {
         match self.try_answer().await {
-            Ok(settlement) => settlement,
-            Err(Stopped) => Settlement::Abandon,
+            Ok(decision) => decision,
+            Err(Halt::Stopped) => Decision::Abandon,
+            Err(Halt::StoreRefused(error)) => self.give_up_on_store(error).await,
         }
     }
 
-    async fn try_answer(&self) -> Result<Settlement, Stopped> {
+    async fn try_answer(&self) -> Result<Decision, Halt> {
         let store = &self.worker.store;
         let (session, message_id) = (self.session(), &self.message.message_id);
-
         if self.store_call(|| store.session(session)).await?.is_none() {
-            tracing::info!(event = "session_gone", "the session was deleted; dropping its message");
-            self.distrust_cache();
-            // A client still streaming the reply (through a gateway that had not yet heard of
-            // the deletion) learns why none comes. The session has no turns left, so turn 0.
-            let mut events = EventWriter { worker: self.worker, message: self.message, turn: 0, start: 1, seq: 0 };
-            events
-                .send(ReplyEventKind::Error {
-                    code: "session_not_found".into(),
-                    message: "the session was deleted before this message was answered".into(),
-                })
-                .await;
-            return Ok(Settlement::Ack("session_gone"));
+            return Ok(self.session_gone().await);
         }
         // One read for both the outcome and whether an earlier delivery recorded the message.
         let stored = self.store_call(|| store.message_and_reply(session, message_id)).await?;
         if let Some(outcome) = stored.outcome() {
-            // Answered before, perhaps by another worker: what else it wrote is not known here.
-            self.distrust_cache();
-            // Announce it again: a worker that stored it may have crashed before announcing.
-            // The event has the turn's terminal id, so clients see it once.
-            tracing::info!(
-                event = "already_answered",
-                "this message was answered before; announcing, not answering again"
-            );
-            // Whoever stored it may have stopped before clearing the marker, too.
-            self.end_reply().await?;
-            if let Err(e) = self.worker.bus.publish_event(&outcome.terminal_event(session, message_id)).await {
-                tracing::warn!(event = "event_publish_failed", error = %e);
-            }
-            return Ok(Settlement::Ack("duplicate"));
+            return self.announce_again(outcome).await;
         }
         let Recorded { turn, start, history } = self.record_user_message(stored.message).await?;
-
+        self.turn.store(turn, Ordering::Relaxed);
         let mut history = match history {
             Some(history) => history,
             None => self.store_call(|| store.recent(session, self.worker.config.context.history_limit)).await?,
         };
         // The history is in conversation order: what the model sees ends with the user message.
-        let user_position = turn * 2;
-        let upto = history.partition_point(|m| m.position() <= user_position);
+        let upto = history.partition_point(|m| m.position() <= turn * 2);
         let request =
             ChatRequest { messages: context::build(&self.worker.config.context, &history[..upto]), max_tokens: None };
 
-        let mut events = EventWriter { worker: self.worker, message: self.message, turn, start, seq: 0 };
+        let mut events = self.events(turn, start);
         if start > 1 {
             // An earlier start (on a worker that crashed or handed the partition over) may have
             // streamed part of a reply: clients discard it and follow this one.
@@ -255,85 +221,149 @@ impl Handler<'_> {
                 .await;
         }
         match self.generate(request, &mut events).await {
-            Ok(reply) => {
-                let reply_id = ReplyId::for_message(message_id);
-                let stored = StoredMessage {
-                    id: reply_id.as_str().to_owned(),
-                    session_id: session.clone(),
-                    turn,
-                    role: Role::Assistant,
-                    text: reply.text.clone(),
-                    created_at: time::OffsetDateTime::now_utc(),
-                    reply_to: Some(message_id.clone()),
-                    finish_reason: Some(reply.finish_reason.clone()),
-                    usage: reply.usage,
-                    failure: None,
-                    starts: 0,
-                };
-                if self.store_call(|| store.insert_message(&stored)).await? == Inserted::AlreadyPresent {
-                    self.distrust_cache();
-                    self.end_reply().await?;
-                    tracing::warn!(
-                        event = "reply_already_stored",
-                        "a reply to this message was stored meanwhile; not announcing a second one"
-                    );
-                    return Ok(Settlement::Ack("duplicate"));
-                }
-                self.cache_with(&mut history, &stored);
-                self.end_reply().await?;
-                let interrupted = reply.finish_reason.is_interrupted();
-                events
-                    .send(ReplyEventKind::Done {
-                        reply_id,
-                        text: reply.text,
-                        finish_reason: reply.finish_reason,
-                        usage: reply.usage,
-                    })
-                    .await;
-                if interrupted {
-                    tracing::info!(event = "message_interrupted", turn, "a newer message cut this reply short");
-                    Ok(Settlement::Ack("interrupted"))
-                } else {
-                    tracing::info!(event = "message_answered", turn, "answered");
-                    Ok(Settlement::Ack("replied"))
-                }
+            Ok(reply) => self.store_reply(reply, turn, &mut history, &mut events).await,
+            Err(error) => self.store_failure(&error, history, &mut events).await,
+        }
+    }
+
+    /// The session was deleted: the message is dropped unrecorded. A client still streaming the
+    /// reply (through a gateway that had not yet heard of the deletion) learns why none comes.
+    async fn session_gone(&self) -> Decision {
+        tracing::info!(event = "session_gone", "the session was deleted; dropping its message");
+        self.distrust_cache();
+        // The session has no turns left, so turn 0.
+        self.events(0, 1)
+            .send(ReplyEventKind::Error {
+                code: ErrorCode::SessionNotFound,
+                message: "the session was deleted before this message was answered".into(),
+            })
+            .await;
+        Decision::Ack(Outcome::SessionGone)
+    }
+
+    /// The message was answered before, perhaps by another worker that may have crashed before
+    /// announcing it: announce it again, under the turn's terminal id, so clients see it once.
+    async fn announce_again(&self, outcome: StoredOutcome) -> Result<Decision, Halt> {
+        // What else the earlier handling wrote is not known here.
+        self.distrust_cache();
+        tracing::info!(event = "already_answered", "this message was answered before; announcing, not answering again");
+        // Whoever stored it may have stopped before clearing the marker, too.
+        self.end_reply().await?;
+        let event = outcome.terminal_event(self.session(), &self.message.message_id);
+        if let Err(e) = self.worker.bus.publish_event(&event).await {
+            tracing::warn!(event = "event_publish_failed", error = %e);
+        }
+        Ok(Decision::Ack(Outcome::Duplicate))
+    }
+
+    /// Stores the generated reply, then announces it with `done`.
+    async fn store_reply(
+        &self,
+        reply: Reply,
+        turn: u64,
+        history: &mut Vec<StoredMessage>,
+        events: &mut EventWriter<'_>,
+    ) -> Result<Decision, Halt> {
+        let (store, session, message_id) = (&self.worker.store, self.session(), &self.message.message_id);
+        let reply_id = ReplyId::for_message(message_id);
+        let stored = StoredMessage {
+            id: reply_id.as_str().to_owned(),
+            session_id: session.clone(),
+            turn,
+            role: Role::Assistant,
+            text: reply.text.clone(),
+            created_at: time::OffsetDateTime::now_utc(),
+            reply_to: Some(message_id.clone()),
+            finish_reason: Some(reply.finish_reason.clone()),
+            usage: reply.usage,
+            failure: None,
+            starts: 0,
+        };
+        if self.store_call(|| store.insert_message(&stored)).await? == Inserted::AlreadyPresent {
+            self.distrust_cache();
+            self.end_reply().await?;
+            tracing::warn!(
+                event = "reply_already_stored",
+                "a reply to this message was stored meanwhile; not announcing a second one"
+            );
+            return Ok(Decision::Ack(Outcome::Duplicate));
+        }
+        self.cache_with(history, &stored);
+        self.end_reply().await?;
+        let interrupted = reply.finish_reason.is_interrupted();
+        let Reply { text, finish_reason, usage } = reply;
+        events.send(ReplyEventKind::Done { reply_id, text, finish_reason, usage }).await;
+        if interrupted {
+            tracing::info!(event = "message_interrupted", turn, "a newer message cut this reply short");
+            Ok(Decision::Ack(Outcome::Interrupted))
+        } else {
+            tracing::info!(event = "message_answered", turn, "answered");
+            Ok(Decision::Ack(Outcome::Replied))
+        }
+    }
+
+    /// The model failed the message for good: stores the failure, then announces it with an
+    /// `error` event.
+    async fn store_failure(
+        &self,
+        error: &LlmError,
+        mut history: Vec<StoredMessage>,
+        events: &mut EventWriter<'_>,
+    ) -> Result<Decision, Halt> {
+        let (store, session, message_id) = (&self.worker.store, self.session(), &self.message.message_id);
+        let (code, text) = match error {
+            LlmError::Permanent { code, message } => {
+                (code.clone(), format!("the model refused the request: {message}"))
             }
-            Err(error) => {
-                let (code, text) = match &error {
-                    LlmError::Permanent { code, message } => {
-                        (code.clone(), format!("the model refused the request: {message}"))
-                    }
-                    LlmError::Transient { message, .. } => (
-                        "model_unavailable".to_owned(),
-                        format!(
-                            "the model did not answer after {} attempts: {message}",
-                            self.worker.config.retry.max_attempts
-                        ),
-                    ),
-                };
-                let failure = Failure { code: code.clone(), message: text.clone() };
-                self.store_call(|| store.mark_failed(session, message_id, &failure)).await?;
-                if self.caching() {
-                    match history.iter_mut().rev().find(|m| m.id == message_id.as_str() && m.role == Role::User) {
-                        Some(user) => {
-                            user.failure = Some(failure.clone());
-                            self.cache.put(session, history);
-                        }
-                        None => self.distrust_cache(),
-                    }
+            LlmError::Transient { message, .. } => (
+                ErrorCode::ModelUnavailable,
+                format!("the model did not answer after {} attempts: {message}", self.worker.config.retry.max_attempts),
+            ),
+        };
+        let failure = Failure { code: code.to_string(), message: text.clone() };
+        self.store_call(|| store.mark_failed(session, message_id, &failure)).await?;
+        if self.caching() {
+            match history.iter_mut().rev().find(|m| m.id == message_id.as_str() && m.role == Role::User) {
+                Some(user) => {
+                    user.failure = Some(failure);
+                    self.cache.put(session, history);
                 }
-                self.end_reply().await?;
-                events.send(ReplyEventKind::Error { code, message: text }).await;
-                tracing::warn!(event = "message_failed", error = %error, "gave up on this message");
-                Ok(Settlement::Ack("failed"))
+                None => self.distrust_cache(),
             }
         }
+        self.end_reply().await?;
+        events.send(ReplyEventKind::Error { code, message: text }).await;
+        tracing::warn!(event = "message_failed", error = %error, "gave up on this message");
+        Ok(Decision::Ack(Outcome::Failed))
+    }
+
+    /// The store refused one of this message's calls for good. Waiting would hold the session's
+    /// queue forever behind one bad record, so the message is given up on: the failure is
+    /// recorded and the reply-in-progress marker cleared if the store takes them (one try each),
+    /// the client gets an `error` event, and the delivery is acknowledged.
+    async fn give_up_on_store(&self, error: StoreError) -> Decision {
+        tracing::error!(event = "store_refused", error = %error, "the store refused this message for good; giving up on it");
+        self.distrust_cache();
+        let (store, session, message_id) = (&self.worker.store, self.session(), &self.message.message_id);
+        let code = ErrorCode::StoreFailed;
+        let message = "the conversation store could not record this message".to_owned();
+        let failure = Failure { code: code.to_string(), message: message.clone() };
+        if let Err(e) = store.mark_failed(session, message_id, &failure).await {
+            tracing::warn!(event = "failure_not_recorded", error = %e, "could not record the failure either");
+        }
+        if self.message.policy() == DoubleTexting::Reject
+            && let Err(e) = store.end_reply(session, message_id).await
+        {
+            tracing::warn!(event = "marker_not_cleared", error = %e, "could not clear the reply-in-progress marker");
+        }
+        self.events(self.turn.load(Ordering::Relaxed), 1).send(ReplyEventKind::Error { code, message }).await;
+        Decision::Ack(Outcome::StoreFailed)
     }
 
     /// Stores the user message at the next turn of the conversation, unless a previous
     /// delivery already did. `known` is the message as just read from the store, if it was
     /// there.
-    async fn record_user_message(&self, known: Option<StoredMessage>) -> Result<Recorded, Stopped> {
+    async fn record_user_message(&self, known: Option<StoredMessage>) -> Result<Recorded, Halt> {
         let store = &self.worker.store;
         let session = self.session();
         let message_id = &self.message.message_id;
@@ -387,6 +417,7 @@ impl Handler<'_> {
                     tracing::warn!(event = "turn_conflict", turn, reason = %reason, "conversation position taken; retrying");
                     self.distrust_cache();
                 }
+                Err(e @ StoreError::Fatal(_)) => return Err(Halt::StoreRefused(e)),
                 Err(e) => {
                     telemetry::store_retry();
                     tracing::warn!(event = "store_retry", error = %e);
@@ -398,7 +429,7 @@ impl Handler<'_> {
 
     /// The conversation's recent history as the store holds it: the cached copy, or else read
     /// from the store (and cached once the user message is recorded).
-    async fn recent_history(&self) -> Result<Vec<StoredMessage>, Stopped> {
+    async fn recent_history(&self) -> Result<Vec<StoredMessage>, Halt> {
         if let Some(history) = self.cache.get(self.session()) {
             return Ok(history);
         }
@@ -409,7 +440,7 @@ impl Handler<'_> {
     /// Clears the session's reply-in-progress marker, which the gateway set for this message
     /// (`double_texting: reject`). Called once the outcome is stored and before it is announced.
     /// Other policies set no marker, so they save the write.
-    async fn end_reply(&self) -> Result<(), Stopped> {
+    async fn end_reply(&self) -> Result<(), Halt> {
         if self.message.policy() == DoubleTexting::Reject {
             let (store, session, message_id) = (&self.worker.store, self.session(), &self.message.message_id);
             self.store_call(|| store.end_reply(session, message_id)).await?;
@@ -490,7 +521,7 @@ impl Handler<'_> {
         let mut deltas = DeltaBatch::default();
         let mut first = true;
         loop {
-            let due = deltas.due;
+            let due = deltas.due();
             let chunk = tokio::select! {
                 biased;
                 _ = &mut interrupted => {
@@ -517,7 +548,7 @@ impl Handler<'_> {
                     deltas.flush(events).await;
                     return Ok(Reply { text, finish_reason, usage });
                 }
-                Err(e) => return Err((e, deltas.sent > 0)),
+                Err(e) => return Err((e, deltas.any_sent())),
             }
         }
         Err((
@@ -525,13 +556,14 @@ impl Handler<'_> {
                 message: "the model's stream ended before the reply was complete".into(),
                 retry_after: None,
             },
-            deltas.sent > 0,
+            deltas.any_sent(),
         ))
     }
 
     /// Runs a store operation until it succeeds. A store outage holds the session's queue
-    /// rather than skipping ahead, so the session's order is kept; shutdown ends the wait.
-    async fn store_call<T, F, Fut>(&self, op: F) -> Result<T, Stopped>
+    /// rather than skipping ahead, so the session's order is kept; shutdown ends the wait. A
+    /// fatal error is not retried: it ends the handling of the message.
+    async fn store_call<T, F, Fut>(&self, op: F) -> Result<T, Halt>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
@@ -540,6 +572,7 @@ impl Handler<'_> {
         loop {
             match op().await {
                 Ok(value) => return Ok(value),
+                Err(e @ StoreError::Fatal(_)) => return Err(Halt::StoreRefused(e)),
                 Err(e) => {
                     telemetry::store_retry();
                     tracing::warn!(event = "store_retry", error = %e, retry_in = ?delay, "store call failed; retrying");
@@ -550,81 +583,10 @@ impl Handler<'_> {
         }
     }
 
-    async fn pause(&self, delay: Duration) -> Result<(), Stopped> {
+    async fn pause(&self, delay: Duration) -> Result<(), Halt> {
         tokio::select! {
             _ = tokio::time::sleep(delay) => Ok(()),
-            _ = self.stop.cancelled() => Err(Stopped),
-        }
-    }
-}
-
-/// The chunks of one attempt not yet published, and when the last `delta` event went out.
-#[derive(Default)]
-struct DeltaBatch {
-    /// Text of the chunks held back.
-    pending: String,
-    /// `delta` events published so far in this attempt; the next one's index.
-    sent: u32,
-    /// When the last `delta` event went out.
-    last_sent: Option<tokio::time::Instant>,
-    /// When the held chunks must go out.
-    due: Option<tokio::time::Instant>,
-}
-
-impl DeltaBatch {
-    /// Publishes `chunk` now if the `window` since the last event has passed (or this is the
-    /// first), else holds it until then.
-    async fn add(&mut self, chunk: &str, window: Duration, events: &mut EventWriter<'_>) {
-        self.pending.push_str(chunk);
-        let now = tokio::time::Instant::now();
-        match self.last_sent.map(|last| last + window).filter(|&next| next > now) {
-            None => self.flush(events).await,
-            Some(next) => {
-                self.due.get_or_insert(next);
-            }
-        }
-    }
-
-    /// Publishes the held chunks as one `delta` event.
-    async fn flush(&mut self, events: &mut EventWriter<'_>) {
-        self.due = None;
-        if self.pending.is_empty() {
-            return;
-        }
-        let text = std::mem::take(&mut self.pending);
-        events.send(ReplyEventKind::Delta { index: self.sent, text }).await;
-        self.sent += 1;
-        self.last_sent = Some(tokio::time::Instant::now());
-    }
-}
-
-/// Publishes a reply's events with increasing ids.
-struct EventWriter<'a> {
-    worker: &'a Worker,
-    message: &'a UserMessage,
-    turn: u64,
-    start: u32,
-    seq: u32,
-}
-
-impl EventWriter<'_> {
-    async fn send(&mut self, kind: ReplyEventKind) {
-        let event = ReplyEvent {
-            v: schemas::ENVELOPE_VERSION,
-            event_id: if kind.is_terminal() {
-                EventId::terminal(self.turn)
-            } else {
-                EventId::new(self.turn, self.start, self.seq)
-            },
-            session_id: self.message.session_id.clone(),
-            message_id: self.message.message_id.clone(),
-            kind,
-        };
-        self.seq += 1;
-        // Reply events are best effort: a listener that misses one still finds the stored
-        // reply in the history.
-        if let Err(e) = self.worker.bus.publish_event(&event).await {
-            tracing::warn!(event = "event_publish_failed", error = %e);
+            _ = self.stop.cancelled() => Err(Halt::Stopped),
         }
     }
 }

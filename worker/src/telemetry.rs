@@ -2,7 +2,8 @@
 
 use metrics::{counter, gauge, histogram};
 
-/// Messages settled, by outcome (`replied`, `interrupted`, `failed`, `duplicate`, `session_gone`, `rejected`).
+/// Messages settled, by outcome (`replied`, `interrupted`, `failed`, `store_failed`, `duplicate`, `session_gone`,
+/// `rejected`, `retried`); `settle.rs` names them.
 pub const MESSAGES: &str = "chatfleet_worker_messages_total";
 /// Generations running now.
 pub const INFLIGHT: &str = "chatfleet_worker_inflight_generations";
