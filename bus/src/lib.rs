@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
+use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage, WorkerId};
 
 pub mod amqp;
 pub mod memory;
 pub mod nats;
 pub mod ownership;
+pub mod telemetry;
 
 pub use amqp::{AmqpBus, AmqpNames, AmqpSettings};
 pub use memory::MemoryBus;
@@ -178,7 +179,7 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Joins the deployment's workers as `worker_id`; the partitions are shared among the
     /// members, each owned by exactly one at a time.
-    async fn join(&self, worker_id: &str) -> Result<Box<dyn Membership>, BusError>;
+    async fn join(&self, worker_id: &WorkerId) -> Result<Box<dyn Membership>, BusError>;
 
     /// Succeeds while the broker is reachable.
     async fn ping(&self) -> Result<(), BusError>;

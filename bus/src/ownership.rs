@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use schemas::{Partition, PartitionCount, fnv1a_32};
+use schemas::{Partition, PartitionCount, WorkerId, fnv1a_32};
 use tokio::sync::mpsc;
 
-use crate::{Membership, OwnershipEvent};
+use crate::{Membership, OwnershipEvent, telemetry};
 
 /// Timing of the ownership protocol.
 #[derive(Debug, Clone)]
@@ -71,6 +71,37 @@ impl Membership for ChannelMembership {
 
     async fn leave(&mut self) {
         let _ = self.commands.send(Command::Leave);
+    }
+}
+
+/// How a coordinator holds a partition it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Holding {
+    Active,
+    /// Revoked; the worker is draining it.
+    Revoking,
+}
+
+/// What every coordinator keeps of a partition it owns.
+pub(crate) trait Held {
+    fn holding(&mut self) -> &mut Holding;
+}
+
+/// Starts handing over every partition held actively that the target gives to someone else:
+/// marks it revoking and tells the worker, once. The same step on every bus.
+pub(crate) fn revoke_moved<T: Held>(
+    owned: &mut BTreeMap<Partition, T>,
+    target: &BTreeMap<Partition, String>,
+    me: &WorkerId,
+    events: &mpsc::UnboundedSender<OwnershipEvent>,
+) {
+    for (partition, held) in owned.iter_mut() {
+        let holding = held.holding();
+        if *holding == Holding::Active && target.get(partition).map(String::as_str) != Some(me.as_str()) {
+            *holding = Holding::Revoking;
+            telemetry::partition_revoked(me, *partition);
+            let _ = events.send(OwnershipEvent::Revoked(*partition));
+        }
     }
 }
 

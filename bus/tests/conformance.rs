@@ -358,7 +358,8 @@ enum Step {
 
 impl Member {
     async fn join(bus: Arc<dyn Bus>, id: &str, ledger: Arc<Ledger>) -> Member {
-        let membership = bus.join(id).await.unwrap_or_else(|e| panic!("{id} cannot join: {e}"));
+        let worker = schemas::WorkerId::parse(id).expect("a valid worker id");
+        let membership = bus.join(&worker).await.unwrap_or_else(|e| panic!("{id} cannot join: {e}"));
         let inbox = Arc::new(Inbox::default());
         let (holdings_tx, holdings) = watch::channel(Holdings::default());
         let (leave, leave_rx) = mpsc::unbounded_channel();

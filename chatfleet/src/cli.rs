@@ -255,9 +255,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "CHATFLEET_STORE")]
     pub store: String,
 
-    /// This worker's name in logs and metrics (default: host name and process id).
+    /// This worker's name in logs, metrics and `chatfleet status`: 1 to 128 letters, digits,
+    /// `_` or `-`, unique among the live workers (default: host name and process id).
     #[arg(long, env = "CHATFLEET_WORKER_ID")]
-    pub worker_id: Option<String>,
+    pub worker_id: Option<schemas::WorkerId>,
 
     #[command(flatten)]
     pub partitions: PartitionArgs,

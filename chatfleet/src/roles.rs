@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use gateway::{Gateway, GatewayConfig};
 use llm::ChatModel;
-use schemas::PartitionCount;
+use schemas::{PartitionCount, WorkerId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use worker::{ContextSettings, RetryPolicy, Worker, WorkerConfig};
@@ -51,7 +51,7 @@ fn lease_settings(seconds: f64) -> anyhow::Result<bus::OwnershipSettings> {
     Ok(bus::OwnershipSettings::with_lease_ttl(Duration::from_secs_f64(seconds)))
 }
 
-fn worker_config(worker_id: String, tuning: &WorkerTuning) -> WorkerConfig {
+fn worker_config(worker_id: WorkerId, tuning: &WorkerTuning) -> WorkerConfig {
     WorkerConfig {
         worker_id,
         context: ContextSettings {
@@ -81,34 +81,15 @@ fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
     }
 }
 
-/// The host name, in the characters a worker id may hold (a dotted name's dots become `-`).
-fn host_name() -> String {
+/// This worker's default id: the host name (in the characters an id may hold) and the process id.
+fn default_worker_id() -> WorkerId {
     let name = std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
         .unwrap_or_else(|| "worker".into());
-    worker_id_safe(&name)
-}
-
-fn worker_id_safe(name: &str) -> String {
-    let safe: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' }).collect();
-    let safe: String = safe.chars().take(100).collect();
-    if safe.is_empty() { "worker".into() } else { safe }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::worker_id_safe;
-
-    #[test]
-    fn default_worker_ids_keep_only_allowed_characters() {
-        assert_eq!(worker_id_safe("node-1.example.com"), "node-1-example-com");
-        assert_eq!(worker_id_safe("pod_7"), "pod_7");
-        assert_eq!(worker_id_safe(""), "worker");
-        assert_eq!(worker_id_safe(&"x".repeat(300)).len(), 100);
-    }
+    let host = WorkerId::from_host_name(&name);
+    WorkerId::parse(format!("{host}-{}", std::process::id())).unwrap_or(host)
 }
 
 /// `chatfleet dev`: gateway, workers, bus and store in one process.
@@ -139,7 +120,8 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
     let stop = shutdown_token(shutdown);
     let mut workers = tokio::task::JoinSet::new();
     for i in 0..args.workers.max(1) {
-        let config = worker_config(format!("dev-worker-{i}"), &args.worker);
+        let id = WorkerId::parse(format!("dev-worker-{i}")).expect("a dev worker id is valid");
+        let config = worker_config(id, &args.worker);
         let worker = Worker::new(bus.clone(), store.clone(), model.clone(), config);
         workers.spawn(worker.run(stop.clone().cancelled_owned()));
     }
@@ -197,7 +179,7 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
         )
     })?;
     let store = wiring::connect_store(&args.store, false).await?;
-    let worker_id = args.worker_id.clone().unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
+    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
     let ownership = lease_settings(args.worker.lease_ttl)?;
     let bus = wiring::connect_bus(bus_choice, partitions, &format!("chatfleet-worker-{worker_id}"), ownership).await?;
     let listener = bind(args.listen).await?;

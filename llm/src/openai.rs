@@ -11,6 +11,7 @@
 //!   and watches the body for the `[DONE]` line, so a reply whose connection was cut is not
 //!   mistaken for a finished one.
 
+use schemas::redact_url;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -546,18 +547,6 @@ impl DoneLine {
             }
         }
         found
-    }
-}
-
-/// The URL with any user name and password taken out.
-fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
-            parsed.to_string().trim_end_matches('/').to_owned()
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -107,6 +107,22 @@ id_type!(
     /// reply id is derived from the message id ([`ReplyId::for_message`]).
     ReplyId, "reply id", 66
 );
+id_type!(
+    /// A worker's name in ownership records, logs, metrics and `chatfleet status`:
+    /// `^[A-Za-z0-9_-]{1,128}$`. It is part of keys on the bus, so every bus takes it validated.
+    WorkerId, "worker id", 128
+);
+
+impl WorkerId {
+    /// A worker id made from a host name: characters an id may not hold become `-` (so
+    /// `node-1.example.com` is `node-1-example-com`), at most 100 of them, leaving room for a
+    /// suffix such as a process id; `worker` when nothing is left.
+    pub fn from_host_name(name: &str) -> Self {
+        let safe: String = name.chars().take(100).map(|c| if is_id_char(c) { c } else { '-' }).collect();
+        Self(if safe.is_empty() { "worker".to_owned() } else { safe })
+    }
+}
+
 /// A client's idempotency key for a message (`client_message_id`): 1 to 64 characters,
 /// anything printable. It never travels on the bus; it only seeds [`MessageId::for_client_key`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, JsonSchema)]
@@ -178,6 +194,15 @@ const CLIENT_KEY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6a1c_5e0b_3f7d_
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn worker_ids_made_from_host_names_keep_only_allowed_characters() {
+        assert_eq!(WorkerId::from_host_name("node-1.example.com").as_str(), "node-1-example-com");
+        assert_eq!(WorkerId::from_host_name("pod_7").as_str(), "pod_7");
+        assert_eq!(WorkerId::from_host_name("").as_str(), "worker");
+        assert_eq!(WorkerId::from_host_name(&"x".repeat(300)).as_str().len(), 100);
+        assert!(WorkerId::parse("a.b").is_err());
+    }
     use super::*;
 
     #[test]

@@ -9,12 +9,14 @@ pub mod envelope;
 pub mod error_code;
 pub mod ids;
 pub mod partition;
+pub mod redact;
 pub mod subjects;
 
 pub use envelope::{DoubleTexting, EventId, FinishReason, ReplyEvent, ReplyEventKind, Usage, UserMessage};
 pub use error_code::ErrorCode;
-pub use ids::{ClientMessageId, IdError, MessageId, ReplyId, SessionId};
+pub use ids::{ClientMessageId, IdError, MessageId, ReplyId, SessionId, WorkerId};
 pub use partition::{Partition, PartitionCount, fnv1a_32};
+pub use redact::redact_url;
 
 /// Version of the bus envelopes written by this build. Readers accept this version and
 /// older ones; they reject newer ones rather than guess.

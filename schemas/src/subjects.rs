@@ -6,9 +6,23 @@
 //! - consumer `chatfleet-p<partition>` filtered on `chatfleet.in.<partition>.*`;
 //! - core subject `chatfleet.out.<session_id>`: reply events of one session;
 //! - core subject `chatfleet.barrier`: requests nobody answers, to learn that the server has
-//!   processed what a connection sent before them.
+//!   processed what a connection sent before them;
+//! - key-value bucket `CHATFLEET_OWNERSHIP`: `members.<worker>` and `leases.<partition>`;
+//! - the priority group `owner` that pins each partition consumer to one puller.
+//!
+//! RabbitMQ layout ([`AmqpNames`]): exchanges `chatfleet.in`, `chatfleet.out`,
+//! `chatfleet.members`, `chatfleet.dead`; queues `chatfleet.in.<partition>` and `chatfleet.dead`;
+//! each user message carries the header [`SEQUENCE_HEADER`].
 
 use crate::{Partition, SessionId};
+
+/// The priority group every NATS partition consumer is pinned through.
+pub const PINNED_GROUP: &str = "owner";
+
+/// The RabbitMQ header carrying a message's publish-unique sequence number: RabbitMQ numbers
+/// deliveries, not messages, and a worker needs to tell a redelivery from a new message with
+/// the same id.
+pub const SEQUENCE_HEADER: &str = "x-chatfleet-seq";
 
 /// The names of one deployment's bus objects, derived from a prefix so that several
 /// deployments can share a broker.
@@ -70,11 +84,83 @@ impl Names {
     pub fn barrier_subject(&self) -> String {
         format!("{}.barrier", self.prefix)
     }
+
+    /// The key-value bucket of worker heartbeats and partition leases.
+    pub fn ownership_bucket(&self) -> String {
+        format!("{}_OWNERSHIP", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// A worker's heartbeat key in the ownership bucket.
+    pub fn member_key(&self, worker: &str) -> String {
+        format!("members.{worker}")
+    }
+
+    /// A partition's lease key in the ownership bucket.
+    pub fn lease_key(&self, partition: Partition) -> String {
+        format!("leases.{partition}")
+    }
+
+    /// The worker a heartbeat key names, if it is one.
+    pub fn member_of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix("members.")
+    }
+
+    /// The partition a lease key names, if it is one.
+    pub fn partition_of_key(&self, key: &str) -> Option<Partition> {
+        key.strip_prefix("leases.").and_then(|p| p.parse::<u32>().ok()).map(Partition::new)
+    }
+}
+
+/// The names of one deployment's RabbitMQ objects, derived from a prefix so that several
+/// deployments can share a virtual host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpNames {
+    prefix: String,
+}
+
+impl Default for AmqpNames {
+    fn default() -> Self {
+        Self { prefix: "chatfleet".into() }
+    }
+}
+
+impl AmqpNames {
+    /// Names under `prefix` (1 to 64 letters, digits, `_`, `-`).
+    pub fn new(prefix: &str) -> Result<Self, crate::IdError> {
+        crate::SessionId::parse(prefix)?;
+        Ok(Self { prefix: prefix.to_owned() })
+    }
+
+    /// The exchange user messages are published to.
+    pub fn input_exchange(&self) -> String {
+        format!("{}.in", self.prefix)
+    }
+
+    /// The queue of one partition.
+    pub fn partition_queue(&self, partition: Partition) -> String {
+        format!("{}.in.{}", self.prefix, partition)
+    }
+
+    /// The exchange reply events are published to, with the session id as routing key.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.out", self.prefix)
+    }
+
+    /// The exchange and queue of dead-lettered user messages.
+    pub fn dead_letters(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The fanout exchange of worker heartbeats.
+    pub fn members_exchange(&self) -> String {
+        format!("{}.members", self.prefix)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::WorkerId;
 
     #[test]
     fn input_subjects_fall_under_their_partition_filter_and_the_stream_wildcard() {
@@ -86,6 +172,30 @@ mod tests {
         assert_eq!(n.input_wildcard(), "chatfleet.in.>");
         assert_eq!(n.input_stream(), "CHATFLEET_IN");
         assert_eq!(n.events_subject(&s), "chatfleet.out.abc");
+    }
+
+    #[test]
+    fn ownership_keys_name_their_worker_and_partition() {
+        let n = Names::default();
+        assert_eq!(n.ownership_bucket(), "CHATFLEET_OWNERSHIP");
+        let key = n.lease_key(Partition::new(7));
+        assert_eq!(key, "leases.7");
+        assert_eq!(n.partition_of_key(&key), Some(Partition::new(7)));
+        let worker = WorkerId::parse("w-1").unwrap();
+        assert_eq!(n.member_of_key(&n.member_key(worker.as_str())), Some("w-1"));
+        assert_eq!(n.partition_of_key("members.w-1"), None);
+    }
+
+    #[test]
+    fn amqp_names_derive_from_their_prefix() {
+        let names = AmqpNames::new("fleet-a").unwrap();
+        assert_eq!(names.input_exchange(), "fleet-a.in");
+        assert_eq!(names.partition_queue(Partition::new(3)), "fleet-a.in.3");
+        assert_eq!(names.events_exchange(), "fleet-a.out");
+        assert_eq!(names.dead_letters(), "fleet-a.dead");
+        assert_eq!(names.members_exchange(), "fleet-a.members");
+        assert!(AmqpNames::new("has space").is_err());
+        assert!(AmqpNames::new("").is_err());
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub use retry::RetryPolicy;
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// This worker's name in logs and metrics.
-    pub worker_id: String,
+    pub worker_id: schemas::WorkerId,
     /// What goes into the model's context.
     pub context: ContextSettings,
     /// How many generations may run at once in this worker.
@@ -73,7 +73,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            worker_id: format!("worker-{}", std::process::id()),
+            worker_id: schemas::WorkerId::parse(format!("worker-{}", std::process::id())).expect("a valid worker id"),
             context: ContextSettings::default(),
             max_inflight: 4096,
             retry: RetryPolicy::default(),

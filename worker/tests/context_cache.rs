@@ -126,8 +126,11 @@ impl Fleet {
         let store = Arc::new(CountingStore { inner, recent_calls: AtomicUsize::new(0) });
         let bus = Arc::new(MemoryBus::new(PartitionCount::new(2).unwrap()));
         let model = Arc::new(StandInModel::new(model));
-        let mut config =
-            WorkerConfig { worker_id: "cache-test".into(), context_cache_bytes, ..WorkerConfig::default() };
+        let mut config = WorkerConfig {
+            worker_id: schemas::WorkerId::parse("cache-test").unwrap(),
+            context_cache_bytes,
+            ..WorkerConfig::default()
+        };
         config.context.history_limit = HISTORY_LIMIT;
         let worker = Worker::new(bus.clone(), store.clone(), model, config);
 

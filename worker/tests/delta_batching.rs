@@ -37,7 +37,8 @@ async fn reply_with(configure: impl FnOnce(&mut WorkerConfig)) -> Reply {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
     let bus = Arc::new(MemoryBus::new(PartitionCount::new(2).unwrap()));
-    let mut config = WorkerConfig { worker_id: "batching-test".into(), ..WorkerConfig::default() };
+    let mut config =
+        WorkerConfig { worker_id: schemas::WorkerId::parse("batching-test").unwrap(), ..WorkerConfig::default() };
     configure(&mut config);
     let worker = Worker::new(bus.clone(), store.clone(), Arc::new(StandInModel::new(model())), config);
     let session = support::create_session(store.as_ref()).await;

@@ -18,8 +18,9 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use schemas::Partition;
 
-use super::{AmqpBus, InFlight, SEQUENCE_HEADER, unavailable};
+use super::{AmqpBus, InFlight, unavailable};
 use crate::{Acker, BusError, Deliveries, Delivery};
+use schemas::subjects::SEQUENCE_HEADER;
 
 /// A partition's channel and consumer, closed when the last holder lets go.
 struct Held {

@@ -32,64 +32,11 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
 use tokio::sync::Mutex;
 
-use crate::nats::redact;
 use crate::{Bus, BusError, Deliveries, Enqueued, EventStream};
+use schemas::redact_url;
 
-/// The header carrying a message's publish-unique sequence number: RabbitMQ numbers deliveries,
-/// not messages, and the worker needs to tell a redelivery from a new message with the same id.
-const SEQUENCE_HEADER: &str = "x-chatfleet-seq";
-
-/// The names of one deployment's RabbitMQ objects, derived from a prefix so that several
-/// deployments can share a virtual host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AmqpNames {
-    prefix: String,
-}
-
-impl Default for AmqpNames {
-    fn default() -> Self {
-        Self { prefix: "chatfleet".into() }
-    }
-}
-
-impl AmqpNames {
-    /// Names under `prefix` (letters, digits, `_`, `-`).
-    pub fn new(prefix: &str) -> Result<Self, BusError> {
-        let ok = !prefix.is_empty()
-            && prefix.len() <= 64
-            && prefix.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-        if ok {
-            Ok(Self { prefix: prefix.to_owned() })
-        } else {
-            Err(BusError::Unsupported(format!("bus prefix {prefix:?} must be 1 to 64 letters, digits, '_' or '-'")))
-        }
-    }
-
-    /// The exchange user messages are published to.
-    pub fn input_exchange(&self) -> String {
-        format!("{}.in", self.prefix)
-    }
-
-    /// The queue of one partition.
-    pub fn partition_queue(&self, partition: Partition) -> String {
-        format!("{}.in.{}", self.prefix, partition)
-    }
-
-    /// The exchange reply events are published to, with the session id as routing key.
-    pub fn events_exchange(&self) -> String {
-        format!("{}.out", self.prefix)
-    }
-
-    /// The exchange and queue of dead-lettered user messages.
-    pub fn dead_letters(&self) -> String {
-        format!("{}.dead", self.prefix)
-    }
-
-    /// The fanout exchange of worker heartbeats.
-    pub fn members_exchange(&self) -> String {
-        format!("{}.members", self.prefix)
-    }
-}
+pub use schemas::subjects::AmqpNames;
+use schemas::subjects::SEQUENCE_HEADER;
 
 /// How the RabbitMQ bus is set up.
 #[derive(Debug, Clone)]
@@ -138,7 +85,7 @@ pub struct AmqpBus {
 
 impl std::fmt::Debug for AmqpBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpBus").field("broker", &redact(&self.inner.settings.url)).finish()
+        f.debug_struct("AmqpBus").field("broker", &redact_url(&self.inner.settings.url)).finish()
     }
 }
 
@@ -187,7 +134,7 @@ impl AmqpBus {
     }
 
     fn shown_url(&self) -> String {
-        redact(&self.inner.settings.url)
+        redact_url(&self.inner.settings.url)
     }
 
     /// The live connection, connecting (and declaring the layout) if there is none.
@@ -496,7 +443,7 @@ impl Bus for AmqpBus {
         consume::deliveries(self, partition).await
     }
 
-    async fn join(&self, worker_id: &str) -> Result<Box<dyn crate::Membership>, BusError> {
+    async fn join(&self, worker_id: &schemas::WorkerId) -> Result<Box<dyn crate::Membership>, BusError> {
         ownership::join(self, worker_id).await
     }
 
@@ -549,18 +496,6 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_follow_the_prefix() {
-        let names = AmqpNames::new("fleet-a").unwrap();
-        assert_eq!(names.input_exchange(), "fleet-a.in");
-        assert_eq!(names.partition_queue(Partition::new(3)), "fleet-a.in.3");
-        assert_eq!(names.events_exchange(), "fleet-a.out");
-        assert_eq!(names.dead_letters(), "fleet-a.dead");
-        assert_eq!(names.members_exchange(), "fleet-a.members");
-        assert!(AmqpNames::new("has space").is_err());
-        assert!(AmqpNames::new("").is_err());
-    }
 
     #[test]
     fn sequence_numbers_fit_in_a_signed_header() {

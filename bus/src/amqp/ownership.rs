@@ -30,14 +30,14 @@ use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
-use schemas::Partition;
+use schemas::{Partition, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{AmqpBus, unavailable};
-use crate::nats::ownership::{OWNED_PARTITIONS, PARTITION_ACK_PENDING, PARTITION_PENDING, validate_worker_id};
-use crate::ownership::{ChannelMembership, Command};
+use crate::ownership::{ChannelMembership, Command, Held, Holding, revoke_moved};
+use crate::telemetry::{self, OWNED_PARTITIONS};
 use crate::{BusError, Membership, OwnershipEvent, assign};
 
 /// What a worker says of itself every heartbeat.
@@ -56,13 +56,12 @@ struct Heartbeat {
     leaving: bool,
 }
 
-pub(super) async fn join(bus: &AmqpBus, worker_id: &str) -> Result<Box<dyn Membership>, BusError> {
-    validate_worker_id(worker_id)?;
+pub(super) async fn join(bus: &AmqpBus, worker_id: &WorkerId) -> Result<Box<dyn Membership>, BusError> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let mut coordinator = Coordinator {
         bus: bus.clone(),
-        me: worker_id.to_owned(),
+        me: worker_id.clone(),
         members: HashMap::new(),
         owned: BTreeMap::new(),
         leaving: false,
@@ -77,17 +76,16 @@ pub(super) async fn join(bus: &AmqpBus, worker_id: &str) -> Result<Box<dyn Membe
     Ok(Box::new(ChannelMembership { events: events_rx, commands: commands_tx }))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Holding {
-    Active,
-    /// Revoked; the worker is draining it.
-    Revoking,
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Owned {
     since: Instant,
     holding: Holding,
+}
+
+impl Held for Owned {
+    fn holding(&mut self) -> &mut Holding {
+        &mut self.holding
+    }
 }
 
 /// The channel heartbeats go out on and the consumer they come in on.
@@ -107,7 +105,7 @@ struct Heard {
 
 struct Coordinator {
     bus: AmqpBus,
-    me: String,
+    me: WorkerId,
     /// What each other member said last, and when.
     members: HashMap<String, Heard>,
     owned: BTreeMap<Partition, Owned>,
@@ -204,7 +202,7 @@ impl Coordinator {
         let lost: Vec<Partition> = self.owned.keys().copied().collect();
         self.owned.clear();
         for partition in &lost {
-            tracing::warn!(event = "partition_lost", worker = %self.me, partition = partition.get(), "connection to RabbitMQ lost; stopping the partition");
+            telemetry::partition_lost(&self.me, *partition, 0, "the connection to RabbitMQ was lost");
             let _ = self.events.send(OwnershipEvent::Lost(*partition));
         }
         metrics::gauge!(OWNED_PARTITIONS).set(0.0);
@@ -214,7 +212,7 @@ impl Coordinator {
     async fn heartbeat(&mut self) {
         let Some(link) = self.link.as_ref() else { return };
         let beat = Heartbeat {
-            worker: self.me.clone(),
+            worker: self.me.to_string(),
             holding: self.owned.iter().map(|(p, o)| (p.get(), o.since.elapsed().as_millis() as u64)).collect(),
             in_flight: self
                 .owned
@@ -247,7 +245,7 @@ impl Coordinator {
     }
 
     fn observe(&mut self, beat: Heartbeat) {
-        if beat.worker == self.me {
+        if beat.worker == self.me.as_str() {
             // Our own heartbeat came back: the others have it too.
             self.echoed = Instant::now();
             return;
@@ -269,7 +267,7 @@ impl Coordinator {
             return;
         }
         for partition in std::mem::take(&mut self.owned).into_keys() {
-            tracing::warn!(event = "partition_lost", worker = %self.me, partition = partition.get(), "our heartbeats are not getting through; stopping the partition");
+            telemetry::partition_lost(&self.me, partition, 0, "our heartbeats are not getting through");
             let _ = self.events.send(OwnershipEvent::Lost(partition));
         }
         metrics::gauge!(OWNED_PARTITIONS).set(0.0);
@@ -285,7 +283,7 @@ impl Coordinator {
             .map(|(m, _)| m.clone())
             .collect();
         if !self.leaving {
-            live.push(self.me.clone());
+            live.push(self.me.to_string());
         }
         live
     }
@@ -293,13 +291,7 @@ impl Coordinator {
     /// Moves towards the target assignment.
     fn act(&mut self) {
         let target = assign(self.bus.settings().partitions, &self.live_members());
-        for (partition, owned) in self.owned.iter_mut() {
-            if owned.holding == Holding::Active && target.get(partition) != Some(&self.me) {
-                owned.holding = Holding::Revoking;
-                tracing::info!(event = "partition_revoked", worker = %self.me, partition = partition.get(), "handing the partition over");
-                let _ = self.events.send(OwnershipEvent::Revoked(*partition));
-            }
-        }
+        revoke_moved(&mut self.owned, &target, &self.me, &self.events);
         if self.leaving {
             return;
         }
@@ -309,13 +301,14 @@ impl Coordinator {
         };
         let free: Vec<Partition> = target
             .iter()
-            .filter(|(p, owner)| **owner == self.me && !self.owned.contains_key(p) && !held_elsewhere(**p))
+            .filter(|(p, owner)| {
+                owner.as_str() == self.me.as_str() && !self.owned.contains_key(p) && !held_elsewhere(**p)
+            })
             .map(|(p, _)| *p)
             .collect();
         for partition in free {
             self.owned.insert(partition, Owned { since: Instant::now(), holding: Holding::Active });
-            tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), "consuming the partition");
-            metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+            telemetry::partition_acquired(&self.me, partition, self.owned.len(), None);
             let _ = self.events.send(OwnershipEvent::Acquired(partition));
         }
     }
@@ -330,8 +323,7 @@ impl Coordinator {
             tracing::warn!(event = "partition_channel_still_open", worker = %self.me, partition = partition.get(), "releasing a partition whose channel has not closed yet");
         }
         if self.owned.remove(&partition).is_some() {
-            tracing::info!(event = "partition_released", worker = %self.me, partition = partition.get(), "handed the partition over");
-            metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+            telemetry::partition_released(&self.me, partition, self.owned.len());
             // The next owner waits for our word that we no longer hold it.
             self.heartbeat().await;
         }
@@ -350,13 +342,9 @@ impl Coordinator {
     /// Publishes each owned partition's backlog as metrics.
     async fn report_lag(&self) {
         for partition in self.owned.keys() {
-            let labels = [("partition", partition.get().to_string())];
-            if let Ok((ready, _)) = queue_counts(&self.bus, *partition).await {
-                metrics::gauge!(PARTITION_PENDING, &labels).set(ready as f64);
-            }
-            if let Some(counter) = self.bus.in_flight(*partition) {
-                metrics::gauge!(PARTITION_ACK_PENDING, &labels).set(counter.load(Ordering::Relaxed) as f64);
-            }
+            let ready = queue_counts(&self.bus, *partition).await.ok().map(|(ready, _)| u64::from(ready));
+            let in_hand = self.bus.in_flight(*partition).map(|counter| counter.load(Ordering::Relaxed));
+            telemetry::partition_backlog(*partition, ready, in_hand);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! within one process.
 
 mod consume;
-mod membership;
+mod ownership;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -34,7 +34,7 @@ struct Inner {
     /// The live listeners of each session's reply events.
     listeners: Mutex<HashMap<SessionId, Vec<mpsc::UnboundedSender<ReplyEvent>>>>,
     /// Which in-process worker owns which partition.
-    registry: Mutex<membership::Registry>,
+    registry: Mutex<ownership::Registry>,
 }
 
 impl MemoryBus {
@@ -46,7 +46,7 @@ impl MemoryBus {
                 queues,
                 seen: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(HashMap::new()),
-                registry: Mutex::new(membership::Registry::default()),
+                registry: Mutex::new(ownership::Registry::default()),
             }),
         }
     }
@@ -114,10 +114,14 @@ impl Bus for MemoryBus {
         Ok(consume::deliveries(self.queue(partition)?.clone()))
     }
 
-    async fn join(&self, worker_id: &str) -> Result<Box<dyn crate::Membership>, BusError> {
-        let events =
-            self.inner.registry.lock().unwrap_or_else(|e| e.into_inner()).join(worker_id, self.inner.partitions);
-        Ok(Box::new(membership::LocalMembership::new(worker_id, events, self.inner.clone())))
+    async fn join(&self, worker_id: &schemas::WorkerId) -> Result<Box<dyn crate::Membership>, BusError> {
+        let events = self
+            .inner
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join(worker_id.as_str(), self.inner.partitions);
+        Ok(Box::new(ownership::LocalMembership::new(worker_id.as_str(), events, self.inner.clone())))
     }
 
     async fn ping(&self) -> Result<(), BusError> {

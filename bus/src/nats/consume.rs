@@ -10,9 +10,7 @@ use schemas::Partition;
 
 use super::NatsBus;
 use crate::{Acker, BusError, Deliveries, Delivery};
-
-/// The priority group every partition consumer is pinned through.
-pub(super) const GROUP: &str = "owner";
+use schemas::subjects::PINNED_GROUP as GROUP;
 
 fn consumer_config(bus: &NatsBus, partition: Partition) -> pull::Config {
     let settings = &bus.settings;

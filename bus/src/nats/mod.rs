@@ -5,6 +5,7 @@
 mod consume;
 pub(crate) mod ownership;
 
+use schemas::redact_url;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -74,18 +75,7 @@ pub struct NatsBus {
 
 impl std::fmt::Debug for NatsBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsBus").field("server", &redact(&self.settings.url)).finish()
-    }
-}
-
-/// The URL without user info, for messages and logs.
-pub(crate) fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+        f.debug_struct("NatsBus").field("server", &redact_url(&self.settings.url)).finish()
     }
 }
 
@@ -93,7 +83,7 @@ impl NatsBus {
     /// Connects, checks that the server can serve chatfleet, and makes sure the input stream
     /// exists with the expected settings.
     pub async fn connect(settings: NatsSettings) -> Result<Self, BusError> {
-        let shown = redact(&settings.url);
+        let shown = redact_url(&settings.url);
         let options = async_nats::ConnectOptions::new()
             .name(&settings.client_name)
             .connection_timeout(Duration::from_secs(2))
@@ -178,7 +168,7 @@ impl NatsBus {
     fn connected(&self) -> Result<(), BusError> {
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),
-            _ => Err(BusError::Unavailable(format!("not connected to NATS at {}", redact(&self.settings.url)))),
+            _ => Err(BusError::Unavailable(format!("not connected to NATS at {}", redact_url(&self.settings.url)))),
         }
     }
 }
@@ -270,7 +260,7 @@ impl Bus for NatsBus {
         consume::deliveries(self, partition).await
     }
 
-    async fn join(&self, worker_id: &str) -> Result<Box<dyn crate::Membership>, BusError> {
+    async fn join(&self, worker_id: &schemas::WorkerId) -> Result<Box<dyn crate::Membership>, BusError> {
         ownership::join(self, worker_id, self.settings.ownership.clone()).await
     }
 
@@ -285,20 +275,9 @@ impl Bus for NatsBus {
     fn describe(&self) -> String {
         format!(
             "NATS JetStream at {} (stream {}, {} partitions)",
-            redact(&self.settings.url),
+            redact_url(&self.settings.url),
             self.settings.names.input_stream(),
             self.settings.partitions
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn credentials_are_redacted_from_urls() {
-        assert_eq!(redact("nats://user:pw@host:4222"), "nats://***@host:4222");
-        assert_eq!(redact("nats://host:4222"), "nats://host:4222");
     }
 }

@@ -23,14 +23,15 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
-use schemas::Partition;
+use schemas::subjects::Names;
+use schemas::{Partition, WorkerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::NatsBus;
-use crate::ownership::{ChannelMembership, Command};
-use crate::{BusError, Membership, OwnershipEvent, OwnershipSettings, assign};
+use crate::ownership::{ChannelMembership, Command, Held, Holding, revoke_moved};
+use crate::{BusError, Membership, OwnershipEvent, OwnershipSettings, assign, telemetry};
 
 /// What a lease says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,13 +39,8 @@ pub(crate) struct LeaseValue {
     pub(crate) owner: String,
 }
 
-/// The bucket's name for a deployment.
-pub(crate) fn bucket_name(bus: &NatsBus) -> String {
-    format!("{}_OWNERSHIP", bus.settings.names.input_stream().trim_end_matches("_IN"))
-}
-
 pub(crate) async fn bucket(bus: &NatsBus) -> Result<kv::Store, BusError> {
-    let name = bucket_name(bus);
+    let name = bus.settings.names.ownership_bucket();
     if let Ok(store) = bus.js.get_key_value(&name).await {
         return Ok(store);
     }
@@ -66,25 +62,11 @@ pub(crate) async fn bucket(bus: &NatsBus) -> Result<kv::Store, BusError> {
     }
 }
 
-/// Checks that a worker id can be part of a key.
-pub(crate) fn validate_worker_id(id: &str) -> Result<(), BusError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-        && !id.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(BusError::Unsupported(format!("worker id {id:?} must be 1 to 128 letters, digits, '_' or '-'")))
-    }
-}
-
 pub(super) async fn join(
     bus: &NatsBus,
-    worker_id: &str,
+    worker_id: &WorkerId,
     settings: OwnershipSettings,
 ) -> Result<Box<dyn Membership>, BusError> {
-    validate_worker_id(worker_id)?;
     let kv = bucket(bus).await?;
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
@@ -92,7 +74,7 @@ pub(super) async fn join(
     let coordinator = Coordinator {
         bus: bus.clone(),
         kv,
-        me: worker_id.to_owned(),
+        me: worker_id.clone(),
         settings,
         members: HashMap::new(),
         leases: BTreeMap::new(),
@@ -119,13 +101,6 @@ struct Seen<T> {
     at: Instant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Holding {
-    Active,
-    /// Revoked; the worker is draining it.
-    Revoking,
-}
-
 /// A lease this member holds.
 #[derive(Debug, Clone)]
 struct Owned {
@@ -134,6 +109,12 @@ struct Owned {
     /// The last moment this member may work on the partition unless it renews.
     valid_until: Instant,
     holding: Holding,
+}
+
+impl Held for Owned {
+    fn holding(&mut self) -> &mut Holding {
+        &mut self.holding
+    }
 }
 
 /// Everything that drives the coordinator, handled in one place ([`Coordinator::handle`]).
@@ -191,7 +172,7 @@ enum Taken {
 struct Coordinator {
     bus: NatsBus,
     kv: kv::Store,
-    me: String,
+    me: WorkerId,
     settings: OwnershipSettings,
     members: HashMap<String, Seen<()>>,
     leases: BTreeMap<Partition, Seen<String>>,
@@ -245,7 +226,7 @@ impl Coordinator {
                 self.act();
             }
             if self.leaving && self.owned.is_empty() && self.taking.is_empty() {
-                let _ = self.kv.delete(member_key(&self.me)).await;
+                let _ = self.kv.delete(self.bus.settings.names.member_key(self.me.as_str())).await;
                 tracing::info!(event = "ownership_left", worker = %self.me, "left the deployment");
                 return;
             }
@@ -301,14 +282,13 @@ impl Coordinator {
         *newest = entry.revision;
         let now = Instant::now();
         let deleted = !matches!(entry.operation, kv::Operation::Put);
-        if let Some(member) = entry.key.strip_prefix("members.") {
+        if let Some(member) = self.bus.settings.names.member_of_key(&entry.key) {
             if deleted {
                 self.members.remove(member);
             } else {
                 self.members.insert(member.to_owned(), Seen { value: (), revision: entry.revision, at: now });
             }
-        } else if let Some(partition) = entry.key.strip_prefix("leases.").and_then(|p| p.parse::<u32>().ok()) {
-            let partition = Partition::new(partition);
+        } else if let Some(partition) = self.bus.settings.names.partition_of_key(&entry.key) {
             if deleted {
                 self.leases.remove(&partition);
             } else {
@@ -324,8 +304,8 @@ impl Coordinator {
 
     /// Notes a lease write of our own, so that the watcher's older news cannot overwrite it.
     fn record_own_lease(&mut self, partition: Partition, revision: u64) {
-        self.leases.insert(partition, Seen { value: self.me.clone(), revision, at: Instant::now() });
-        let newest = self.revisions.entry(lease_key(partition)).or_default();
+        self.leases.insert(partition, Seen { value: self.me.to_string(), revision, at: Instant::now() });
+        let newest = self.revisions.entry(self.bus.settings.names.lease_key(partition)).or_default();
         *newest = (*newest).max(revision);
     }
 
@@ -338,9 +318,9 @@ impl Coordinator {
         let mut live: BTreeSet<String> =
             self.members.iter().filter(|(_, seen)| self.alive(seen)).map(|(m, _)| m.clone()).collect();
         if self.leaving {
-            live.remove(&self.me);
+            live.remove(self.me.as_str());
         } else {
-            live.insert(self.me.clone());
+            live.insert(self.me.to_string());
         }
         live.into_iter().collect()
     }
@@ -353,19 +333,20 @@ impl Coordinator {
         } else {
             self.renewing = true;
             let leases: Vec<(Partition, u64)> = self.owned.iter().map(|(p, o)| (*p, o.revision)).collect();
-            tokio::spawn(renew_round(self.kv.clone(), self.me.clone(), !self.leaving, leases, self.done.clone()));
+            let round = RenewRound { kv: self.kv.clone(), names: self.bus.settings.names.clone(), me: self.me.clone() };
+            tokio::spawn(round.run(!self.leaving, leases, self.done.clone()));
         }
         let stale: Vec<(String, u64)> = self
             .members
             .iter()
-            .filter(|(m, seen)| **m != self.me && seen.at.elapsed() > self.settings.lease_ttl * 20)
+            .filter(|(m, seen)| m.as_str() != self.me.as_str() && seen.at.elapsed() > self.settings.lease_ttl * 20)
             .map(|(m, seen)| (m.clone(), seen.revision))
             .collect();
         for (member, revision) in stale {
             self.members.remove(&member);
-            let kv = self.kv.clone();
+            let (kv, key) = (self.kv.clone(), self.bus.settings.names.member_key(&member));
             tokio::spawn(async move {
-                let _ = kv.delete_expect_revision(member_key(&member), Some(revision)).await;
+                let _ = kv.delete_expect_revision(key, Some(revision)).await;
             });
         }
     }
@@ -402,15 +383,15 @@ impl Coordinator {
             .owned
             .iter()
             .filter(|(p, owned)| {
-                let taken = self.leases.get(p).is_some_and(|l| l.revision > owned.revision && l.value != self.me);
+                let taken =
+                    self.leases.get(p).is_some_and(|l| l.revision > owned.revision && l.value != self.me.as_str());
                 now >= owned.valid_until || taken
             })
             .map(|(p, _)| *p)
             .collect();
         for partition in lost {
             self.owned.remove(&partition);
-            tracing::warn!(event = "partition_lost", worker = %self.me, partition = partition.get(), "lease lost; stopping the partition");
-            metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+            telemetry::partition_lost(&self.me, partition, self.owned.len(), "the lease may be gone");
             let _ = self.events.send(OwnershipEvent::Lost(partition));
         }
     }
@@ -420,25 +401,21 @@ impl Coordinator {
     fn act(&mut self) {
         let members = self.live_members();
         let target = assign(self.bus.settings.partitions, &members);
-        for (partition, owned) in self.owned.iter_mut() {
-            if owned.holding == Holding::Active && target.get(partition) != Some(&self.me) {
-                owned.holding = Holding::Revoking;
-                tracing::info!(event = "partition_revoked", worker = %self.me, partition = partition.get(), "handing the partition over");
-                let _ = self.events.send(OwnershipEvent::Revoked(*partition));
-            }
-        }
+        revoke_moved(&mut self.owned, &target, &self.me, &self.events);
         if self.leaving {
             return;
         }
         let wanted: Vec<Partition> = target
             .iter()
-            .filter(|(p, owner)| **owner == self.me && !self.owned.contains_key(p) && !self.taking.contains(p))
+            .filter(|(p, owner)| {
+                owner.as_str() == self.me.as_str() && !self.owned.contains_key(p) && !self.taking.contains(p)
+            })
             .map(|(p, _)| *p)
             .collect();
         for partition in wanted {
             let seen = match self.leases.get(&partition) {
                 None => None,
-                Some(lease) if lease.value == self.me || !self.alive(lease) => Some(lease.revision),
+                Some(lease) if lease.value == self.me.as_str() || !self.alive(lease) => Some(lease.revision),
                 Some(_) => continue,
             };
             self.taking.insert(partition);
@@ -458,8 +435,7 @@ impl Coordinator {
                 let valid_until = valid_from + self.settings.lease_ttl - self.settings.safety_margin;
                 self.owned.insert(partition, Owned { revision, valid_until, holding: Holding::Active });
                 self.record_own_lease(partition, revision);
-                tracing::info!(event = "partition_acquired", worker = %self.me, partition = partition.get(), fence = revision, "took the partition");
-                metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+                telemetry::partition_acquired(&self.me, partition, self.owned.len(), Some(revision));
                 let _ = self.events.send(OwnershipEvent::Acquired(partition));
             }
             Taken::Busy(entry) => {
@@ -476,12 +452,13 @@ impl Coordinator {
 
     async fn release(&mut self, partition: Partition) {
         if let Some(owned) = self.owned.remove(&partition) {
-            if let Err(e) = self.kv.delete_expect_revision(lease_key(partition), Some(owned.revision)).await {
+            if let Err(e) =
+                self.kv.delete_expect_revision(self.bus.settings.names.lease_key(partition), Some(owned.revision)).await
+            {
                 tracing::warn!(event = "lease_release_failed", partition = partition.get(), error = %e, "the lease will expire instead");
             }
             self.leases.remove(&partition);
-            tracing::info!(event = "partition_released", worker = %self.me, partition = partition.get(), "handed the partition over");
-            metrics::gauge!(OWNED_PARTITIONS).set(self.owned.len() as f64);
+            telemetry::partition_released(&self.me, partition, self.owned.len());
         }
     }
 
@@ -491,7 +468,7 @@ impl Coordinator {
         }
         self.leaving = true;
         // Others stop counting on us at once and plan without us.
-        let _ = self.kv.delete(member_key(&self.me)).await;
+        let _ = self.kv.delete(self.bus.settings.names.member_key(self.me.as_str())).await;
         tracing::info!(event = "ownership_leaving", worker = %self.me, owned = self.owned.len(), "leaving the deployment");
     }
 
@@ -512,63 +489,65 @@ impl Coordinator {
         tokio::spawn(async move {
             for partition in partitions {
                 if let Ok(info) = super::consume::consumer_info(&bus, partition).await {
-                    let labels = [("partition", partition.get().to_string())];
-                    metrics::gauge!(PARTITION_PENDING, &labels).set(info.num_pending as f64);
-                    metrics::gauge!(PARTITION_ACK_PENDING, &labels).set(info.num_ack_pending as f64);
+                    telemetry::partition_backlog(partition, Some(info.num_pending), Some(info.num_ack_pending as u64));
                 }
             }
         });
     }
 }
 
-/// Beats (unless leaving) and renews each lease by compare-and-set, all at once, reporting each
-/// renewal as soon as it is answered.
-async fn renew_round(
+/// One round of heartbeat and renewals, run beside the coordinator's loop.
+struct RenewRound {
     kv: kv::Store,
-    me: String,
-    beat: bool,
-    leases: Vec<(Partition, u64)>,
-    done: mpsc::UnboundedSender<Event>,
-) {
-    let heartbeat = async {
-        if beat {
-            let value = serde_json::json!({"worker": me}).to_string();
-            if let Err(e) = kv.put(member_key(&me), value.into()).await {
-                tracing::warn!(event = "heartbeat_failed", worker = %me, error = %e);
-            }
-        }
-    };
-    let mut renewals: futures::stream::FuturesUnordered<_> =
-        leases.into_iter().map(|(partition, sent)| renew(&kv, &me, partition, sent)).collect();
-    let report = async {
-        while let Some(renewal) = renewals.next().await {
-            let _ = done.send(Event::Renewed(renewal));
-        }
-    };
-    tokio::join!(heartbeat, report);
-    let _ = done.send(Event::RoundOver);
+    names: Names,
+    me: WorkerId,
 }
 
-async fn renew(kv: &kv::Store, me: &str, partition: Partition, sent: u64) -> Renewal {
-    let started = Instant::now();
-    let outcome = match kv.update(lease_key(partition), lease_value(me), sent).await {
-        Ok(revision) => Renewed::Yes(revision),
-        Err(e) => match kv.entry(lease_key(partition)).await {
-            Ok(Some(current)) if current.revision > sent && is_lease_of(&current, me) => {
-                Renewed::Adopt(current.revision)
+impl RenewRound {
+    /// Beats (unless leaving) and renews each lease by compare-and-set, all at once, reporting
+    /// each renewal as soon as it is answered.
+    async fn run(self, beat: bool, leases: Vec<(Partition, u64)>, done: mpsc::UnboundedSender<Event>) {
+        let heartbeat = async {
+            if beat {
+                let value = serde_json::json!({"worker": self.me}).to_string();
+                if let Err(e) = self.kv.put(self.names.member_key(self.me.as_str()), value.into()).await {
+                    tracing::warn!(event = "heartbeat_failed", worker = %self.me, error = %e);
+                }
             }
-            _ => Renewed::No(e.to_string()),
-        },
-    };
-    Renewal { partition, sent, started, outcome }
+        };
+        let mut renewals: futures::stream::FuturesUnordered<_> =
+            leases.into_iter().map(|(partition, sent)| self.renew(partition, sent)).collect();
+        let report = async {
+            while let Some(renewal) = renewals.next().await {
+                let _ = done.send(Event::Renewed(renewal));
+            }
+        };
+        tokio::join!(heartbeat, report);
+        let _ = done.send(Event::RoundOver);
+    }
+
+    async fn renew(&self, partition: Partition, sent: u64) -> Renewal {
+        let key = self.names.lease_key(partition);
+        let started = Instant::now();
+        let outcome = match self.kv.update(&key, lease_value(&self.me), sent).await {
+            Ok(revision) => Renewed::Yes(revision),
+            Err(e) => match self.kv.entry(key).await {
+                Ok(Some(current)) if current.revision > sent && is_lease_of(&current, &self.me) => {
+                    Renewed::Adopt(current.revision)
+                }
+                _ => Renewed::No(e.to_string()),
+            },
+        };
+        Renewal { partition, sent, started, outcome }
+    }
 }
 
 /// Takes a partition: writes the lease (create when free, compare-and-set on the revision
 /// seen when it looks dead, after checking that it has not changed since), recreates the
 /// partition's consumer, and renews once more so that the lease is good from after the reset,
 /// however long that took.
-async fn take(bus: &NatsBus, kv: &kv::Store, me: &str, partition: Partition, seen: Option<u64>) -> Taken {
-    let key = lease_key(partition);
+async fn take(bus: &NatsBus, kv: &kv::Store, me: &WorkerId, partition: Partition, seen: Option<u64>) -> Taken {
+    let key = bus.settings.names.lease_key(partition);
     let busy = async || Taken::Busy(kv.entry(key.clone()).await.ok().flatten());
     let written = match seen {
         None => kv.create(&key, lease_value(me)).await.map_err(|e| e.to_string()),
@@ -600,17 +579,10 @@ async fn take(bus: &NatsBus, kv: &kv::Store, me: &str, partition: Partition, see
     }
 }
 
-fn is_lease_of(entry: &kv::Entry, worker: &str) -> bool {
+fn is_lease_of(entry: &kv::Entry, worker: &WorkerId) -> bool {
     matches!(entry.operation, kv::Operation::Put)
-        && serde_json::from_slice::<LeaseValue>(&entry.value).is_ok_and(|lease| lease.owner == worker)
+        && serde_json::from_slice::<LeaseValue>(&entry.value).is_ok_and(|lease| lease.owner == worker.as_str())
 }
-
-/// Partitions this worker owns.
-pub const OWNED_PARTITIONS: &str = "chatfleet_worker_owned_partitions";
-/// Messages of an owned partition not yet delivered.
-pub const PARTITION_PENDING: &str = "chatfleet_partition_pending_messages";
-/// Messages of an owned partition delivered and not yet acknowledged.
-pub const PARTITION_ACK_PENDING: &str = "chatfleet_partition_ack_pending_messages";
 
 async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, kv::WatcherError>> {
     match watch {
@@ -619,16 +591,8 @@ async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, k
     }
 }
 
-pub(crate) fn member_key(worker: &str) -> String {
-    format!("members.{worker}")
-}
-
-pub(crate) fn lease_key(partition: Partition) -> String {
-    format!("leases.{partition}")
-}
-
-fn lease_value(worker: &str) -> bytes::Bytes {
-    serde_json::to_vec(&LeaseValue { owner: worker.to_owned() }).unwrap_or_default().into()
+fn lease_value(worker: &WorkerId) -> bytes::Bytes {
+    serde_json::to_vec(&LeaseValue { owner: worker.to_string() }).unwrap_or_default().into()
 }
 
 /// Reads the bucket and the consumers: who is alive, who owns what, and the backlogs.
@@ -647,9 +611,9 @@ pub(super) async fn status(bus: &NatsBus) -> Result<crate::FleetStatus, BusError
         if !matches!(entry.operation, kv::Operation::Put) || age(&entry) >= ttl {
             continue;
         }
-        if let Some(worker) = key.strip_prefix("members.") {
+        if let Some(worker) = bus.settings.names.member_of_key(&key) {
             workers.push(crate::WorkerStatus { worker: worker.to_owned(), seen_secs_ago: age(&entry) });
-        } else if let Some(p) = key.strip_prefix("leases.").and_then(|p| p.parse::<u32>().ok())
+        } else if let Some(p) = bus.settings.names.partition_of_key(&key).map(|p| p.get())
             && let Ok(lease) = serde_json::from_slice::<LeaseValue>(&entry.value)
         {
             owners.insert(p, (lease.owner, entry.revision));

@@ -8,6 +8,7 @@
 mod documents;
 mod errors;
 
+use schemas::redact_url;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -370,24 +371,9 @@ impl Store for MongoStore {
     }
 }
 
-/// `url` with any user name and password replaced by `***`, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // Not a URL at all; it might still be a bare credential, so show nothing of it.
-        return "(malformed URL)".to_owned();
-    };
-    // Credentials end at the last '@' before the options: a password may itself contain an
-    // unescaped '@' or '/', so the first '/' is not a reliable end of the host list.
-    let before_options = rest.split('?').next().unwrap_or(rest);
-    match before_options.rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use schemas::redact_url;
 
     #[test]
     fn redacted_urls_keep_hosts_and_options_but_not_credentials() {
