@@ -281,12 +281,11 @@ impl Handler<'_> {
                         event = "reply_already_stored",
                         "a reply to this message was stored meanwhile; announcing the stored one"
                     );
-                    if let Some(outcome) = self.store_call(|| store.outcome(session, message_id)).await? {
-                        if let Err(e) =
+                    if let Some(outcome) = self.store_call(|| store.outcome(session, message_id)).await?
+                        && let Err(e) =
                             self.worker.bus.publish_event(&outcome.terminal_event(session, message_id)).await
-                        {
-                            tracing::warn!(event = "event_publish_failed", error = %e);
-                        }
+                    {
+                        tracing::warn!(event = "event_publish_failed", error = %e);
                     }
                     return Ok(Settlement::Ack("duplicate"));
                 }
