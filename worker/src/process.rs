@@ -282,10 +282,19 @@ impl Handler<'_> {
         if self.store_call(|| store.insert_message(&stored)).await? == Inserted::AlreadyPresent {
             self.distrust_cache();
             self.end_reply().await?;
+            // Another owner stored one, or this very insert did before the store died without
+            // answering (a retried write): listeners may have no `done` yet, so the stored reply
+            // is announced, under the turn's terminal id as every announcement of it is, and
+            // clients see it once.
             tracing::warn!(
                 event = "reply_already_stored",
-                "a reply to this message was stored meanwhile; not announcing a second one"
+                "a reply to this message was stored meanwhile; announcing the stored one"
             );
+            if let Some(outcome) = self.store_call(|| store.outcome(session, message_id)).await?
+                && let Err(e) = self.worker.bus.publish_event(&outcome.terminal_event(session, message_id)).await
+            {
+                tracing::warn!(event = "event_publish_failed", error = %e);
+            }
             return Ok(Decision::Ack(Outcome::Duplicate));
         }
         self.cache_with(history, &stored);

@@ -116,6 +116,9 @@ pub struct Options {
     /// A broker of the test's own, which it may stop and restart (RabbitMQ fleets otherwise
     /// get a virtual host on the shared broker; NATS fleets always get their own server).
     pub private_broker: bool,
+    /// A MongoDB-wire server that keeps its data on disk, so that a test may kill and restart
+    /// it (otherwise it runs in memory and a restart would forget everything).
+    pub store_on_disk: bool,
 }
 
 impl Default for Options {
@@ -131,6 +134,7 @@ impl Default for Options {
             partitions: 8,
             double_texting: None,
             private_broker: false,
+            store_on_disk: false,
         }
     }
 }
@@ -252,8 +256,15 @@ impl TestApp {
                 app.gateway = Some(spawn_role(args));
             }
             Backend::NatsMongo | Backend::RabbitMongo => {
-                let (broker, mongo) =
-                    tokio::join!(Broker::start(backend, app.options.private_broker), MongoServer::start());
+                let store_dir = app.dir.path().join("mongo");
+                let mongo = async {
+                    if app.options.store_on_disk {
+                        MongoServer::start_with_storage(&store_dir).await
+                    } else {
+                        MongoServer::start().await
+                    }
+                };
+                let (broker, mongo) = tokio::join!(Broker::start(backend, app.options.private_broker), mongo);
                 app.broker = broker;
                 app.mongo = Some(mongo);
                 let mut args = vec![s("chatfleet"), s("gateway"), s("--listen"), format!("127.0.0.1:{port}")];
@@ -436,6 +447,11 @@ impl TestApp {
 
     pub fn broker_mut(&mut self) -> &mut Broker {
         self.broker.as_mut().expect("a broker-backed fleet")
+    }
+
+    /// The fleet's MongoDB-wire server (broker-backed fleets only).
+    pub fn mongo_mut(&mut self) -> &mut MongoServer {
+        self.mongo.as_mut().expect("a fleet with a MongoDB-wire server")
     }
 
     /// Stops every role and waits for them to end.
