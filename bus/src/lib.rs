@@ -25,7 +25,7 @@ pub mod ownership;
 
 pub use amqp::{AmqpBus, AmqpNames, AmqpSettings};
 pub use memory::MemoryBus;
-pub use nats::{NatsBus, NatsSettings};
+pub use nats::{NatsBus, NatsSettings, Replicas};
 pub use ownership::{OwnershipSettings, assign};
 
 /// A bus error, typed by what the caller should do next.

@@ -22,7 +22,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 pub use mongo::{MongoServer, mongo_server_binary};
-pub use nats::{NatsServer, nats_server_binary};
+pub use nats::{ClusterNode, NatsCluster, NatsServer, nats_server_binary};
 pub use rabbitmq::{RabbitMqServer, RabbitVhost, rabbitmq_server_binary};
 
 /// Where [`free_port`] picks from: below Linux's ephemeral range (32768 and up by default),
