@@ -10,7 +10,7 @@ use clap::Parser;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use testkit::{MongoServer, NatsServer, RabbitMqServer, RabbitVhost, free_port};
+use testkit::{MongoServer, NatsCluster, NatsServer, RabbitMqServer, RabbitVhost, free_port};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +57,8 @@ pub enum Backend {
 pub enum Broker {
     /// A private `nats-server`.
     Nats(NatsServer),
+    /// A private three-node NATS cluster; the fleet's URL lists every node.
+    NatsCluster(NatsCluster),
     /// A virtual host of its own on the machine's shared RabbitMQ.
     RabbitVhost(RabbitVhost),
     /// A private RabbitMQ node, for tests that stop or restart the broker.
@@ -76,6 +78,7 @@ impl Broker {
     pub fn url(&self) -> String {
         match self {
             Broker::Nats(server) => server.url(),
+            Broker::NatsCluster(cluster) => cluster.url(),
             Broker::RabbitVhost(vhost) => vhost.url(),
             Broker::Rabbit(server) => server.url(),
         }
@@ -85,6 +88,7 @@ impl Broker {
     pub async fn stop(&mut self) {
         match self {
             Broker::Nats(server) => server.stop().await,
+            Broker::NatsCluster(_) => panic!("stop a cluster's nodes one by one"),
             Broker::Rabbit(server) => server.stop().await,
             Broker::RabbitVhost(_) => panic!("the shared RabbitMQ is never stopped: ask for a private broker"),
         }
@@ -94,6 +98,7 @@ impl Broker {
     pub async fn restart(&mut self) {
         match self {
             Broker::Nats(server) => server.restart().await,
+            Broker::NatsCluster(_) => panic!("restart a cluster's nodes one by one"),
             Broker::Rabbit(server) => server.restart().await,
             Broker::RabbitVhost(_) => panic!("the shared RabbitMQ is never restarted: ask for a private broker"),
         }
@@ -116,6 +121,8 @@ pub struct Options {
     /// A broker of the test's own, which it may stop and restart (RabbitMQ fleets otherwise
     /// get a virtual host on the shared broker; NATS fleets always get their own server).
     pub private_broker: bool,
+    /// A three-node NATS cluster instead of a single server (NATS fleets only).
+    pub nats_cluster: bool,
 }
 
 impl Default for Options {
@@ -131,6 +138,7 @@ impl Default for Options {
             partitions: 8,
             double_texting: None,
             private_broker: false,
+            nats_cluster: false,
         }
     }
 }
@@ -252,8 +260,15 @@ impl TestApp {
                 app.gateway = Some(spawn_role(args));
             }
             Backend::NatsMongo | Backend::RabbitMongo => {
-                let (broker, mongo) =
-                    tokio::join!(Broker::start(backend, app.options.private_broker), MongoServer::start());
+                let broker = async {
+                    match backend {
+                        Backend::NatsMongo if app.options.nats_cluster => {
+                            Some(Broker::NatsCluster(NatsCluster::start().await))
+                        }
+                        _ => Broker::start(backend, app.options.private_broker).await,
+                    }
+                };
+                let (broker, mongo) = tokio::join!(broker, MongoServer::start());
                 app.broker = broker;
                 app.mongo = Some(mongo);
                 let mut args = vec![s("chatfleet"), s("gateway"), s("--listen"), format!("127.0.0.1:{port}")];
