@@ -88,7 +88,11 @@ impl Load {
                 assert_eq!(&user["text"], text.as_str());
                 assert_eq!(reply["role"], "assistant");
                 assert_eq!(reply["reply_to"], user["message_id"], "exactly one reply, right after its message");
-                assert!(reply["text"].as_str().unwrap().starts_with(&echo_of(text)), "the reply answers its message");
+                assert!(
+                    reply["text"].as_str().unwrap_or_default().starts_with(&echo_of(text)),
+                    "session {}: the reply answers its message {text:?}: {reply:#}",
+                    session.id
+                );
             }
         }
         total
@@ -187,11 +191,24 @@ fn cluster(app: &mut TestApp) -> &mut NatsCluster {
     }
 }
 
-/// A stream's replica count and the names of its leader and followers.
+/// A stream's replica count, its leader, and how many servers hold a copy of it, once it has
+/// elected a leader.
 async fn placement(js: &async_nats::jetstream::Context, stream: &str) -> (usize, String, usize) {
-    let info = js.get_stream(stream).await.unwrap().info().await.unwrap().clone();
-    let placed = info.cluster.expect("a clustered stream reports its placement");
-    (info.config.num_replicas, placed.leader.unwrap_or_default(), placed.replicas.len())
+    let started = Instant::now();
+    let (info, placed, leader) = loop {
+        let info = js.get_stream(stream).await.unwrap().info().await.unwrap().clone();
+        let placed = info.cluster.clone().expect("a clustered stream reports its placement");
+        if let Some(leader) = placed.leader.clone() {
+            break (info, placed, leader);
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "stream {stream} has no leader after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut holders: Vec<String> = placed.replicas.into_iter().map(|peer| peer.name).collect();
+    holders.push(leader.clone());
+    holders.sort();
+    holders.dedup();
+    (info.config.num_replicas, leader, holders.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,12 +224,12 @@ async fn killing_a_node_then_the_meta_leader_mid_load_loses_nothing_answers_once
     let mut app = TestApp::spawn_with(Backend::NatsMongo, options).await;
     let client = async_nats::connect(app.bus_url().split(',').collect::<Vec<_>>()).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    let (input_replicas, input_leader, followers) = placement(&js, "CHATFLEET_IN").await;
-    assert_eq!((input_replicas, followers), (3, 2), "the input stream has three replicas");
-    let (bucket_replicas, _, followers) = placement(&js, "KV_CHATFLEET_OWNERSHIP").await;
-    assert_eq!((bucket_replicas, followers), (3, 2), "the ownership bucket has three replicas");
+    let (input_replicas, input_leader, holders) = placement(&js, "CHATFLEET_IN").await;
+    assert_eq!((input_replicas, holders), (3, 3), "the input stream has a copy on each server");
+    let (bucket_replicas, _, holders) = placement(&js, "KV_CHATFLEET_OWNERSHIP").await;
+    assert_eq!((bucket_replicas, holders), (3, 3), "the ownership bucket has a copy on each server");
 
-    let load = Load::start(&app, 16, Duration::from_millis(50)).await;
+    let load = Load::start(&app, 12, Duration::from_millis(100)).await;
     load.wait_accepted(40, Duration::from_secs(30)).await;
 
     // First a node that is not the meta leader: the input stream's leader if it is one of those.

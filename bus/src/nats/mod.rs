@@ -22,6 +22,9 @@ pub use replicas::{MAX_REPLICAS, PRODUCTION_REPLICAS, Replicas};
 /// partition consumers rely on, arrived in 2.11, and older servers silently ignore them.
 pub const MIN_SERVER_VERSION: semver::Version = semver::Version::new(2, 11, 0);
 
+/// How long creating or changing a stream may take: a cluster places every replica first.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the NATS bus is set up.
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
@@ -139,9 +142,15 @@ impl NatsBus {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(settings.publish_timeout);
         let bus = Self { client, js, settings, replicas };
-        bus.ensure_stream().await?;
-        let bucket_stream = format!("KV_{}", ownership::bucket_name(&bus));
-        replicas::reconcile(&bus.js, &bucket_stream, bus.settings.replicas, bus.replicas).await?;
+        // Placing a replicated stream takes a cluster longer than a publish may.
+        let mut admin = bus.clone();
+        admin.js.set_timeout(ADMIN_TIMEOUT);
+        admin.ensure_stream().await?;
+        let bucket_stream = format!("KV_{}", ownership::bucket_name(&admin));
+        replicas::reconcile(&admin.js, &bucket_stream, admin.settings.replicas, admin.replicas).await?;
+        // Created here rather than on first use, so that a replica count the cluster cannot
+        // hold stops start-up.
+        ownership::bucket(&admin).await?;
         Ok(bus)
     }
 

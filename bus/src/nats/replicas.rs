@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
@@ -16,9 +15,6 @@ pub const PRODUCTION_REPLICAS: usize = 3;
 
 /// JetStream's own upper bound on a stream's replicas.
 pub const MAX_REPLICAS: usize = 5;
-
-/// How long a change of a stream's replica count may take.
-const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `--nats-replicas` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -110,9 +106,6 @@ pub(crate) async fn reconcile(
     }
     tracing::info!(event = "stream_replicas_changed", stream = name, from = config.num_replicas, to = target);
     config.num_replicas = target;
-    // Moving replicas takes the cluster longer than a publish.
-    let mut js = js.clone();
-    js.set_timeout(CHANGE_TIMEOUT);
     let updated = js.update_stream(config).await.map_err(|e| refused(name, target, e))?;
     // A server outside a cluster accepts any count and keeps one copy.
     match updated.config.num_replicas.max(1) {
