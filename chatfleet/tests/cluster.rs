@@ -1,6 +1,7 @@
-//! The fleet on a three-node NATS cluster: every stream kept at three replicas, and, while users
-//! chat, one node killed and then the JetStream meta leader, with nothing accepted lost, nothing
-//! answered twice, and the fleet serving again within a stated time.
+//! The fleet on three-node broker clusters: on NATS every stream kept at three replicas, on
+//! RabbitMQ every partition's quorum queue on all three nodes; while users chat, one node is
+//! killed and restarted (on NATS then the JetStream meta leader too), with nothing accepted
+//! lost, nothing answered twice, and the fleet serving again within a stated time.
 
 #[macro_use]
 mod support;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use support::{Backend, Broker, Options, Session, TestApp, echo_of};
-use testkit::NatsCluster;
+use testkit::{NatsCluster, RabbitMqCluster};
 use tokio_util::sync::CancellationToken;
 
 /// From a node's kill until a new user's message is accepted and answered in full: the bound
@@ -191,6 +192,18 @@ fn cluster(app: &mut TestApp) -> &mut NatsCluster {
     }
 }
 
+fn rabbit_cluster(app: &mut TestApp) -> &mut RabbitMqCluster {
+    match app.broker_mut() {
+        Broker::RabbitCluster(cluster) => cluster,
+        _ => panic!("the fleet runs on a RabbitMQ cluster"),
+    }
+}
+
+/// Users chatting quickly, on a fleet of two workers.
+fn clustered_fleet() -> Options {
+    Options { cluster: true, workers: 2, first_token_ms: 20, token_ms: 10, reply_tokens: 12, ..Options::default() }
+}
+
 /// A stream's replica count, its leader, and how many servers hold a copy of it, once it has
 /// elected a leader.
 async fn placement(js: &async_nats::jetstream::Context, stream: &str) -> (usize, String, usize) {
@@ -213,15 +226,7 @@ async fn placement(js: &async_nats::jetstream::Context, stream: &str) -> (usize,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_node_then_the_meta_leader_mid_load_loses_nothing_answers_once_and_serves_again_quickly() {
-    let options = Options {
-        nats_cluster: true,
-        workers: 2,
-        first_token_ms: 20,
-        token_ms: 10,
-        reply_tokens: 12,
-        ..Options::default()
-    };
-    let mut app = TestApp::spawn_with(Backend::NatsMongo, options).await;
+    let mut app = TestApp::spawn_with(Backend::NatsMongo, clustered_fleet()).await;
     let client = async_nats::connect(app.bus_url().split(',').collect::<Vec<_>>()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let (input_replicas, input_leader, holders) = placement(&js, "CHATFLEET_IN").await;
@@ -258,4 +263,33 @@ async fn killing_a_node_then_the_meta_leader_mid_load_loses_nothing_answers_once
     );
     assert!(node_loss < RECOVERY_BOUND, "{node_loss:?} to serve again after losing a node");
     assert!(leader_loss < RECOVERY_BOUND, "{leader_loss:?} to serve again after losing the meta leader");
+}
+
+/// Only a node that no client is connected to is killed: with the node every client uses
+/// (and that leads every partition's queue) killed, some users' messages were still refused 60 s
+/// later on this machine, a fault that is not understood yet (ARCHITECTURE.md, "Clusters").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_rabbitmq_node_mid_load_loses_nothing_and_answers_once() {
+    let mut app = TestApp::spawn_with(Backend::RabbitMongo, clustered_fleet()).await;
+    for p in 0..app.options.partitions {
+        let members = rabbit_cluster(&mut app).queue_members(&format!("chatfleet.in.{p}")).await;
+        assert_eq!(members.len(), 3, "partition {p}'s quorum queue has a copy on each node: {members:?}");
+    }
+
+    let load = Load::start(&app, 12, Duration::from_millis(100)).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+
+    // Every process connects to the first listed node; another one goes.
+    rabbit_cluster(&mut app).stop_node(1).await;
+    let node_loss = serves_again(&app, Instant::now()).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+    rabbit_cluster(&mut app).restart_node(1).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+
+    let answered = load.finish_and_verify(&app).await;
+    println!(
+        "3-node RabbitMQ cluster: serving again {node_loss:?} after losing a node; {answered} messages answered \
+         exactly once"
+    );
+    assert!(node_loss < RECOVERY_BOUND, "{node_loss:?} to serve again after losing a node");
 }

@@ -10,7 +10,7 @@ use clap::Parser;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use testkit::{MongoServer, NatsCluster, NatsServer, RabbitMqServer, RabbitVhost, free_port};
+use testkit::{MongoServer, NatsCluster, NatsServer, RabbitMqCluster, RabbitMqServer, RabbitVhost, free_port};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +63,8 @@ pub enum Broker {
     RabbitVhost(RabbitVhost),
     /// A private RabbitMQ node, for tests that stop or restart the broker.
     Rabbit(RabbitMqServer),
+    /// Three private RabbitMQ nodes in one cluster; the fleet's URL lists every node.
+    RabbitCluster(RabbitMqCluster),
 }
 
 impl Broker {
@@ -81,6 +83,7 @@ impl Broker {
             Broker::NatsCluster(cluster) => cluster.url(),
             Broker::RabbitVhost(vhost) => vhost.url(),
             Broker::Rabbit(server) => server.url(),
+            Broker::RabbitCluster(cluster) => cluster.url(),
         }
     }
 
@@ -88,7 +91,7 @@ impl Broker {
     pub async fn stop(&mut self) {
         match self {
             Broker::Nats(server) => server.stop().await,
-            Broker::NatsCluster(_) => panic!("stop a cluster's nodes one by one"),
+            Broker::NatsCluster(_) | Broker::RabbitCluster(_) => panic!("stop a cluster's nodes one by one"),
             Broker::Rabbit(server) => server.stop().await,
             Broker::RabbitVhost(_) => panic!("the shared RabbitMQ is never stopped: ask for a private broker"),
         }
@@ -98,7 +101,7 @@ impl Broker {
     pub async fn restart(&mut self) {
         match self {
             Broker::Nats(server) => server.restart().await,
-            Broker::NatsCluster(_) => panic!("restart a cluster's nodes one by one"),
+            Broker::NatsCluster(_) | Broker::RabbitCluster(_) => panic!("restart a cluster's nodes one by one"),
             Broker::Rabbit(server) => server.restart().await,
             Broker::RabbitVhost(_) => panic!("the shared RabbitMQ is never restarted: ask for a private broker"),
         }
@@ -121,8 +124,8 @@ pub struct Options {
     /// A broker of the test's own, which it may stop and restart (RabbitMQ fleets otherwise
     /// get a virtual host on the shared broker; NATS fleets always get their own server).
     pub private_broker: bool,
-    /// A three-node NATS cluster instead of a single server (NATS fleets only).
-    pub nats_cluster: bool,
+    /// A three-node cluster instead of a single server or virtual host.
+    pub cluster: bool,
 }
 
 impl Default for Options {
@@ -138,7 +141,7 @@ impl Default for Options {
             partitions: 8,
             double_texting: None,
             private_broker: false,
-            nats_cluster: false,
+            cluster: false,
         }
     }
 }
@@ -262,8 +265,11 @@ impl TestApp {
             Backend::NatsMongo | Backend::RabbitMongo => {
                 let broker = async {
                     match backend {
-                        Backend::NatsMongo if app.options.nats_cluster => {
+                        Backend::NatsMongo if app.options.cluster => {
                             Some(Broker::NatsCluster(NatsCluster::start().await))
+                        }
+                        Backend::RabbitMongo if app.options.cluster => {
+                            Some(Broker::RabbitCluster(RabbitMqCluster::start().await))
                         }
                         _ => Broker::start(backend, app.options.private_broker).await,
                     }
