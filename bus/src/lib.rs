@@ -26,7 +26,7 @@ pub mod telemetry;
 
 pub use amqp::{AmqpBus, AmqpNames, AmqpSettings};
 pub use memory::MemoryBus;
-pub use nats::{NatsBus, NatsSettings};
+pub use nats::{NatsBus, NatsSettings, Replicas};
 pub use ownership::{OwnershipSettings, assign};
 
 /// A bus error, typed by what the caller should do next.

@@ -75,6 +75,21 @@ pub struct PartitionArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// Copies of each JetStream stream chatfleet creates on NATS (the input stream and the
+    /// ownership bucket): `auto` (3, or fewer when the cluster has fewer servers; 1 on a single
+    /// server) or 1 to 5. An existing stream is changed to an explicit count; `auto` raises it,
+    /// never lowers it.
+    #[arg(long, env = "CHATFLEET_NATS_REPLICAS", default_value_t = bus::Replicas::Auto, value_parser = parse_replicas)]
+    pub nats_replicas: bus::Replicas,
+}
+
+/// Parses a replica count, with the message naming the valid ones.
+fn parse_replicas(text: &str) -> Result<bus::Replicas, String> {
+    text.parse()
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Base URL of any OpenAI-compatible endpoint (OpenAI, Azure OpenAI, vLLM, Ollama,
     /// llama.cpp server, `chatfleet mock-llm`), e.g. https://api.openai.com/v1.
@@ -208,6 +223,8 @@ pub struct DevArgs {
     #[command(flatten)]
     pub partitions: PartitionArgs,
     #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub worker: WorkerTuning,
@@ -234,6 +251,8 @@ pub struct GatewayArgs {
 
     #[command(flatten)]
     pub partitions: PartitionArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     #[command(flatten)]
     pub gateway: GatewayTuning,
     #[command(flatten)]
@@ -262,6 +281,8 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub partitions: PartitionArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -309,6 +330,8 @@ pub struct StatusArgs {
 
     #[command(flatten)]
     pub partitions: PartitionArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 
     /// Print JSON instead of a table.
     #[arg(long)]

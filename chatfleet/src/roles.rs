@@ -112,8 +112,14 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         let shown = std::path::absolute(&args.store).unwrap_or_else(|_| args.store.clone().into());
         println!("chatfleet: conversations are kept in {}", shown.display());
     }
-    let bus =
-        wiring::connect_bus(bus_choice, partitions, "chatfleet-dev", lease_settings(args.worker.lease_ttl)?).await?;
+    let bus = wiring::connect_bus(
+        bus_choice,
+        partitions,
+        "chatfleet-dev",
+        lease_settings(args.worker.lease_ttl)?,
+        &args.nats,
+    )
+    .await?;
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
 
@@ -148,7 +154,8 @@ pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Sen
     };
     let store = wiring::connect_store(&args.store, false).await?;
     let bus =
-        wiring::connect_bus(bus_choice, partitions, "chatfleet-gateway", bus::OwnershipSettings::default()).await?;
+        wiring::connect_bus(bus_choice, partitions, "chatfleet-gateway", bus::OwnershipSettings::default(), &args.nats)
+            .await?;
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
     let described = bus.describe();
@@ -181,7 +188,9 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
     let store = wiring::connect_store(&args.store, false).await?;
     let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
     let ownership = lease_settings(args.worker.lease_ttl)?;
-    let bus = wiring::connect_bus(bus_choice, partitions, &format!("chatfleet-worker-{worker_id}"), ownership).await?;
+    let bus =
+        wiring::connect_bus(bus_choice, partitions, &format!("chatfleet-worker-{worker_id}"), ownership, &args.nats)
+            .await?;
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
 
@@ -234,7 +243,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         other => other,
     };
     let bus =
-        wiring::connect_bus(bus_choice, partitions, "chatfleet-status", bus::OwnershipSettings::default()).await?;
+        wiring::connect_bus(bus_choice, partitions, "chatfleet-status", bus::OwnershipSettings::default(), &args.nats)
+            .await?;
     let status = bus.status().await.context("cannot read the ownership state")?;
     // A closed stdout (`chatfleet status | head`) ends the listing quietly.
     match print_status(&status, args.json) {

@@ -11,7 +11,7 @@ use llm::ChatModel;
 use schemas::PartitionCount;
 use store::Store;
 
-use crate::cli::ModelArgs;
+use crate::cli::{ModelArgs, NatsArgs};
 
 /// Where the processes of a deployment meet: one in-process bus, or a broker.
 pub enum BusChoice {
@@ -30,7 +30,7 @@ pub fn parse_bus(url: &str) -> anyhow::Result<BusChoice> {
         Ok(BusChoice::Amqp(url.to_owned()))
     } else {
         bail!(
-            "--bus / CHATFLEET_BUS: {url:?} is not a bus URL; use nats://host:4222, amqp://user:password@host:5672/vhost, \
+            "--bus / CHATFLEET_BUS: {url:?} is not a bus URL; use nats://host:4222 (or a cluster's servers separated by commas), amqp://user:password@host:5672/vhost, \
              or memory: with `chatfleet dev`"
         )
     }
@@ -41,6 +41,7 @@ pub async fn connect_bus(
     partitions: PartitionCount,
     client_name: &str,
     ownership: bus::OwnershipSettings,
+    nats: &NatsArgs,
 ) -> anyhow::Result<Arc<dyn Bus>> {
     match choice {
         BusChoice::Memory => Ok(Arc::new(MemoryBus::new(partitions))),
@@ -48,6 +49,7 @@ pub async fn connect_bus(
             let mut settings = NatsSettings::new(url, partitions);
             settings.client_name = client_name.to_owned();
             settings.ownership = ownership;
+            settings.replicas = nats.nats_replicas;
             let bus = NatsBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }

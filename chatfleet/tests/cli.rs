@@ -142,6 +142,27 @@ fn an_unknown_double_texting_policy_is_refused_naming_the_valid_ones() {
     assert!(err.contains("enqueue, reject, interrupt"), "{err}");
 }
 
+#[test]
+fn a_replica_count_other_than_auto_or_one_to_five_is_refused_naming_the_valid_ones() {
+    let out = chatfleet(&["status", "--bus", "nats://x:1", "--nats-replicas", "7"]);
+
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert!(err.contains("--nats-replicas") && err.contains("auto or a number from 1 to 5"), "{err}");
+}
+
+#[tokio::test]
+async fn three_nats_replicas_on_a_single_server_end_start_up_with_one_line() {
+    let (nats, mongo) = tokio::join!(testkit::NatsServer::start(), testkit::MongoServer::start());
+    let (bus, store) = (nats.url(), mongo.url());
+    let out = tokio::task::spawn_blocking(move || {
+        chatfleet(&["gateway", "--bus", &bus, "--store", &store, "--nats-replicas", "3"])
+    })
+    .await
+    .unwrap();
+    assert_one_clear_line(&out, &["--nats-replicas", "not part of one"]);
+}
+
 /// A stand-in that greets like nats-server 2.9.10 and answers pings, which is all a client
 /// sees before it checks the version.
 fn old_nats_server() -> u16 {

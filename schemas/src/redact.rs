@@ -9,6 +9,22 @@
 /// list several hosts). Something that is not a URL at all might be a bare credential, so none
 /// of it is shown.
 pub fn redact_url(url: &str) -> String {
+    // A list of servers (`nats://a:4222,nats://b:4222`) is redacted URL by URL; a comma not
+    // followed by a scheme separates hosts within one URL (MongoDB's `h1:27017,h2:27017`).
+    let mut urls: Vec<String> = Vec::new();
+    for part in url.split(',') {
+        match urls.last_mut() {
+            Some(current) if !part.contains("://") => {
+                current.push(',');
+                current.push_str(part);
+            }
+            _ => urls.push(part.trim().to_owned()),
+        }
+    }
+    urls.iter().map(|one| redact_one(one)).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "(malformed URL)".to_owned();
     };
@@ -65,6 +81,12 @@ mod tests {
             "mongodb://h:27017/db?tls=true&tlsCertificateKeyFilePassword=***&appName=x"
         );
         assert_eq!(redact_url("https://api.example.com/v1?api_key=sk-1"), "https://api.example.com/v1?api_key=***");
+    }
+
+    #[test]
+    fn each_url_of_a_server_list_is_redacted() {
+        assert_eq!(redact_url("nats://u:p@a:4222, nats://b:4222"), "nats://***@a:4222,nats://b:4222");
+        assert_eq!(redact_url("nats://a:4222,nats://u:p@b:4222"), "nats://a:4222,nats://***@b:4222");
     }
 
     #[test]

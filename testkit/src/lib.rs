@@ -22,8 +22,8 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 pub use mongo::{MongoServer, mongo_server_binary};
-pub use nats::{NatsServer, nats_server_binary};
-pub use rabbitmq::{RabbitMqServer, RabbitVhost, rabbitmq_server_binary};
+pub use nats::{ClusterNode, NatsCluster, NatsServer, nats_server_binary};
+pub use rabbitmq::{RabbitMqCluster, RabbitMqServer, RabbitVhost, rabbitmq_server_binary};
 
 /// Where [`free_port`] picks from: below Linux's ephemeral range (32768 and up by default),
 /// so that no outgoing connection and no listener bound to port 0 takes a port between the

@@ -1,4 +1,5 @@
-//! A real `nats-server` 2.14 with JetStream, one per test, on a free port with its own store.
+//! A real `nats-server` 2.14 with JetStream, one per test, on a free port with its own store;
+//! and a three-node cluster of them for the tests of clustered brokers.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -97,4 +98,183 @@ impl NatsServer {
     }
 
     crate::process::server_controls!();
+}
+
+/// How long a cluster may take to elect its JetStream meta leader and report every node
+/// healthy.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One server of a [`NatsCluster`].
+pub struct ClusterNode {
+    // Declared before the directory so that the server is killed before its store is removed.
+    process: ServerProcess,
+    work_dir: TempDir,
+    /// The `server_name`, which JetStream reports as a stream's or the meta group's leader.
+    name: String,
+    /// The HTTP monitoring port (`/jsz`, `/healthz`).
+    monitor_port: u16,
+}
+
+impl ClusterNode {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This server's own client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.process.port())
+    }
+
+    /// The monitoring endpoint, `http://127.0.0.1:<port>`.
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
+    }
+
+    crate::process::server_controls!();
+}
+
+/// Three `nats-server`s with JetStream clustered on loopback ports, each with its own store,
+/// name (`n0`, `n1`, `n2`) and monitoring port; a single node can be killed and restarted. Every
+/// node is killed, and its store removed, on drop.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    http: reqwest::Client,
+}
+
+impl NatsCluster {
+    /// Starts the three servers and waits until JetStream has a meta leader and every node
+    /// reports itself healthy. Panics, with the servers' logs, if that does not happen.
+    pub async fn start() -> NatsCluster {
+        const SIZE: usize = 3;
+        let route_ports: Vec<u16> = (0..SIZE).map(|_| crate::free_port()).collect();
+        let routes: Vec<String> = route_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+        let mut nodes = Vec::new();
+        for (i, route_port) in route_ports.iter().enumerate() {
+            nodes.push(cluster_node(i, *route_port, &routes.join(",")));
+        }
+        // The monitoring endpoints are plain HTTP, but the client wants a TLS provider anyway.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut cluster = NatsCluster { nodes, http: reqwest::Client::new() };
+        // Each server opens its client port before the cluster has formed, so starting them one
+        // after another does not wait for the others.
+        for node in &mut cluster.nodes {
+            node.process.start(READY_TIMEOUT).await;
+        }
+        for i in 0..SIZE {
+            cluster.wait_healthy(i).await;
+        }
+        cluster
+    }
+
+    /// The client URL listing every server, comma-separated, as chatfleet's `--bus` takes it.
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(ClusterNode::url).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn nodes(&self) -> &[ClusterNode] {
+        &self.nodes
+    }
+
+    pub fn node_mut(&mut self, index: usize) -> &mut ClusterNode {
+        &mut self.nodes[index]
+    }
+
+    /// The index of the node named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Kills one node, as a crash would; its store is kept.
+    pub async fn stop_node(&mut self, index: usize) {
+        self.nodes[index].stop().await;
+    }
+
+    /// Starts a stopped node again with its store and waits until it has caught up with the
+    /// cluster (its `/healthz` answers 200).
+    pub async fn restart_node(&mut self, index: usize) {
+        self.nodes[index].restart().await;
+        self.wait_healthy(index).await;
+    }
+
+    /// The index of the JetStream meta leader, as a running node's `/jsz` reports it; None
+    /// while there is none (an election, or no quorum).
+    pub async fn meta_leader(&mut self) -> Option<usize> {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            let url = format!("{}/jsz", self.nodes[i].monitor_url());
+            let Ok(response) = self.http.get(url).timeout(Duration::from_secs(2)).send().await else {
+                continue;
+            };
+            let Ok(jsz) = response.json::<serde_json::Value>().await else {
+                continue;
+            };
+            if let Some(leader) = jsz["meta_cluster"]["leader"].as_str().and_then(|name| self.index_of(name)) {
+                return Some(leader);
+            }
+        }
+        None
+    }
+
+    /// Waits until a node's `/healthz` answers 200: JetStream is enabled, the meta group has a
+    /// leader and the node's streams are current.
+    async fn wait_healthy(&self, index: usize) {
+        let node = &self.nodes[index];
+        let url = format!("{}/healthz", node.monitor_url());
+        let deadline = tokio::time::Instant::now() + CLUSTER_READY_TIMEOUT;
+        loop {
+            if let Ok(response) = self.http.get(&url).timeout(Duration::from_secs(2)).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let logs: Vec<String> =
+                    self.nodes.iter().map(|n| format!("---- {}:\n{}", n.name, n.log_tail())).collect();
+                panic!(
+                    "NATS node {} not healthy within {CLUSTER_READY_TIMEOUT:?}; logs:\n{}",
+                    node.name,
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Describes node `index` of a cluster whose nodes listen for routes on `routes`.
+fn cluster_node(index: usize, route_port: u16, routes: &str) -> ClusterNode {
+    let work_dir = tempfile::Builder::new()
+        .prefix("chatfleet-nats-cluster-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("cannot create a directory for nats-server: {e}"));
+    let (port, monitor_port) = (crate::free_port(), crate::free_port());
+    let name = format!("n{index}");
+    let store = work_dir.path().join("jetstream");
+    let args: Vec<String> = [
+        "-js",
+        "-sd",
+        &store.to_string_lossy(),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-m",
+        &monitor_port.to_string(),
+        "--server_name",
+        &name,
+        "--cluster_name",
+        "chatfleet-test",
+        "--cluster",
+        &format!("nats://127.0.0.1:{route_port}"),
+        "--routes",
+        routes,
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect();
+    let log = work_dir.path().join("nats-server.log");
+    let process = ServerProcess::new("nats-server", nats_server_binary(), args, port, log);
+    ClusterNode { process, work_dir, name, monitor_port }
 }

@@ -109,6 +109,12 @@ impl RabbitMqServer {
     /// its port only at the end of booting, but the handshake is what the tests need). Panics,
     /// with the node's log, if it cannot be started.
     pub async fn start() -> RabbitMqServer {
+        Self::start_node(None).await
+    }
+
+    /// Starts a node whose Erlang cookie is `cookie`, if given: nodes that share a cookie may
+    /// form a cluster.
+    async fn start_node(cookie: Option<&str>) -> RabbitMqServer {
         let work_dir = tempfile::Builder::new()
             .prefix("chatfleet-rabbitmq-")
             .tempdir()
@@ -134,6 +140,9 @@ impl RabbitMqServer {
         write_file(&env_file, "");
         let plugins = dir.join("enabled_plugins");
         write_file(&plugins, "[].\n");
+        if let Some(cookie) = cookie {
+            write_cookie(dir, cookie);
+        }
 
         let path = |name: &str| dir.join(name).into_os_string();
         let env: Vec<(String, OsString)> = vec![
@@ -188,6 +197,105 @@ impl RabbitMqServer {
     }
 
     crate::process::server_controls!();
+}
+
+/// Three private RabbitMQ nodes joined into one cluster, each with its own node name, ports and
+/// data; a single node can be killed and restarted (it rejoins by itself). Killed on drop.
+pub struct RabbitMqCluster {
+    nodes: Vec<RabbitMqServer>,
+}
+
+impl RabbitMqCluster {
+    /// Boots three nodes sharing a cookie and joins the second and third to the first.
+    pub async fn start() -> RabbitMqCluster {
+        let cookie = format!("CHATFLEETTEST{}", crate::free_port());
+        let (a, b, c) = futures::join!(
+            RabbitMqServer::start_node(Some(&cookie)),
+            RabbitMqServer::start_node(Some(&cookie)),
+            RabbitMqServer::start_node(Some(&cookie))
+        );
+        let cluster = RabbitMqCluster { nodes: vec![a, b, c] };
+        let seed = cluster.nodes[0].node_name.clone();
+        for node in &cluster.nodes[1..] {
+            rabbitmqctl(node, &["stop_app"]).await;
+            rabbitmqctl(node, &["join_cluster", &seed]).await;
+            rabbitmqctl(node, &["start_app"]).await;
+            wait_amqp(node).await;
+        }
+        cluster
+    }
+
+    /// Every node's client URL for the default vhost, comma-separated, as chatfleet's `--bus`
+    /// takes it.
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(RabbitMqServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn nodes(&self) -> &[RabbitMqServer] {
+        &self.nodes
+    }
+
+    /// Kills one node, as a crash would; its data is kept.
+    pub async fn stop_node(&mut self, index: usize) {
+        self.nodes[index].stop().await;
+    }
+
+    /// The nodes holding a copy of a quorum queue, as the first running node reports them.
+    pub async fn queue_members(&mut self, queue: &str) -> Vec<String> {
+        let node = self.nodes.iter_mut().position(|n| n.is_running()).expect("a running node");
+        let listed =
+            rabbitmqctl(&self.nodes[node], &["list_queues", "-q", "--formatter", "json", "name", "members"]).await;
+        let queues: serde_json::Value = serde_json::from_str(&listed)
+            .unwrap_or_else(|e| panic!("rabbitmqctl list_queues printed no JSON ({e}): {listed}"));
+        let entry = queues.as_array().into_iter().flatten().find(|q| q["name"] == queue);
+        let members = entry.and_then(|q| q["members"].as_array()).cloned().unwrap_or_default();
+        members.iter().filter_map(|m| m.as_str().map(str::to_owned)).collect()
+    }
+
+    /// Starts a stopped node again; it rejoins the cluster from its data.
+    pub async fn restart_node(&mut self, index: usize) {
+        self.nodes[index].restart().await;
+    }
+}
+
+/// Runs `rabbitmqctl` against a node (with the node's cookie, found through its `HOME`) and
+/// returns its output; panics with it if it fails.
+async fn rabbitmqctl(node: &RabbitMqServer, args: &[&str]) -> String {
+    let ctl = rabbitmq_server_binary().with_file_name("rabbitmqctl");
+    let mut command = std::process::Command::new(&ctl);
+    command.args(["-n", node.node_name()]).args(args).env("HOME", node.work_dir());
+    let what = format!("rabbitmqctl -n {} {}", node.node_name(), args.join(" "));
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("rabbitmqctl runs")
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", ctl.display()));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Waits until a node answers the AMQP handshake again.
+async fn wait_amqp(node: &RabbitMqServer) {
+    let address = SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, node.port());
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    while !answers_amqp(address).await {
+        assert!(std::time::Instant::now() < deadline, "{} did not answer within {READY_TIMEOUT:?}", node.node_name());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes the Erlang cookie where a node whose `HOME` is `dir` (and `rabbitmqctl`) read it;
+/// Erlang refuses a cookie file others can read.
+fn write_cookie(dir: &std::path::Path, cookie: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(".erlang.cookie");
+    write_file(&path, cookie);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))
+        .unwrap_or_else(|e| panic!("cannot protect {}: {e}", path.display()));
 }
 
 fn write_file(path: &std::path::Path, contents: &str) {

@@ -20,7 +20,7 @@ mod events;
 mod ownership;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,7 +41,8 @@ use schemas::subjects::SEQUENCE_HEADER;
 /// How the RabbitMQ bus is set up.
 #[derive(Debug, Clone)]
 pub struct AmqpSettings {
-    /// `amqp://user:password@host:5672/vhost` (credentials are never logged).
+    /// `amqp://user:password@host:5672/vhost`, or several nodes of a cluster separated by
+    /// commas (credentials are never logged).
     pub url: String,
     pub names: AmqpNames,
     pub partitions: PartitionCount,
@@ -106,6 +107,8 @@ struct Inner {
     open_channels: std::sync::Mutex<std::collections::HashMap<Partition, usize>>,
     /// Woken whenever a partition channel closes.
     channel_closed: tokio::sync::Notify,
+    /// Which of the listed nodes to try first: the last one that answered.
+    preferred_node: AtomicUsize,
 }
 
 impl AmqpBus {
@@ -123,6 +126,7 @@ impl AmqpBus {
                 in_flight,
                 open_channels: Default::default(),
                 channel_closed: tokio::sync::Notify::new(),
+                preferred_node: AtomicUsize::new(0),
             }),
         };
         bus.connection().await?;
@@ -151,13 +155,29 @@ impl AmqpBus {
         Ok(connection)
     }
 
+    /// Connects to the first listed node that answers, starting with the last one that did.
     async fn open_connection(&self) -> Result<Connection, BusError> {
+        let urls: Vec<&str> = self.inner.settings.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        let first = self.inner.preferred_node.load(Ordering::Relaxed);
+        let mut failure = BusError::Unsupported("--bus names no RabbitMQ node".into());
+        for i in (0..urls.len()).map(|k| (first + k) % urls.len()) {
+            match self.open_connection_to(urls[i]).await {
+                Ok(connection) => {
+                    self.inner.preferred_node.store(i, Ordering::Relaxed);
+                    return Ok(connection);
+                }
+                Err(e @ BusError::Unsupported(_)) => return Err(e),
+                Err(e) => failure = e,
+            }
+        }
+        Err(failure)
+    }
+
+    async fn open_connection_to(&self, url: &str) -> Result<Connection, BusError> {
         let settings = &self.inner.settings;
-        let shown = self.shown_url();
-        let mut uri: lapin::uri::AMQPUri = settings
-            .url
-            .parse()
-            .map_err(|e| BusError::Unsupported(format!("{shown} is not a valid amqp:// URL: {e}")))?;
+        let shown = redact_url(url);
+        let mut uri: lapin::uri::AMQPUri =
+            url.parse().map_err(|e| BusError::Unsupported(format!("{shown} is not a valid amqp:// URL: {e}")))?;
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(settings.heartbeat_secs);
         }

@@ -4,6 +4,7 @@
 
 mod consume;
 pub(crate) mod ownership;
+mod replicas;
 
 use schemas::redact_url;
 use std::time::Duration;
@@ -16,14 +17,20 @@ use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
 
 use crate::{Bus, BusError, Deliveries, Enqueued, EventStream};
 
+pub use replicas::{MAX_REPLICAS, PRODUCTION_REPLICAS, Replicas};
+
 /// The oldest nats-server that chatfleet runs on: pinned-client priority groups, which the
 /// partition consumers rely on, arrived in 2.11, and older servers silently ignore them.
 pub const MIN_SERVER_VERSION: semver::Version = semver::Version::new(2, 11, 0);
 
+/// How long creating or changing a stream may take: a cluster places every replica first.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How the NATS bus is set up.
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
-    /// `nats://host:port` (credentials in the URL are allowed and never logged).
+    /// `nats://host:port`, or several of a cluster's servers separated by commas (credentials
+    /// in the URL are allowed and never logged).
     pub url: String,
     pub names: Names,
     pub partitions: PartitionCount,
@@ -43,6 +50,8 @@ pub struct NatsSettings {
     pub pin_timeout: Duration,
     /// Label of this client in the server's connection list.
     pub client_name: String,
+    /// How many copies of each stream (and of the ownership bucket) a cluster keeps.
+    pub replicas: Replicas,
     /// Timing of partition ownership among workers.
     pub ownership: crate::OwnershipSettings,
 }
@@ -60,6 +69,7 @@ impl NatsSettings {
             max_ack_pending: 10_000,
             pin_timeout: Duration::from_secs(5),
             client_name: "chatfleet".into(),
+            replicas: Replicas::Auto,
             ownership: crate::OwnershipSettings::default(),
         }
     }
@@ -71,6 +81,9 @@ pub struct NatsBus {
     client: async_nats::Client,
     js: jetstream::Context,
     settings: NatsSettings,
+    /// The replica count of the streams this process creates, resolved from
+    /// [`NatsSettings::replicas`] at connection.
+    replicas: usize,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -100,18 +113,30 @@ impl NatsBus {
                     other => tracing::debug!(event = "bus_event", detail = %other),
                 }
             });
+        // Every server of a cluster may be listed; the client picks one and fails over to the
+        // others (and to those the servers announce).
+        let servers: Vec<&str> = settings.url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
         let client = options
-            .connect(settings.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| BusError::Unavailable(format!("cannot reach NATS at {shown}: {e}")))?;
 
         let info = client.server_info();
         check_server(&info, &shown)?;
 
+        let replicas = settings.replicas.for_new_stream(&info, &shown)?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(settings.publish_timeout);
-        let bus = Self { client, js, settings };
-        bus.ensure_stream().await?;
+        let bus = Self { client, js, settings, replicas };
+        // Placing a replicated stream takes a cluster longer than a publish may.
+        let mut admin = bus.clone();
+        admin.js.set_timeout(ADMIN_TIMEOUT);
+        admin.ensure_stream().await?;
+        let bucket_stream = format!("KV_{}", ownership::bucket_name(&admin));
+        replicas::reconcile(&admin.js, &bucket_stream, admin.settings.replicas, admin.replicas).await?;
+        // Created here rather than on first use, so that a replica count the cluster cannot
+        // hold stops start-up.
+        ownership::bucket(&admin).await?;
         Ok(bus)
     }
 
@@ -142,23 +167,30 @@ impl NatsBus {
             storage: stream::StorageType::File,
             duplicate_window: self.settings.duplicate_window,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            num_replicas: self.replicas,
             ..Default::default()
         };
         // Creating is idempotent for an identical config; a stream created with other
-        // settings by an earlier version is updated in place.
-        match self.js.get_or_create_stream(config.clone()).await {
-            Ok(existing) => {
-                let current = &existing.cached_info().config;
-                if current.duplicate_window != config.duplicate_window || current.subjects != config.subjects {
-                    self.js
-                        .update_stream(config)
-                        .await
-                        .map_err(|e| BusError::Failed(format!("cannot update stream {}: {e}", names.input_stream())))?;
-                }
-                Ok(())
-            }
-            Err(e) => Err(BusError::Failed(format!("cannot create stream {}: {e}", names.input_stream()))),
+        // settings by an earlier version is updated in place, its replica count included.
+        let existing = self
+            .js
+            .get_or_create_stream(config.clone())
+            .await
+            .map_err(|e| replicas::refused(&config.name, self.replicas, e))?;
+        let current = &existing.cached_info().config;
+        if current.duplicate_window != config.duplicate_window || current.subjects != config.subjects {
+            let update = stream::Config { num_replicas: current.num_replicas, ..config.clone() };
+            self.js
+                .update_stream(update)
+                .await
+                .map_err(|e| BusError::Failed(format!("cannot update stream {}: {e}", config.name)))?;
         }
+        replicas::reconcile(&self.js, &config.name, self.settings.replicas, self.replicas).await
+    }
+
+    /// The replica count of the streams this process creates.
+    pub fn replicas(&self) -> usize {
+        self.replicas
     }
 
     pub fn settings(&self) -> &NatsSettings {

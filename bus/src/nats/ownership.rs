@@ -49,6 +49,7 @@ pub(crate) async fn bucket(bus: &NatsBus) -> Result<kv::Store, BusError> {
         description: "chatfleet partition leases and worker heartbeats".into(),
         history: 1,
         storage: async_nats::jetstream::stream::StorageType::File,
+        num_replicas: bus.replicas,
         ..Default::default()
     };
     match bus.js.create_key_value(config).await {

@@ -10,7 +10,7 @@ use clap::Parser;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use testkit::{MongoServer, NatsServer, RabbitMqServer, RabbitVhost, free_port};
+use testkit::{MongoServer, NatsCluster, NatsServer, RabbitMqCluster, RabbitMqServer, RabbitVhost, free_port};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -57,10 +57,14 @@ pub enum Backend {
 pub enum Broker {
     /// A private `nats-server`.
     Nats(NatsServer),
+    /// A private three-node NATS cluster; the fleet's URL lists every node.
+    NatsCluster(NatsCluster),
     /// A virtual host of its own on the machine's shared RabbitMQ.
     RabbitVhost(RabbitVhost),
     /// A private RabbitMQ node, for tests that stop or restart the broker.
     Rabbit(RabbitMqServer),
+    /// Three private RabbitMQ nodes in one cluster; the fleet's URL lists every node.
+    RabbitCluster(RabbitMqCluster),
 }
 
 impl Broker {
@@ -76,8 +80,10 @@ impl Broker {
     pub fn url(&self) -> String {
         match self {
             Broker::Nats(server) => server.url(),
+            Broker::NatsCluster(cluster) => cluster.url(),
             Broker::RabbitVhost(vhost) => vhost.url(),
             Broker::Rabbit(server) => server.url(),
+            Broker::RabbitCluster(cluster) => cluster.url(),
         }
     }
 
@@ -85,6 +91,7 @@ impl Broker {
     pub async fn stop(&mut self) {
         match self {
             Broker::Nats(server) => server.stop().await,
+            Broker::NatsCluster(_) | Broker::RabbitCluster(_) => panic!("stop a cluster's nodes one by one"),
             Broker::Rabbit(server) => server.stop().await,
             Broker::RabbitVhost(_) => panic!("the shared RabbitMQ is never stopped: ask for a private broker"),
         }
@@ -94,6 +101,7 @@ impl Broker {
     pub async fn restart(&mut self) {
         match self {
             Broker::Nats(server) => server.restart().await,
+            Broker::NatsCluster(_) | Broker::RabbitCluster(_) => panic!("restart a cluster's nodes one by one"),
             Broker::Rabbit(server) => server.restart().await,
             Broker::RabbitVhost(_) => panic!("the shared RabbitMQ is never restarted: ask for a private broker"),
         }
@@ -119,6 +127,8 @@ pub struct Options {
     /// A MongoDB-wire server that keeps its data on disk, so that a test may kill and restart
     /// it (otherwise it runs in memory and a restart would forget everything).
     pub store_on_disk: bool,
+    /// A three-node cluster instead of a single server or virtual host.
+    pub cluster: bool,
 }
 
 impl Default for Options {
@@ -135,6 +145,7 @@ impl Default for Options {
             double_texting: None,
             private_broker: false,
             store_on_disk: false,
+            cluster: false,
         }
     }
 }
@@ -264,7 +275,18 @@ impl TestApp {
                         MongoServer::start().await
                     }
                 };
-                let (broker, mongo) = tokio::join!(Broker::start(backend, app.options.private_broker), mongo);
+                let broker = async {
+                    match backend {
+                        Backend::NatsMongo if app.options.cluster => {
+                            Some(Broker::NatsCluster(NatsCluster::start().await))
+                        }
+                        Backend::RabbitMongo if app.options.cluster => {
+                            Some(Broker::RabbitCluster(RabbitMqCluster::start().await))
+                        }
+                        _ => Broker::start(backend, app.options.private_broker).await,
+                    }
+                };
+                let (broker, mongo) = tokio::join!(broker, mongo);
                 app.broker = broker;
                 app.mongo = Some(mongo);
                 let mut args = vec![s("chatfleet"), s("gateway"), s("--listen"), format!("127.0.0.1:{port}")];
