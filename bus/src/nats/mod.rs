@@ -3,6 +3,7 @@
 //! NATS subjects, one per session.
 
 mod consume;
+mod dead_letters;
 pub(crate) mod ownership;
 
 use std::time::Duration;
@@ -122,6 +123,7 @@ impl NatsBus {
         js.set_timeout(settings.publish_timeout);
         let bus = Self { client, js, settings };
         bus.ensure_stream().await?;
+        dead_letters::ensure_stream(&bus).await?;
         Ok(bus)
     }
 
@@ -279,7 +281,17 @@ impl Bus for NatsBus {
     }
 
     async fn status(&self) -> Result<crate::FleetStatus, BusError> {
-        ownership::status(self).await
+        let mut status = ownership::status(self).await?;
+        status.dead_letters = dead_letters::count(self).await.ok();
+        Ok(status)
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::DeadLetter>, BusError> {
+        dead_letters::list(self, limit).await
+    }
+
+    async fn replay_dead_letters(&self, which: &crate::Replay) -> Result<Vec<crate::DeadLetter>, BusError> {
+        dead_letters::replay(self, which).await
     }
 
     fn describe(&self) -> String {
