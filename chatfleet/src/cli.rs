@@ -31,6 +31,7 @@ impl Cli {
             Some(Command::Worker(a)) => a.log.log_format,
             Some(Command::MockLlm(a)) => a.log.log_format,
             Some(Command::Status(a)) => a.log.log_format,
+            Some(Command::DeadLetters(a)) => a.log_format(),
         }
     }
 }
@@ -48,6 +49,9 @@ pub enum Command {
     MockLlm(MockLlmArgs),
     /// Which worker owns which partition, with each partition's backlog and in-flight count.
     Status(StatusArgs),
+    /// Lists or replays the user messages the fleet gave up on (`list`, `replay`).
+    #[command(subcommand_required = true)]
+    DeadLetters(crate::dead_letters::DeadLettersArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
