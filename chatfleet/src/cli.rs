@@ -128,6 +128,12 @@ pub struct WorkerTuning {
     #[arg(long, env = "CHATFLEET_HANDOVER_GRACE", default_value_t = 5)]
     pub handover_grace: u64,
 
+    /// Generation starts of one message, across all workers, before it is given up on: its
+    /// session gets an `error` event (`message_dead_lettered`) and the message goes to the dead
+    /// letters (`chatfleet dead-letters`). A replayed message gets as many starts again.
+    #[arg(long, env = "CHATFLEET_MAX_GENERATION_STARTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_generation_starts: u32,
+
     /// Seconds after which a silent worker counts as dead and its partitions move (crash
     /// failover time). Every worker of a deployment should use the same value.
     #[arg(long, env = "CHATFLEET_LEASE_TTL", default_value_t = 3.0)]

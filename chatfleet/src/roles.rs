@@ -63,6 +63,7 @@ fn worker_config(worker_id: String, tuning: &WorkerTuning) -> WorkerConfig {
         retry: RetryPolicy { max_attempts: tuning.llm_max_attempts, ..RetryPolicy::default() },
         shutdown_grace: Duration::from_secs(tuning.shutdown_grace),
         handover_grace: Duration::from_secs(tuning.handover_grace),
+        max_generation_starts: tuning.max_generation_starts,
         context_cache_bytes: tuning.context_cache_mb.saturating_mul(1024 * 1024),
         delta_batch: Duration::from_millis(tuning.delta_batch_ms),
         ..WorkerConfig::default()
