@@ -141,8 +141,8 @@ pub struct FleetStatus {
     /// Workers that have reported recently.
     pub workers: Vec<WorkerStatus>,
     pub partitions: Vec<PartitionStatus>,
-    /// User messages given up on and kept for operators (RabbitMQ's dead-letter queue); None
-    /// where the bus keeps none.
+    /// User messages given up on and kept for operators (NATS' dead-letter stream, RabbitMQ's
+    /// dead-letter queue); None where the bus keeps none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letters: Option<u64>,
 }

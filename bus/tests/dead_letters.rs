@@ -127,3 +127,21 @@ async fn on_rabbitmq_replaying_an_unknown_id_keeps_the_dead_letter() {
     let (_vhost, bus) = amqp().await;
     replaying_an_unknown_id_replays_nothing_and_keeps_the_dead_letter(bus).await;
 }
+
+/// Listing returns the messages it takes to the dead-letter queue by closing its channel; a
+/// quorum queue's delivery limit must not count those returns and drop a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_rabbitmq_listing_many_times_loses_no_dead_letter() {
+    let (_vhost, bus) = amqp().await;
+    let session = SessionId::generate();
+    bus.enqueue(&message(&session)).await.expect("enqueue");
+    let mut deliveries = bus.consume(partitions().of(&session)).await.expect("consume");
+    next(&mut deliveries, "the message").await.acker.reject().await.expect("reject");
+    wait_for_dead_letter_count(bus.as_ref(), 1).await;
+
+    for _ in 0..25 {
+        assert_eq!(bus.dead_letters(10).await.expect("list").len(), 1);
+    }
+
+    wait_for_dead_letter_count(bus.as_ref(), 1).await;
+}

@@ -308,7 +308,7 @@ fn print_status(status: &bus::FleetStatus, json: bool) -> std::io::Result<()> {
     }
     if let Some(dead) = status.dead_letters {
         writeln!(out)?;
-        writeln!(out, "dead letters: {dead} (messages given up on, kept in the dead-letter queue)")?;
+        writeln!(out, "dead letters: {dead} (messages given up on; see `chatfleet dead-letters list`)")?;
     }
     Ok(())
 }
