@@ -29,6 +29,9 @@ pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsSettings, Replicas};
 pub use ownership::{OwnershipSettings, assign};
 
+/// The dead-letter reason of a message whose bytes are not a user message.
+pub const UNREADABLE: &str = "unreadable";
+
 /// A bus error, typed by what the caller should do next.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
@@ -85,6 +88,14 @@ pub trait Acker: Send + Sync {
     /// It can never be processed: stop delivering it.
     async fn reject(&self) -> Result<(), BusError>;
 
+    /// It can never be processed, for `reason` (a short label such as `unreadable` or
+    /// `too_many_starts`): stop delivering it and keep it in the dead letters. A bus that can
+    /// store the reason with the dead letter does; by default this is [`Acker::reject`].
+    async fn dead_letter(&self, reason: &str) -> Result<(), BusError> {
+        let _ = reason;
+        self.reject().await
+    }
+
     /// Not started, and this worker is handing the partition over: leave it for the next owner,
     /// who receives it before anything newer. By default it goes back at once; a bus that
     /// returns a consumer's unsettled messages in order when it lets the partition go does
@@ -131,8 +142,8 @@ pub struct FleetStatus {
     /// Workers that have reported recently.
     pub workers: Vec<WorkerStatus>,
     pub partitions: Vec<PartitionStatus>,
-    /// User messages given up on and kept for operators (RabbitMQ's dead-letter queue); None
-    /// where the bus keeps none.
+    /// User messages given up on and kept for operators (NATS' dead-letter stream, RabbitMQ's
+    /// dead-letter queue); None where the bus keeps none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letters: Option<u64>,
 }
@@ -155,6 +166,38 @@ pub struct PartitionStatus {
     pub pending: Option<u64>,
     /// Messages delivered and not yet acknowledged (being answered).
     pub in_flight: Option<u64>,
+}
+
+/// A user message given up on and kept for operators (`chatfleet dead-letters list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    /// What names it for a replay: the dead-letter stream's sequence on NATS, the message's
+    /// `x-chatfleet-seq` header on RabbitMQ.
+    pub id: String,
+    /// Its session and message id, when its bytes are a readable user message.
+    pub session_id: Option<String>,
+    pub message_id: Option<String>,
+    /// Why it was given up on (`unreadable`, `too_many_starts`, `delivery_limit`, `rejected`, ...).
+    pub reason: String,
+    /// When it was given up on, RFC 3339, where the broker says.
+    pub at: Option<String>,
+}
+
+/// Which dead letters to replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    All,
+    /// The dead letters with these ids ([`DeadLetter::id`]).
+    Ids(Vec<String>),
+}
+
+impl Replay {
+    pub fn includes(&self, id: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Ids(ids) => ids.iter().any(|i| i == id),
+        }
+    }
 }
 
 /// The bus.
@@ -189,4 +232,18 @@ pub trait Bus: Send + Sync + 'static {
 
     /// One line for start-up logs (never credentials).
     fn describe(&self) -> String;
+
+    /// Up to `limit` dead letters, oldest first, leaving them where they are.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        let _ = limit;
+        Err(BusError::Unsupported(format!("{} keeps no dead letters", self.describe())))
+    }
+
+    /// Publishes the chosen dead letters' user messages to their partitions again, as new bus
+    /// messages, and removes each from the dead letters once the broker has the new copy.
+    /// Returns those replayed.
+    async fn replay_dead_letters(&self, which: &Replay) -> Result<Vec<DeadLetter>, BusError> {
+        let _ = which;
+        Err(BusError::Unsupported(format!("{} keeps no dead letters", self.describe())))
+    }
 }

@@ -106,7 +106,7 @@ impl BusKind {
 
     /// Whether rejected messages are kept, and counted by `status`, for operators.
     fn keeps_dead_letters(self) -> bool {
-        matches!(self, BusKind::Amqp)
+        !matches!(self, BusKind::Memory)
     }
 
     /// Whether `Delivery::attempt` keeps counting when a partition changes owner. NATS recreates

@@ -31,6 +31,7 @@ impl Cli {
             Some(Command::Worker(a)) => a.log.log_format,
             Some(Command::MockLlm(a)) => a.log.log_format,
             Some(Command::Status(a)) => a.log.log_format,
+            Some(Command::DeadLetters(a)) => a.log_format(),
         }
     }
 }
@@ -48,6 +49,9 @@ pub enum Command {
     MockLlm(MockLlmArgs),
     /// Which worker owns which partition, with each partition's backlog and in-flight count.
     Status(StatusArgs),
+    /// Lists or replays the user messages the fleet gave up on (`list`, `replay`).
+    #[command(subcommand_required = true)]
+    DeadLetters(crate::dead_letters::DeadLettersArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -138,6 +142,12 @@ pub struct WorkerTuning {
     /// to finish before the new owner restarts them.
     #[arg(long, env = "CHATFLEET_HANDOVER_GRACE", default_value_t = 5)]
     pub handover_grace: u64,
+
+    /// Generation starts of one message, across all workers, before it is given up on: its
+    /// session gets an `error` event (`message_dead_lettered`) and the message goes to the dead
+    /// letters (`chatfleet dead-letters`). A replayed message gets as many starts again.
+    #[arg(long, env = "CHATFLEET_MAX_GENERATION_STARTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_generation_starts: u32,
 
     /// Seconds after which a silent worker counts as dead and its partitions move (crash
     /// failover time). Every worker of a deployment should use the same value.

@@ -2,6 +2,7 @@
 //! `gateway`, `worker` and `mock-llm`. `main` and the tests drive the same [`run`].
 
 pub mod cli;
+pub mod dead_letters;
 pub mod roles;
 pub mod telemetry;
 pub mod wiring;
@@ -19,6 +20,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send + 'static) 
         Some(Command::Worker(args)) => roles::worker(args, shutdown).await,
         Some(Command::MockLlm(args)) => roles::mock_llm(args, shutdown).await,
         Some(Command::Status(args)) => roles::status(args).await,
+        Some(Command::DeadLetters(args)) => dead_letters::run(args).await,
     }
 }
 

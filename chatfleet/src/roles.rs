@@ -63,6 +63,7 @@ fn worker_config(worker_id: WorkerId, tuning: &WorkerTuning) -> WorkerConfig {
         retry: RetryPolicy { max_attempts: tuning.llm_max_attempts, ..RetryPolicy::default() },
         shutdown_grace: Duration::from_secs(tuning.shutdown_grace),
         handover_grace: Duration::from_secs(tuning.handover_grace),
+        max_generation_starts: tuning.max_generation_starts,
         context_cache_bytes: tuning.context_cache_mb.saturating_mul(1024 * 1024),
         delta_batch: Duration::from_millis(tuning.delta_batch_ms),
         ..WorkerConfig::default()
@@ -299,7 +300,7 @@ fn print_status(status: &bus::FleetStatus, json: bool) -> std::io::Result<()> {
     }
     if let Some(dead) = status.dead_letters {
         writeln!(out)?;
-        writeln!(out, "dead letters: {dead} (messages given up on, kept in the dead-letter queue)")?;
+        writeln!(out, "dead letters: {dead} (messages given up on; see `chatfleet dead-letters list`)")?;
     }
     Ok(())
 }

@@ -66,6 +66,9 @@ pub enum ErrorCode {
     ModelRequestTooLarge,
     /// Any other permanent refusal by the model.
     ModelRejected,
+    /// The message was given up on and kept in the dead letters (its generation was started
+    /// too many times across workers); an operator may replay it.
+    MessageDeadLettered,
 
     /// A code this build does not know.
     #[serde(untagged)]
@@ -74,7 +77,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this build knows, for documentation and tests.
-    pub const KNOWN: [ErrorCode; 25] = [
+    pub const KNOWN: [ErrorCode; 26] = [
         Self::Unauthorized,
         Self::Forbidden,
         Self::SessionNotFound,
@@ -100,6 +103,7 @@ impl ErrorCode {
         Self::ModelNotFound,
         Self::ModelRequestTooLarge,
         Self::ModelRejected,
+        Self::MessageDeadLettered,
     ];
 
     /// The code's name on the wire.
@@ -139,6 +143,7 @@ impl ErrorCode {
             Self::ModelNotFound => "model_not_found",
             Self::ModelRequestTooLarge => "model_request_too_large",
             Self::ModelRejected => "model_rejected",
+            Self::MessageDeadLettered => "message_dead_lettered",
             Self::Other(_) => return None,
         })
     }

@@ -5,6 +5,8 @@
 //! - stream `CHATFLEET_IN`, subjects `chatfleet.in.<partition>.<session_id>`: user messages;
 //! - consumer `chatfleet-p<partition>` filtered on `chatfleet.in.<partition>.*`;
 //! - core subject `chatfleet.out.<session_id>`: reply events of one session;
+//! - stream `CHATFLEET_DEAD`, subjects `chatfleet.dead.<partition>`: user messages given up on
+//!   (dead letters), kept for operators to inspect and replay;
 //! - core subject `chatfleet.barrier`: requests nobody answers, to learn that the server has
 //!   processed what a connection sent before them;
 //! - key-value bucket `CHATFLEET_OWNERSHIP`: `members.<worker>` and `leases.<partition>`;
@@ -71,6 +73,21 @@ impl Names {
     /// The durable consumer of one partition.
     pub fn partition_consumer(&self, partition: Partition) -> String {
         format!("{}-p{}", self.prefix, partition)
+    }
+
+    /// The stream of dead letters: user messages given up on, kept for operators.
+    pub fn dead_stream(&self) -> String {
+        format!("{}_DEAD", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// Every subject of the dead-letter stream.
+    pub fn dead_wildcard(&self) -> String {
+        format!("{}.dead.>", self.prefix)
+    }
+
+    /// Where a dead letter of `partition` is kept.
+    pub fn dead_subject(&self, partition: Partition) -> String {
+        format!("{}.dead.{}", self.prefix, partition)
     }
 
     /// The subject carrying the reply events of one session.
@@ -196,6 +213,15 @@ mod tests {
         assert_eq!(names.members_exchange(), "fleet-a.members");
         assert!(AmqpNames::new("has space").is_err());
         assert!(AmqpNames::new("").is_err());
+    }
+
+    #[test]
+    fn dead_letters_have_their_own_stream_outside_the_input_wildcard() {
+        let n = Names::default();
+        assert_eq!(n.dead_stream(), "CHATFLEET_DEAD");
+        assert_eq!(n.dead_subject(Partition::new(3)), "chatfleet.dead.3");
+        assert_eq!(n.dead_wildcard(), "chatfleet.dead.>");
+        assert!(!n.dead_subject(Partition::new(3)).starts_with("chatfleet.in."));
     }
 
     #[test]

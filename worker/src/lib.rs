@@ -68,6 +68,10 @@ pub struct WorkerConfig {
     pub delta_batch: Duration,
     /// The number of generations at once above which deltas are batched.
     pub delta_batch_above: usize,
+    /// Generation starts of one message across all workers (the store's count, which survives
+    /// hand-overs) before it is given up on and dead-lettered. A replayed message gets as many
+    /// again: it is dead-lettered on every start that is a multiple of this plus one.
+    pub max_generation_starts: u32,
 }
 
 impl Default for WorkerConfig {
@@ -83,6 +87,7 @@ impl Default for WorkerConfig {
             context_cache_bytes: 64 * 1024 * 1024,
             delta_batch: Duration::from_millis(100),
             delta_batch_above: 256,
+            max_generation_starts: 10,
         }
     }
 }

@@ -164,9 +164,10 @@ impl Runner {
         let Delivery { message, attempt, sequence, acker } = delivery;
         let message = match message {
             Ok(message) => message,
-            Err(reason) => {
+            Err(detail) => {
                 let span = tracing::info_span!("delivery", partition = self.partition.get(), sequence);
-                return settle(acker.as_ref(), Decision::Reject(reason)).instrument(span).await;
+                let decision = Decision::Reject { reason: bus::UNREADABLE, detail };
+                return settle(acker.as_ref(), decision).instrument(span).await;
             }
         };
         if !self.in_hand.insert(sequence) {

@@ -202,6 +202,9 @@ impl Handler<'_> {
         }
         let Recorded { turn, start, history } = self.record_user_message(stored.message).await?;
         self.turn.store(turn, Ordering::Relaxed);
+        if start % (self.worker.config.max_generation_starts + 1) == 0 {
+            return Ok(self.dead_letter(turn, start).await);
+        }
         let mut history = match history {
             Some(history) => history,
             None => self.store_call(|| store.recent(session, self.worker.config.context.history_limit)).await?,
@@ -224,6 +227,25 @@ impl Handler<'_> {
             Ok(reply) => self.store_reply(reply, turn, &mut history, &mut events).await,
             Err(error) => self.store_failure(&error, history, &mut events).await,
         }
+    }
+
+    /// The message's generation was started too many times across workers (a reply that crashes
+    /// its worker, say): it goes to the dead letters, unanswered and with no failure stored, so
+    /// that an operator's replay answers it. The client gets an `error` event, and a
+    /// reply-in-progress marker of this message is cleared so the session can go on.
+    async fn dead_letter(&self, turn: u64, start: u32) -> Decision {
+        let limit = self.worker.config.max_generation_starts;
+        tracing::error!(event = "too_many_starts", start, limit, "giving up on the message: to the dead letters");
+        let (store, session, message_id) = (&self.worker.store, self.session(), &self.message.message_id);
+        if self.message.policy() == DoubleTexting::Reject
+            && let Err(e) = store.end_reply(session, message_id).await
+        {
+            tracing::warn!(event = "marker_not_cleared", error = %e, "could not clear the reply-in-progress marker");
+        }
+        let message =
+            format!("the message was given up on after {limit} attempts to answer it and kept for an operator");
+        self.events(turn, start).send(ReplyEventKind::Error { code: ErrorCode::MessageDeadLettered, message }).await;
+        Decision::Reject { reason: "too_many_starts", detail: format!("generation start {start}, limit {limit}") }
     }
 
     /// The session was deleted: the message is dropped unrecorded. A client still streaming the

@@ -22,8 +22,9 @@ pub(crate) enum Decision {
     /// Not started, and this worker is handing the partition over: give it back to the bus at
     /// once, so the next owner need not wait for it to time out ([`Acker::abandon`]).
     HandBack,
-    /// It can never be processed (its bytes are not a message): to the dead letters.
-    Reject(String),
+    /// It can never be processed (its bytes are not a message, or its generation was started
+    /// too many times): to the dead letters, with the reason's label and what happened.
+    Reject { reason: &'static str, detail: String },
     /// Not done: deliver it again after the delay. (Every failure the worker meets today is
     /// either waited out in place, which keeps the session's order, or settled for good; this is
     /// here for the first one that is neither.)
@@ -75,10 +76,11 @@ pub(crate) async fn settle(acker: &dyn Acker, decision: Decision) {
             Ok(())
         }
         Decision::HandBack => acker.abandon().await,
-        Decision::Reject(reason) => {
-            tracing::error!(event = "message_rejected", reason = %reason, "rejecting an unreadable message");
+        Decision::Reject { reason, detail } => {
+            tracing::error!(event = "message_rejected", reason, detail = %detail, "sending the message to the dead letters");
             telemetry::message_settled("rejected");
-            acker.reject().await
+            telemetry::dead_lettered(reason);
+            acker.dead_letter(reason).await
         }
         Decision::RetryAfter(delay) => {
             tracing::warn!(event = "message_retry", retry_in = ?delay, "delivering the message again later");
@@ -126,6 +128,9 @@ mod tests {
         async fn reject(&self) -> Result<(), BusError> {
             self.push("reject")
         }
+        async fn dead_letter(&self, reason: &str) -> Result<(), BusError> {
+            self.push(format!("dead_letter {reason}"))
+        }
         async fn abandon(&self) -> Result<(), BusError> {
             self.push("abandon")
         }
@@ -142,7 +147,8 @@ mod tests {
         assert_eq!(calls_for(Decision::Ack(Outcome::StoreFailed)).await, ["ack"]);
         assert_eq!(calls_for(Decision::Abandon).await, Vec::<String>::new());
         assert_eq!(calls_for(Decision::HandBack).await, ["abandon"]);
-        assert_eq!(calls_for(Decision::Reject("not JSON".into())).await, ["reject"]);
+        let unreadable = Decision::Reject { reason: bus::UNREADABLE, detail: "not JSON".into() };
+        assert_eq!(calls_for(unreadable).await, ["dead_letter unreadable"]);
         assert_eq!(calls_for(Decision::RetryAfter(Duration::from_secs(2))).await, ["retry_after 2s"]);
     }
 }

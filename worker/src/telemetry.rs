@@ -16,6 +16,14 @@ pub const REPLY_SECONDS: &str = "chatfleet_worker_reply_seconds";
 /// Store operations that failed and were retried.
 pub const STORE_RETRIES: &str = "chatfleet_worker_store_retries_total";
 
+/// Messages given up on and sent to the dead letters, by reason (`unreadable`,
+/// `too_many_starts`).
+pub const DEAD_LETTERS: &str = "chatfleet_worker_dead_letters_total";
+
+pub fn dead_lettered(reason: &'static str) {
+    counter!(DEAD_LETTERS, "reason" => reason).increment(1);
+}
+
 pub fn message_settled(outcome: &'static str) {
     counter!(MESSAGES, "outcome" => outcome).increment(1);
 }

@@ -97,7 +97,7 @@ fn header<'a>(delivery: &'a lapin::message::Delivery, name: &str) -> Option<&'a 
     delivery.properties.headers().as_ref().and_then(|h| h.inner().get(name))
 }
 
-fn as_u64(value: &AMQPValue) -> Option<u64> {
+pub(super) fn as_u64(value: &AMQPValue) -> Option<u64> {
     match value {
         AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
         AMQPValue::LongInt(v) => u64::try_from(*v).ok(),

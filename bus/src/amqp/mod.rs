@@ -16,6 +16,7 @@
 //! gateways and workers may start in any order.
 
 mod consume;
+mod dead_letters;
 mod events;
 mod ownership;
 
@@ -478,6 +479,14 @@ impl Bus for AmqpBus {
 
     async fn status(&self) -> Result<crate::FleetStatus, BusError> {
         ownership::status(self).await
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::DeadLetter>, BusError> {
+        dead_letters::list(self, limit).await
+    }
+
+    async fn replay_dead_letters(&self, which: &crate::Replay) -> Result<Vec<crate::DeadLetter>, BusError> {
+        dead_letters::replay(self, which).await
     }
 
     fn describe(&self) -> String {

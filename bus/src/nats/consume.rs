@@ -9,6 +9,7 @@ use futures::StreamExt;
 use schemas::Partition;
 
 use super::NatsBus;
+use super::dead_letters::Original;
 use crate::{Acker, BusError, Deliveries, Delivery};
 use schemas::subjects::PINNED_GROUP as GROUP;
 
@@ -89,28 +90,47 @@ pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<De
         .messages()
         .await
         .map_err(|e| BusError::Unavailable(format!("cannot pull from {durable}: {e}")))?;
-    let stream = messages.filter_map(move |item| async move {
-        match item {
-            Ok(message) => Some(to_delivery(message)),
-            Err(e) => {
-                // Missed heartbeats and reconnects surface here; the pull stream carries on.
-                tracing::warn!(event = "pull_error", partition = partition.get(), error = %e, "pull error");
-                None
+    let (js, dead_subject) = (bus.js.clone(), settings.names.dead_subject(partition));
+    let stream = messages.filter_map(move |item| {
+        let (js, dead_subject) = (js.clone(), dead_subject.clone());
+        async move {
+            match item {
+                Ok(message) => Some(to_delivery(message, js, dead_subject, partition)),
+                Err(e) => {
+                    // Missed heartbeats and reconnects surface here; the pull stream carries on.
+                    tracing::warn!(event = "pull_error", partition = partition.get(), error = %e, "pull error");
+                    None
+                }
             }
         }
     });
     Ok(stream.boxed())
 }
 
-fn to_delivery(message: jetstream::Message) -> Delivery {
+fn to_delivery(
+    message: jetstream::Message,
+    js: jetstream::Context,
+    dead_subject: String,
+    partition: Partition,
+) -> Delivery {
     let (attempt, sequence) = message.info().map(|i| (i.delivered.max(1) as u64, i.stream_sequence)).unwrap_or((1, 0));
     let (message, acker) = message.split();
     let parsed = serde_json::from_slice(&message.payload)
         .map_err(|e| format!("unreadable user message on {}: {e}", message.subject));
-    Delivery { message: parsed, attempt, sequence, acker: Box::new(NatsAcker(acker)) }
+    let original = Original {
+        js,
+        dead_subject,
+        partition,
+        subject: message.subject.to_string(),
+        headers: message.headers,
+        payload: message.payload,
+        sequence,
+    };
+    Delivery { message: parsed, attempt, sequence, acker: Box::new(NatsAcker(acker, original)) }
 }
 
-struct NatsAcker(jetstream::message::Acker);
+/// Settles a delivery; keeps the message's bytes for the dead letters should it be rejected.
+struct NatsAcker(jetstream::message::Acker, Original);
 
 fn failed(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("cannot settle a delivery: {e}"))
@@ -133,6 +153,13 @@ impl Acker for NatsAcker {
     }
 
     async fn reject(&self) -> Result<(), BusError> {
+        self.dead_letter("rejected").await
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<(), BusError> {
+        // Kept first, terminated after: a crash in between delivers it again, and the dead
+        // stream's duplicate window drops the second copy.
+        self.1.keep(reason).await?;
         self.0.ack_with(AckKind::Term).await.map_err(failed)
     }
 }

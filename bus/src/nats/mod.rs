@@ -3,6 +3,7 @@
 //! NATS subjects, one per session.
 
 mod consume;
+mod dead_letters;
 pub(crate) mod ownership;
 mod replicas;
 
@@ -132,11 +133,12 @@ impl NatsBus {
         let mut admin = bus.clone();
         admin.js.set_timeout(ADMIN_TIMEOUT);
         admin.ensure_stream().await?;
-        let bucket_stream = format!("KV_{}", ownership::bucket_name(&admin));
+        let bucket_stream = format!("KV_{}", admin.settings.names.ownership_bucket());
         replicas::reconcile(&admin.js, &bucket_stream, admin.settings.replicas, admin.replicas).await?;
         // Created here rather than on first use, so that a replica count the cluster cannot
         // hold stops start-up.
         ownership::bucket(&admin).await?;
+        dead_letters::ensure_stream(&admin).await?;
         Ok(bus)
     }
 
@@ -301,7 +303,17 @@ impl Bus for NatsBus {
     }
 
     async fn status(&self) -> Result<crate::FleetStatus, BusError> {
-        ownership::status(self).await
+        let mut status = ownership::status(self).await?;
+        status.dead_letters = dead_letters::count(self).await.ok();
+        Ok(status)
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::DeadLetter>, BusError> {
+        dead_letters::list(self, limit).await
+    }
+
+    async fn replay_dead_letters(&self, which: &crate::Replay) -> Result<Vec<crate::DeadLetter>, BusError> {
+        dead_letters::replay(self, which).await
     }
 
     fn describe(&self) -> String {
