@@ -32,6 +32,9 @@ pub struct Target {
 
     #[command(flatten)]
     pub partitions: PartitionArgs,
+
+    #[command(flatten)]
+    pub nats: crate::cli::NatsArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -86,7 +89,8 @@ async fn connect(target: &Target) -> anyhow::Result<std::sync::Arc<dyn Bus>> {
         ),
         other => other,
     };
-    wiring::connect_bus(choice, partitions, "chatfleet-dead-letters", bus::OwnershipSettings::default()).await
+    wiring::connect_bus(choice, partitions, "chatfleet-dead-letters", bus::OwnershipSettings::default(), &target.nats)
+        .await
 }
 
 pub async fn run(args: DeadLettersArgs) -> anyhow::Result<()> {
