@@ -288,8 +288,12 @@ async fn bad_message_bodies_get_clear_errors(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let session = app.create_session().await;
     let url = app.url(&format!("/v1/sessions/{}/messages", session.id));
+    // A connection per request: the gateway refuses an oversized body without reading it and
+    // then closes the connection (as HTTP servers do), and a pooled client could send the next
+    // request on that connection before it learns of the close.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     let raw = |body: String| {
-        app.http.post(&url).bearer_auth(&session.token).header("content-type", "application/json").body(body).send()
+        http.post(&url).bearer_auth(&session.token).header("content-type", "application/json").body(body).send()
     };
 
     let cases = [

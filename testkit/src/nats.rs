@@ -163,7 +163,37 @@ impl NatsCluster {
         for i in 0..SIZE {
             cluster.wait_healthy(i).await;
         }
+        cluster.wait_meta_group_complete(SIZE).await;
         cluster
+    }
+
+    /// Waits until the meta leader counts every other node as a current peer: a node can be
+    /// healthy before the leader has caught it up, and until then the cluster cannot place a
+    /// stream's replicas on all three nodes.
+    async fn wait_meta_group_complete(&mut self, size: usize) {
+        let deadline = tokio::time::Instant::now() + CLUSTER_READY_TIMEOUT;
+        loop {
+            if let Some(leader) = self.meta_leader().await {
+                let url = format!("{}/jsz", self.nodes[leader].monitor_url());
+                if let Ok(response) = self.http.get(url).timeout(Duration::from_secs(2)).send().await
+                    && let Ok(jsz) = response.json::<serde_json::Value>().await
+                    && let Some(peers) = jsz["meta_cluster"]["replicas"].as_array()
+                    && peers.len() + 1 == size
+                    && peers.iter().all(|peer| peer["current"].as_bool() == Some(true))
+                {
+                    return;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let logs: Vec<String> =
+                    self.nodes.iter().map(|n| format!("---- {}:\n{}", n.name, n.log_tail())).collect();
+                panic!(
+                    "the NATS meta group did not count all {size} nodes within {CLUSTER_READY_TIMEOUT:?}; logs:\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The client URL listing every server, comma-separated, as chatfleet's `--bus` takes it.
