@@ -144,16 +144,33 @@ impl AmqpBus {
 
     /// The live connection, connecting (and declaring the layout) if there is none.
     pub(crate) async fn connection(&self) -> Result<Arc<Connection>, BusError> {
-        let mut slot = self.inner.connection.lock().await;
-        if let Some(connection) = slot.as_ref()
-            && connection.status().connected()
         {
-            return Ok(connection.clone());
+            let slot = self.inner.connection.lock().await;
+            if let Some(connection) = slot.as_ref()
+                && connection.status().connected()
+            {
+                return Ok(connection.clone());
+            }
         }
-        *slot = None;
-        let connection = Arc::new(self.open_connection().await?);
-        *slot = Some(connection.clone());
-        Ok(connection)
+        // Connect in a task of its own, which keeps what it opens: callers bound their waits (an
+        // enqueue by the publish timeout), and a handshake cut short by one caller's deadline
+        // after another would never reach a broker that answers slowly, as one does for a while
+        // after it restarts.
+        let bus = self.clone();
+        tokio::spawn(async move {
+            let mut slot = bus.inner.connection.lock().await;
+            if let Some(connection) = slot.as_ref()
+                && connection.status().connected()
+            {
+                return Ok(connection.clone());
+            }
+            *slot = None;
+            let connection = Arc::new(bus.open_connection().await?);
+            *slot = Some(connection.clone());
+            Ok(connection)
+        })
+        .await
+        .map_err(|e| BusError::Unavailable(format!("connecting to RabbitMQ failed: {e}")))?
     }
 
     /// Connects to the first listed node that answers, starting with the last one that did.
