@@ -42,3 +42,34 @@ pub(crate) fn partition_backlog(partition: Partition, pending: Option<u64>, ack_
         metrics::gauge!(PARTITION_ACK_PENDING, &labels).set(ack_pending as f64);
     }
 }
+
+/// Deliveries of a partition that went missing on their way to this worker (a broken
+/// connection), each time followed by a fresh consumer that delivers them again in order.
+pub const DELIVERY_GAPS: &str = "chatfleet_partition_delivery_gaps_total";
+
+/// A delivery of `partition` went missing: the consumer sent sequence `got` while this pull
+/// expected `expected`.
+pub(crate) fn delivery_gap(partition: Partition, expected: u64, got: u64) {
+    tracing::warn!(
+        event = "delivery_gap",
+        partition = partition.get(),
+        expected,
+        got,
+        "deliveries went missing; replacing the consumer so they come again in order"
+    );
+    metrics::counter!(DELIVERY_GAPS, "partition" => partition.get().to_string()).increment(1);
+}
+
+/// Pulls of a partition replaced by a fresh consumer and pull, by reason.
+pub const PULL_RESTARTS: &str = "chatfleet_partition_pull_restarts_total";
+
+/// The pull of `partition` is replaced with a fresh consumer and pull (`why`).
+pub(crate) fn pull_restarted(partition: Partition, why: &'static str) {
+    tracing::warn!(
+        event = "pull_restarted",
+        partition = partition.get(),
+        why,
+        "replacing the partition's consumer and pull"
+    );
+    metrics::counter!(PULL_RESTARTS, "partition" => partition.get().to_string(), "why" => why).increment(1);
+}

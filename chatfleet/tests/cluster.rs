@@ -1,8 +1,7 @@
-//! The fleet on a three-node RabbitMQ cluster, every partition's quorum queue on all three
-//! nodes: while users chat, one node is killed and restarted, with nothing accepted lost,
-//! nothing answered twice, and the fleet serving again within a stated time. (The NATS cluster
-//! scenario, a node and then the meta leader killed under load, is out of the suite while the
-//! order fault it found is open; see ARCHITECTURE.md, "Failure modes".)
+//! The fleet on three-node broker clusters: on NATS every stream kept at three replicas, on
+//! RabbitMQ every partition's quorum queue on all three nodes; while users chat, one node is
+//! killed and restarted (on NATS then the JetStream meta leader too), with nothing accepted
+//! lost, nothing answered twice, and the fleet serving again within a stated time.
 
 #[macro_use]
 mod support;
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use support::{Backend, Broker, Options, Session, TestApp, echo_of};
-use testkit::RabbitMqCluster;
+use testkit::{NatsCluster, RabbitMqCluster};
 use tokio_util::sync::CancellationToken;
 
 /// From a node's kill until a new user's message is accepted and answered in full: the bound
@@ -186,6 +185,13 @@ async fn ends_with_done(response: reqwest::Response) -> bool {
     false
 }
 
+fn cluster(app: &mut TestApp) -> &mut NatsCluster {
+    match app.broker_mut() {
+        Broker::NatsCluster(cluster) => cluster,
+        _ => panic!("the fleet runs on a NATS cluster"),
+    }
+}
+
 fn rabbit_cluster(app: &mut TestApp) -> &mut RabbitMqCluster {
     match app.broker_mut() {
         Broker::RabbitCluster(cluster) => cluster,
@@ -198,6 +204,68 @@ fn clustered_fleet() -> Options {
     Options { cluster: true, workers: 2, first_token_ms: 20, token_ms: 10, reply_tokens: 12, ..Options::default() }
 }
 
+/// A stream's replica count, its leader, and how many servers hold a copy of it, once it has
+/// elected a leader.
+async fn placement(js: &async_nats::jetstream::Context, stream: &str) -> (usize, String, usize) {
+    let started = Instant::now();
+    let (info, placed, leader) = loop {
+        let info = js.get_stream(stream).await.unwrap().info().await.unwrap().clone();
+        let placed = info.cluster.clone().expect("a clustered stream reports its placement");
+        if let Some(leader) = placed.leader.clone() {
+            break (info, placed, leader);
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "stream {stream} has no leader after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut holders: Vec<String> = placed.replicas.into_iter().map(|peer| peer.name).collect();
+    holders.push(leader.clone());
+    holders.sort();
+    holders.dedup();
+    (info.config.num_replicas, leader, holders.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_node_then_the_meta_leader_mid_load_loses_nothing_answers_once_and_serves_again_quickly() {
+    let mut app = TestApp::spawn_with(Backend::NatsMongo, clustered_fleet()).await;
+    let client = async_nats::connect(app.bus_url().split(',').collect::<Vec<_>>()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let (input_replicas, input_leader, holders) = placement(&js, "CHATFLEET_IN").await;
+    assert_eq!((input_replicas, holders), (3, 3), "the input stream has a copy on each server");
+    let (bucket_replicas, _, holders) = placement(&js, "KV_CHATFLEET_OWNERSHIP").await;
+    assert_eq!((bucket_replicas, holders), (3, 3), "the ownership bucket has a copy on each server");
+
+    let load = Load::start(&app, 12, Duration::from_millis(100)).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+
+    // First a node that is not the meta leader: the input stream's leader if it is one of those.
+    let meta = cluster(&mut app).meta_leader().await.expect("the cluster has a meta leader");
+    let first = match cluster(&mut app).index_of(&input_leader) {
+        Some(node) if node != meta => node,
+        _ => (meta + 1) % 3,
+    };
+    cluster(&mut app).stop_node(first).await;
+    let node_loss = serves_again(&app, Instant::now()).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+    cluster(&mut app).restart_node(first).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+
+    let meta = cluster(&mut app).meta_leader().await.expect("the cluster has a meta leader again");
+    cluster(&mut app).stop_node(meta).await;
+    let leader_loss = serves_again(&app, Instant::now()).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+    cluster(&mut app).restart_node(meta).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+
+    let answered = load.finish_and_verify(&app).await;
+    println!(
+        "3-node NATS cluster: serving again {node_loss:?} after losing node n{first} (not the meta leader), \
+         {leader_loss:?} after losing the meta leader n{meta}; {answered} messages answered exactly once"
+    );
+    assert!(node_loss < RECOVERY_BOUND, "{node_loss:?} to serve again after losing a node");
+    assert!(leader_loss < RECOVERY_BOUND, "{leader_loss:?} to serve again after losing the meta leader");
+}
+
+/// A node that no client is connected to is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_rabbitmq_node_mid_load_loses_nothing_and_answers_once() {
     let mut app = TestApp::spawn_with(Backend::RabbitMongo, clustered_fleet()).await;
@@ -222,4 +290,27 @@ async fn killing_a_rabbitmq_node_mid_load_loses_nothing_and_answers_once() {
          exactly once"
     );
     assert!(node_loss < RECOVERY_BOUND, "{node_loss:?} to serve again after losing a node");
+}
+
+/// The node every process is connected to, and that leads every partition's queue (they were
+/// declared through it), is killed: processes move to the other nodes, each queue elects a new
+/// leader among its two remaining members, and every user is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_rabbitmq_node_every_client_uses_mid_load_loses_nothing_and_answers_once() {
+    let mut app = TestApp::spawn_with(Backend::RabbitMongo, clustered_fleet()).await;
+    let load = Load::start(&app, 12, Duration::from_millis(100)).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+
+    rabbit_cluster(&mut app).stop_node(0).await;
+    let node_loss = serves_again(&app, Instant::now()).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+    rabbit_cluster(&mut app).restart_node(0).await;
+    load.wait_accepted(40, Duration::from_secs(30)).await;
+
+    let answered = load.finish_and_verify(&app).await;
+    println!(
+        "3-node RabbitMQ cluster: serving again {node_loss:?} after losing the node every client used; \
+         {answered} messages answered exactly once"
+    );
+    assert!(node_loss < RECOVERY_BOUND, "{node_loss:?} to serve again after losing the clients' node");
 }

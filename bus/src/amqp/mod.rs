@@ -445,7 +445,14 @@ impl Bus for AmqpBus {
                 "RabbitMQ has no queue for partition {partition} (returned: {}); was it deleted?",
                 returned.reply_text
             ))),
-            Ok(Confirmation::Nack(_)) => Err(BusError::Unavailable("RabbitMQ refused the message (nack)".into())),
+            Ok(Confirmation::Nack(_)) => {
+                // A channel that published to a quorum queue while its leader was moving can go
+                // on refusing every later message (seen after the node leading every queue
+                // died: nacks for over a minute, on a connection to a healthy node); the next
+                // message goes out on a fresh channel.
+                Self::forget_channel(&self.inner.publisher).await;
+                Err(BusError::Unavailable("RabbitMQ refused the message (nack)".into()))
+            }
             Ok(Confirmation::NotRequested) => Err(BusError::Failed("publisher confirms are off".into())),
             Err(e) => {
                 Self::forget_channel(&self.inner.publisher).await;

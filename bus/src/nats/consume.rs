@@ -10,7 +10,7 @@ use schemas::Partition;
 
 use super::NatsBus;
 use super::dead_letters::Original;
-use crate::{Acker, BusError, Deliveries, Delivery};
+use crate::{Acker, BusError, Deliveries, Delivery, telemetry};
 use schemas::subjects::PINNED_GROUP as GROUP;
 
 fn consumer_config(bus: &NatsBus, partition: Partition) -> pull::Config {
@@ -65,7 +65,105 @@ pub(super) async fn consumer_info(bus: &NatsBus, partition: Partition) -> Result
     stream.consumer_info(&durable).await.map_err(|e| BusError::Unavailable(format!("no consumer {durable}: {e}")))
 }
 
+/// The partition's deliveries, in stream order without gaps.
+///
+/// A delivery can be lost on its way to the worker: JetStream counts a message as delivered
+/// when it sends it, and a connection that breaks (the server it was attached to dies, a
+/// reconnect) loses whatever was in flight. JetStream delivers such a message again only after
+/// the ack wait, and the ones after it at once, so a session's later message would be answered
+/// before its earlier one. Every delivery carries the consumer's own sequence, which has no
+/// holes; a hole means a lost delivery. Then this pull ends, the consumer is replaced (every
+/// unacknowledged message comes again at once, in stream order: the ones in hand are recognised
+/// by the worker, the lost one is next), and a new pull starts.
 pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<Deliveries, BusError> {
+    let (durable, stream) = (bus.settings.names.partition_consumer(partition), input_stream(bus).await?);
+    // A consumer that delivered before belongs to an earlier pull of ours, whose last deliveries
+    // may not have arrived: replaced, it delivers them again. A fresh one (a hand-over just made
+    // it) starts at the first sequence.
+    let delivered_before = stream.consumer_info(&durable).await.is_ok_and(|info| info.delivered.consumer_sequence > 0);
+    if delivered_before {
+        reset_consumer(bus, partition).await?;
+    }
+    let pull =
+        GaplessPull { bus: bus.clone(), partition, messages: open_pull(bus, partition).await?, next: 1, silent: 0 };
+    let deliveries = futures::stream::unfold(pull, |mut pull| async move {
+        let delivery = pull.next().await?;
+        Some((delivery, pull))
+    });
+    Ok(deliveries.boxed())
+}
+
+/// A partition's pull, replaced with a fresh consumer whenever a delivery went missing.
+struct GaplessPull {
+    bus: NatsBus,
+    partition: Partition,
+    messages: pull::Stream,
+    /// The consumer sequence the next delivery must carry.
+    next: u64,
+    /// Idle heartbeats missed in a row.
+    silent: u32,
+}
+
+/// How many idle heartbeats in a row a pull may miss before it is replaced (a heartbeat is a
+/// twentieth of the pin timeout: a quarter second by default).
+const SILENT_HEARTBEATS_BEFORE_RESTART: u32 = 3;
+
+impl GaplessPull {
+    async fn next(&mut self) -> Option<Delivery> {
+        let partition = self.partition;
+        loop {
+            let message = match self.messages.next().await? {
+                Ok(message) => message,
+                Err(e) => {
+                    // Missed heartbeats and reconnects surface here; the pull stream carries on.
+                    tracing::warn!(event = "pull_error", partition = partition.get(), error = %e, "pull error");
+                    if e.kind() == pull::MessagesErrorKind::MissingHeartbeat {
+                        self.silent += 1;
+                    }
+                    // After a server of a cluster dies, a pull can stay silent for many seconds
+                    // while its requests go nowhere (seen for 7 s with the consumer's leader on
+                    // the dead server); deliveries in flight may be lost too. A fresh consumer
+                    // and pull recover both at once.
+                    if self.silent >= SILENT_HEARTBEATS_BEFORE_RESTART {
+                        telemetry::pull_restarted(partition, "heartbeats missed");
+                        if let Err(e) = self.restart().await {
+                            tracing::warn!(event = "pull_restart_failed", partition = partition.get(), error = %e);
+                            return None;
+                        }
+                    }
+                    continue;
+                }
+            };
+            self.silent = 0;
+            let sequence = message.info().map(|info| info.consumer_sequence).unwrap_or(self.next);
+            if sequence > self.next {
+                // The message in hand is not settled: the fresh consumer delivers it again.
+                telemetry::delivery_gap(partition, self.next, sequence);
+                telemetry::pull_restarted(partition, "deliveries missing");
+                if let Err(e) = self.restart().await {
+                    tracing::warn!(event = "pull_restart_failed", partition = partition.get(), error = %e);
+                    return None;
+                }
+                continue;
+            }
+            // A lower sequence: somebody replaced the consumer (a new owner); counting restarts.
+            self.next = sequence + 1;
+            let (js, dead_subject) = (self.bus.js.clone(), self.bus.settings.names.dead_subject(partition));
+            return Some(to_delivery(message, js, dead_subject, partition));
+        }
+    }
+
+    async fn restart(&mut self) -> Result<(), BusError> {
+        reset_consumer(&self.bus, self.partition).await?;
+        self.messages = open_pull(&self.bus, self.partition).await?;
+        self.next = 1;
+        self.silent = 0;
+        Ok(())
+    }
+}
+
+/// Opens the pinned pull on the partition's consumer (creating the consumer if it is missing).
+async fn open_pull(bus: &NatsBus, partition: Partition) -> Result<pull::Stream, BusError> {
     let settings = &bus.settings;
     let durable = settings.names.partition_consumer(partition);
     let stream = input_stream(bus).await?;
@@ -81,7 +179,7 @@ pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<De
     }
     // Pulls expire well within the pin timeout, so a live puller never loses its pin.
     let expires = (settings.pin_timeout / 5).max(Duration::from_millis(500));
-    let messages = consumer
+    consumer
         .stream()
         .group(GROUP)
         .max_messages_per_batch(256)
@@ -89,22 +187,7 @@ pub(super) async fn deliveries(bus: &NatsBus, partition: Partition) -> Result<De
         .heartbeat(expires / 4)
         .messages()
         .await
-        .map_err(|e| BusError::Unavailable(format!("cannot pull from {durable}: {e}")))?;
-    let (js, dead_subject) = (bus.js.clone(), settings.names.dead_subject(partition));
-    let stream = messages.filter_map(move |item| {
-        let (js, dead_subject) = (js.clone(), dead_subject.clone());
-        async move {
-            match item {
-                Ok(message) => Some(to_delivery(message, js, dead_subject, partition)),
-                Err(e) => {
-                    // Missed heartbeats and reconnects surface here; the pull stream carries on.
-                    tracing::warn!(event = "pull_error", partition = partition.get(), error = %e, "pull error");
-                    None
-                }
-            }
-        }
-    });
-    Ok(stream.boxed())
+        .map_err(|e| BusError::Unavailable(format!("cannot pull from {durable}: {e}")))
 }
 
 fn to_delivery(

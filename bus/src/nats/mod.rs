@@ -42,7 +42,11 @@ pub struct NatsSettings {
     /// How long a delivery may go unacknowledged before JetStream redelivers it; workers
     /// report progress well within it while they generate.
     pub ack_wait: Duration,
-    /// How many times a message is delivered before JetStream gives up on it.
+    /// How many times a partition's consumer delivers a message before JetStream gives up on
+    /// it; -1, the default, is no limit. A message JetStream gives up on stays in the work-queue
+    /// stream, never delivered again and never settled, so the worker's own limit
+    /// (`--max-generation-starts`, counted in the store across owners) decides instead, and sends
+    /// the message to the dead letters.
     pub max_deliver: i64,
     /// How many unacknowledged deliveries a partition may have out at once; bounds a
     /// worker's in-flight generations per partition.
@@ -66,7 +70,7 @@ impl NatsSettings {
             publish_timeout: Duration::from_millis(1500),
             duplicate_window: Duration::from_secs(10 * 60),
             ack_wait: Duration::from_secs(30),
-            max_deliver: 20,
+            max_deliver: -1,
             max_ack_pending: 10_000,
             pin_timeout: Duration::from_secs(5),
             client_name: "chatfleet".into(),

@@ -83,6 +83,7 @@ pub(super) async fn join(
         synced: false,
         owned: BTreeMap::new(),
         taking: BTreeSet::new(),
+        take_backoff: HashMap::new(),
         renewing: false,
         leaving: false,
         worker_gone: false,
@@ -185,6 +186,10 @@ struct Coordinator {
     owned: BTreeMap<Partition, Owned>,
     /// Partitions an attempt to take is under way for.
     taking: BTreeSet<Partition>,
+    /// Partitions whose last attempt to take failed: when to try again, and the failures in a
+    /// row. Without the pause a broker that fails fast (a stream without a leader) would be
+    /// asked again at once, thousands of times a second, by every worker.
+    take_backoff: HashMap<Partition, (Instant, u32)>,
     /// A round of renewals is under way; the next waits for it.
     renewing: bool,
     leaving: bool,
@@ -409,7 +414,10 @@ impl Coordinator {
         let wanted: Vec<Partition> = target
             .iter()
             .filter(|(p, owner)| {
-                owner.as_str() == self.me.as_str() && !self.owned.contains_key(p) && !self.taking.contains(p)
+                owner.as_str() == self.me.as_str()
+                    && !self.owned.contains_key(p)
+                    && !self.taking.contains(p)
+                    && self.take_backoff.get(p).is_none_or(|(retry_at, _)| Instant::now() >= *retry_at)
             })
             .map(|(p, _)| *p)
             .collect();
@@ -433,6 +441,7 @@ impl Coordinator {
         self.taking.remove(&partition);
         match take.outcome {
             Taken::Yes { revision, valid_from } => {
+                self.take_backoff.remove(&partition);
                 let valid_until = valid_from + self.settings.lease_ttl - self.settings.safety_margin;
                 self.owned.insert(partition, Owned { revision, valid_until, holding: Holding::Active });
                 self.record_own_lease(partition, revision);
@@ -446,7 +455,14 @@ impl Coordinator {
                 }
             }
             Taken::No(e) => {
-                tracing::warn!(event = "partition_take_failed", worker = %self.me, partition = partition.get(), error = %e)
+                // 100 ms, doubling up to the heartbeat, with jitter so that workers spread out.
+                let failures = self.take_backoff.get(&partition).map_or(0, |(_, n)| *n) + 1;
+                let pause = Duration::from_millis(100)
+                    .saturating_mul(1 << failures.min(6))
+                    .min(self.settings.heartbeat)
+                    .mul_f64(rand::random_range(0.5..1.0));
+                self.take_backoff.insert(partition, (Instant::now() + pause, failures));
+                tracing::warn!(event = "partition_take_failed", worker = %self.me, partition = partition.get(), failures, retry_in = ?pause, error = %e)
             }
         }
     }
