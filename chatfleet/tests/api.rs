@@ -396,6 +396,7 @@ async fn operational_endpoints_answer(backend: Backend) {
     let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let page = app.http.get(app.url("/")).send().await.unwrap();
     let missing = app.http.get(app.url("/nope")).send().await.unwrap();
+    let wrong_method = app.http.put(app.url("/v1/sessions")).send().await.unwrap();
 
     assert_eq!(health.status(), 200);
     assert_eq!(ready.status(), 200);
@@ -404,6 +405,9 @@ async fn operational_endpoints_answer(backend: Backend) {
     assert!(page.text().await.unwrap().contains("/v1/sessions"));
     assert_eq!(missing.status(), 404);
     assert_eq!(error_code(&missing.json().await.unwrap()), "not_found");
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    assert_eq!(error_code(&wrong_method.json().await.unwrap()), "method_not_allowed");
 }
 
 async fn hundreds_of_sessions_streaming_at_once_each_get_their_own_reply(backend: Backend) {

@@ -21,6 +21,8 @@ pub enum ErrorCode {
     SessionNotFound,
     /// 404: no such endpoint.
     NotFound,
+    /// 405: the endpoint exists, the method does not (the `Allow` header lists those that do).
+    MethodNotAllowed,
     /// 413.
     PayloadTooLarge,
     /// 400: the body is not a JSON object.
@@ -77,11 +79,12 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this build knows, for documentation and tests.
-    pub const KNOWN: [ErrorCode; 26] = [
+    pub const KNOWN: [ErrorCode; 27] = [
         Self::Unauthorized,
         Self::Forbidden,
         Self::SessionNotFound,
         Self::NotFound,
+        Self::MethodNotAllowed,
         Self::PayloadTooLarge,
         Self::InvalidJson,
         Self::InvalidRequest,
@@ -122,6 +125,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::SessionNotFound => "session_not_found",
             Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge => "payload_too_large",
             Self::InvalidJson => "invalid_json",
             Self::InvalidRequest => "invalid_request",

@@ -26,5 +26,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/sessions/{session_id}/events", get(messages::events))
         .merge(health::router(health))
         .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state)
 }

@@ -21,3 +21,8 @@ pub(crate) async fn favicon() -> StatusCode {
 pub(crate) async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
 }
+
+/// The endpoint exists but not with this method; axum adds the `Allow` header to this answer.
+pub(crate) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::MethodNotAllowed(format!("this endpoint does not take {method}; the Allow header lists what it takes"))
+}
