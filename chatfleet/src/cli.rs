@@ -204,6 +204,21 @@ pub struct GatewayTuning {
     /// one store read per quiet stream.
     #[arg(long = "reply-check-secs", env = "CHATFLEET_REPLY_CHECK_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub reply_check_secs: u64,
+
+    /// The most bytes a request's line and headers may take together; a larger request is
+    /// answered 431 (HTTP/1) or refused (HTTP/2). At least 8192.
+    #[arg(long = "max-header-bytes", env = "CHATFLEET_MAX_HEADER_BYTES", default_value_t = 32 * 1024, value_parser = clap::value_parser!(u64).range(8192..=1024 * 1024))]
+    pub max_header_bytes: u64,
+
+    /// Seconds a client may take to send a request's headers, from their first byte; a client
+    /// that trickles them (slowloris) is disconnected.
+    #[arg(long = "header-read-timeout-secs", env = "CHATFLEET_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_read_timeout_secs: u64,
+
+    /// Connections the gateway holds open at once (reply streams included); further clients
+    /// wait in the listen backlog until one closes. Keep it under the process's open-file limit.
+    #[arg(long = "max-connections", env = "CHATFLEET_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
 }
 
 /// Parses a policy name, with the message naming the valid ones.

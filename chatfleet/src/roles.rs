@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use gateway::{Gateway, GatewayConfig};
+use gateway::{Gateway, GatewayConfig, HttpLimits};
 use llm::ChatModel;
 use schemas::{PartitionCount, WorkerId};
 use tokio::net::TcpListener;
@@ -78,6 +78,11 @@ fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
         double_texting: tuning.double_texting,
         session_cache_ttl: Duration::from_millis(tuning.session_cache_ms),
         reply_check: Duration::from_secs(tuning.reply_check_secs),
+        http: HttpLimits {
+            max_header_bytes: tuning.max_header_bytes as usize,
+            header_read_timeout: Duration::from_secs(tuning.header_read_timeout_secs),
+            max_connections: tuning.max_connections as usize,
+        },
         ..GatewayConfig::default()
     }
 }

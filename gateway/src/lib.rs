@@ -10,6 +10,7 @@ mod auth;
 mod error;
 pub mod health;
 mod routes;
+mod server;
 mod session_cache;
 mod sse;
 pub mod telemetry;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use auth::TokenKey;
 pub use error::ApiError;
+pub use server::HttpLimits;
 
 /// How the gateway behaves.
 #[derive(Clone)]
@@ -56,6 +58,8 @@ pub struct GatewayConfig {
     /// worker stores the outcome before it announces it, so a lost `done` or `error` is found
     /// there and the stream still ends with it.
     pub reply_check: Duration,
+    /// Limits on request headers, their pace and open connections.
+    pub http: HttpLimits,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -68,6 +72,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("double_texting", &self.double_texting)
             .field("session_cache_ttl", &self.session_cache_ttl)
             .field("reply_check", &self.reply_check)
+            .field("http", &self.http)
             .finish()
     }
 }
@@ -82,6 +87,7 @@ impl Default for GatewayConfig {
             double_texting: DoubleTexting::Enqueue,
             session_cache_ttl: Duration::from_secs(2),
             reply_check: Duration::from_secs(10),
+            http: HttpLimits::default(),
         }
     }
 }
@@ -163,6 +169,6 @@ impl Gateway {
             shutdown.await;
             closing.cancel();
         });
-        axum::serve(listener, router).with_graceful_shutdown(self.state.closing.clone().cancelled_owned()).await
+        server::serve(listener, router, &self.state.config.http, self.state.closing.clone()).await
     }
 }

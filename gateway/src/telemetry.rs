@@ -15,6 +15,21 @@ pub const SESSIONS_CREATED: &str = "chatfleet_gateway_sessions_created_total";
 /// Streamed replies whose terminal event never arrived and was read from the store instead.
 pub const TERMINAL_EVENTS_RECOVERED: &str = "chatfleet_gateway_terminal_events_recovered_total";
 
+/// Times every connection slot was taken (`--max-connections`): new connections waited.
+pub const CONNECTIONS_AT_LIMIT: &str = "chatfleet_gateway_connections_at_limit_total";
+/// Connections the listener failed to accept (out of files, reset before accepted).
+pub const ACCEPT_ERRORS: &str = "chatfleet_gateway_accept_errors_total";
+
+pub fn connections_at_limit(limit: usize) {
+    tracing::warn!(event = "connections_at_limit", limit, "every connection slot is taken; new connections wait");
+    counter!(CONNECTIONS_AT_LIMIT).increment(1);
+}
+
+pub fn accept_failed(error: &std::io::Error) {
+    tracing::warn!(event = "accept_failed", error = %error, "could not accept a connection");
+    counter!(ACCEPT_ERRORS).increment(1);
+}
+
 pub fn request_failed(code: &schemas::ErrorCode) {
     counter!(REQUEST_ERRORS, "code" => code.known_name().unwrap_or("other")).increment(1);
 }

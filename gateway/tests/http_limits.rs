@@ -1,0 +1,146 @@
+//! The limits a public endpoint needs, seen from raw sockets: oversized headers are refused,
+//! a client that trickles its headers is disconnected, and connections beyond the limit wait
+//! until one closes, while well-behaved clients keep being served throughout.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus::MemoryBus;
+use chatfleet_gateway::{Gateway, GatewayConfig, HttpLimits};
+use schemas::PartitionCount;
+use store::EmbeddedStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// A gateway on a free port with the given limits, over a memory bus and an embedded store.
+struct TestGateway {
+    address: std::net::SocketAddr,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    async fn spawn(http: HttpLimits) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+        let bus = Arc::new(MemoryBus::new(PartitionCount::new(4).unwrap()));
+        let config = GatewayConfig { http, ..GatewayConfig::default() };
+        let gateway = Gateway::build(bus, store, config, None).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(gateway.serve(listener, stop.clone().cancelled_owned()));
+        TestGateway { address, stop, _dir: dir }
+    }
+
+    /// Sends `request` on a new connection and returns the status line of the answer.
+    async fn status_of(&self, request: &[u8]) -> String {
+        let mut socket = TcpStream::connect(self.address).await.unwrap();
+        socket.write_all(request).await.unwrap();
+        read_status_line(&mut socket).await
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+const HEALTH: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n";
+
+async fn read_status_line(socket: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(read > 0, "the connection closed without an answer: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buffer[..read]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// Reads until the peer closes the connection; returns how long that took.
+async fn time_until_closed(socket: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit, socket.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the gateway kept the connection open for {limit:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn headers_larger_than_the_limit_are_refused_with_431_and_smaller_ones_served() {
+    let gateway = TestGateway::spawn(HttpLimits { max_header_bytes: 16 * 1024, ..HttpLimits::default() }).await;
+    let big = format!("GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Padding: {}\r\n\r\n", "a".repeat(20 * 1024));
+    let fits = format!(
+        "GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(8 * 1024)
+    );
+
+    let refused = gateway.status_of(big.as_bytes()).await;
+    let served = gateway.status_of(fits.as_bytes()).await;
+
+    assert!(refused.contains(" 431 "), "{refused}");
+    assert!(served.contains(" 200 "), "{served}");
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_disconnected_while_others_are_served() {
+    let gateway =
+        TestGateway::spawn(HttpLimits { header_read_timeout: Duration::from_secs(1), ..HttpLimits::default() }).await;
+    let mut slow = TcpStream::connect(gateway.address).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n").await.unwrap();
+    let dripping = async {
+        // One header byte every 200 ms: never a complete head.
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(b"X").await.is_err() {
+                break;
+            }
+        }
+    };
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gateway.status_of(HEALTH).await
+    };
+
+    let ((), served) = tokio::join!(dripping, meanwhile);
+    let closed_after = time_until_closed(&mut slow, Duration::from_secs(5)).await;
+
+    assert!(served.contains(" 200 "), "{served}");
+    // The drip ended because the gateway closed the connection, well before its 10 s.
+    assert!(closed_after < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let gateway = TestGateway::spawn(HttpLimits { max_connections: 2, ..HttpLimits::default() }).await;
+    let mut idle: Vec<TcpStream> = Vec::new();
+    for _ in 0..2 {
+        let mut socket = TcpStream::connect(gateway.address).await.unwrap();
+        // A kept-alive connection: answered, then left open.
+        socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n").await.unwrap();
+        assert!(read_status_line(&mut socket).await.contains(" 200 "));
+        idle.push(socket);
+    }
+
+    let mut third = TcpStream::connect(gateway.address).await.unwrap();
+    third.write_all(HEALTH).await.unwrap();
+    let mut buffer = [0u8; 64];
+    let while_full = tokio::time::timeout(Duration::from_millis(500), third.read(&mut buffer)).await;
+    drop(idle.pop());
+    let after_one_closed = read_status_line(&mut third).await;
+
+    assert!(while_full.is_err(), "the third connection was served while both slots were taken");
+    assert!(after_one_closed.contains(" 200 "), "{after_one_closed}");
+}
