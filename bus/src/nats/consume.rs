@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use schemas::Partition;
 
 use super::NatsBus;
@@ -55,6 +55,34 @@ pub(super) async fn reset_consumer(bus: &NatsBus, partition: Partition) -> Resul
         .create_consumer(consumer_config(bus, partition))
         .await
         .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
+    Ok(())
+}
+
+/// Creates each partition's consumer that does not exist yet, with the configuration its owner
+/// gives it. Every process does this when it connects, so a partition's backlog is visible on
+/// its consumer (`num_pending`, which KEDA's `nats-jetstream` scaler reads) even while no
+/// worker has ever run: otherwise a fleet scaled to zero workers could never scale up. An
+/// existing consumer is left alone (its owner resets it on taking the partition, under the same
+/// name); a create that loses a race with another process is no error.
+pub(super) async fn ensure_consumers(bus: &NatsBus) -> Result<(), BusError> {
+    let stream = input_stream(bus).await?;
+    let stream = &stream;
+    futures::stream::iter(bus.settings.partitions.all())
+        .map(|partition| async move {
+            let durable = bus.settings.names.partition_consumer(partition);
+            if stream.consumer_info(&durable).await.is_ok() {
+                return Ok(());
+            }
+            // Strict: never changes a consumer that appeared meanwhile.
+            match stream.create_consumer_strict(consumer_config(bus, partition)).await {
+                Ok(_) => Ok(()),
+                Err(_) if stream.consumer_info(&durable).await.is_ok() => Ok(()),
+                Err(e) => Err(BusError::Failed(format!("cannot create consumer {durable}: {e}"))),
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
     Ok(())
 }
 

@@ -133,6 +133,9 @@ impl NatsBus {
         let mut admin = bus.clone();
         admin.js.set_timeout(ADMIN_TIMEOUT);
         admin.ensure_stream().await?;
+        // The partition consumers exist from the first process on, workers or not, so that the
+        // backlog is visible to autoscalers (deploy/, KEDA) before any worker runs.
+        consume::ensure_consumers(&admin).await?;
         let bucket_stream = format!("KV_{}", admin.settings.names.ownership_bucket());
         replicas::reconcile(&admin.js, &bucket_stream, admin.settings.replicas, admin.replicas).await?;
         // Created here rather than on first use, so that a replica count the cluster cannot
