@@ -23,6 +23,7 @@ pub mod memory;
 pub mod nats;
 pub mod ownership;
 pub mod telemetry;
+pub mod trace_context;
 
 pub use amqp::{AmqpBus, AmqpNames, AmqpSettings};
 pub use memory::MemoryBus;
@@ -67,6 +68,9 @@ pub struct Delivery {
     pub sequence: u64,
     /// Settles the delivery with the broker.
     pub acker: Box<dyn Acker>,
+    /// The trace the message was enqueued in (W3C `traceparent`, `tracestate` from the broker
+    /// message's headers; empty when tracing is off, and on the in-process bus).
+    pub trace: trace_context::TraceHeaders,
 }
 
 impl std::fmt::Debug for Delivery {

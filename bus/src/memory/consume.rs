@@ -100,6 +100,7 @@ pub(super) fn deliveries(queue: Arc<PartitionQueue>) -> Deliveries {
             attempt: entry.deliveries,
             sequence: seq,
             acker: Box::new(MemoryAcker { queue: queue.clone(), seq, generation }),
+            trace: Default::default(),
         };
         Some((delivery, queue))
     })

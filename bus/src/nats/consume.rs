@@ -143,6 +143,14 @@ fn to_delivery(
 ) -> Delivery {
     let (attempt, sequence) = message.info().map(|i| (i.delivered.max(1) as u64, i.stream_sequence)).unwrap_or((1, 0));
     let (message, acker) = message.split();
+    let mut trace = crate::trace_context::TraceHeaders::new();
+    if let Some(headers) = &message.headers {
+        for name in crate::trace_context::header_names() {
+            if let Some(value) = headers.get(name.as_str()) {
+                trace.insert(name, value.as_str().to_owned());
+            }
+        }
+    }
     let parsed = serde_json::from_slice(&message.payload)
         .map_err(|e| format!("unreadable user message on {}: {e}", message.subject));
     let original = Original {
@@ -154,7 +162,7 @@ fn to_delivery(
         payload: message.payload,
         sequence,
     };
-    Delivery { message: parsed, attempt, sequence, acker: Box::new(NatsAcker(acker, original)) }
+    Delivery { message: parsed, attempt, sequence, acker: Box::new(NatsAcker(acker, original)), trace }
 }
 
 /// Settles a delivery; keeps the message's bytes for the dead letters should it be rejected.
