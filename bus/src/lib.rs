@@ -69,7 +69,8 @@ pub struct Delivery {
     /// Settles the delivery with the broker.
     pub acker: Box<dyn Acker>,
     /// The trace the message was enqueued in (W3C `traceparent`, `tracestate` from the broker
-    /// message's headers; empty when tracing is off, and on the in-process bus).
+    /// message's headers, or kept beside the message by the in-process bus; empty when tracing
+    /// is off).
     pub trace: trace_context::TraceHeaders,
 }
 
