@@ -93,7 +93,11 @@ async fn a_gateway_and_a_worker_from_the_image_answer_a_message_over_nats() {
     let store = mongo.url_for_db("fleet");
     let model = format!("http://127.0.0.1:{mock_port}/v1");
     let wiring = [("CHATFLEET_BUS", bus), ("CHATFLEET_STORE", store), ("RUST_LOG", "warn".to_owned())];
-    let mock = Container::run("mock", &[("RUST_LOG", "warn".into())], &["mock-llm", "--listen", &format!("127.0.0.1:{mock_port}")]);
+    let mock = Container::run(
+        "mock",
+        &[("RUST_LOG", "warn".into())],
+        &["mock-llm", "--listen", &format!("127.0.0.1:{mock_port}")],
+    );
     let gateway_env = [&wiring[..], &[("CHATFLEET_LISTEN", format!("127.0.0.1:{gateway_port}"))]].concat();
     let gateway = Container::run("gateway", &gateway_env, &["gateway"]);
     let worker_env = [

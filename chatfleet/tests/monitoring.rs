@@ -25,7 +25,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     let mut rest = text;
     while let Some(start) = rest.find("chatfleet_") {
         let tail = &rest[start..];
-        let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(tail.len());
+        let end =
+            tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(tail.len());
         names.insert(tail[..end].to_owned());
         rest = &tail[end..];
     }
@@ -80,7 +81,8 @@ fn every_metric_the_rules_and_the_dashboard_query_is_exported_by_the_code() {
         .map(|target| target["expr"].as_str().unwrap())
         .collect();
 
-    let queried: BTreeSet<String> = metric_names(&rules).into_iter().chain(exprs.iter().flat_map(|e| metric_names(e))).collect();
+    let queried: BTreeSet<String> =
+        metric_names(&rules).into_iter().chain(exprs.iter().flat_map(|e| metric_names(e))).collect();
 
     assert!(exprs.len() >= 10, "the dashboard has its panels");
     assert!(queried.len() >= 15, "{queried:?}");
