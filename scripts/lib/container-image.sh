@@ -27,5 +27,7 @@ container_engine_install() {
 container_test_image() {
   CHATFLEET_TEST_IMAGE=localhost/chatfleet:test
   deploy/build-image.sh --profile image-test --tag "$CHATFLEET_TEST_IMAGE" --engine podman
+  # The image it replaced, if any, is left untagged: remove it, so that runs do not pile up images.
+  podman image prune -f >/dev/null
   export CHATFLEET_TEST_IMAGE
 }
