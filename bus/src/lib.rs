@@ -23,6 +23,7 @@ pub mod memory;
 pub mod nats;
 pub mod ownership;
 pub mod telemetry;
+pub mod trace_context;
 
 pub use amqp::{AmqpBus, AmqpNames, AmqpSettings};
 pub use memory::MemoryBus;
@@ -67,6 +68,10 @@ pub struct Delivery {
     pub sequence: u64,
     /// Settles the delivery with the broker.
     pub acker: Box<dyn Acker>,
+    /// The trace the message was enqueued in (W3C `traceparent`, `tracestate` from the broker
+    /// message's headers, or kept beside the message by the in-process bus; empty when tracing
+    /// is off).
+    pub trace: trace_context::TraceHeaders,
 }
 
 impl std::fmt::Debug for Delivery {

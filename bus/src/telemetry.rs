@@ -8,11 +8,17 @@ pub const OWNED_PARTITIONS: &str = "chatfleet_worker_owned_partitions";
 pub const PARTITION_PENDING: &str = "chatfleet_partition_pending_messages";
 /// Messages of an owned partition delivered and not yet acknowledged.
 pub const PARTITION_ACK_PENDING: &str = "chatfleet_partition_ack_pending_messages";
+/// Partitions this worker took (at start-up, after a join or leave, or after another worker died).
+pub const PARTITIONS_ACQUIRED: &str = "chatfleet_worker_partitions_acquired_total";
+/// Partitions this worker stopped at once because its hold on them may be gone (a lease it could
+/// not renew, a lost connection): the other half of a failover.
+pub const PARTITIONS_LOST: &str = "chatfleet_worker_partitions_lost_total";
 
 /// The worker now owns `partition` (`fence`: its fencing token, where the bus has one).
 pub(crate) fn partition_acquired(worker: &WorkerId, partition: Partition, owned: usize, fence: Option<u64>) {
     tracing::info!(event = "partition_acquired", worker = %worker, partition = partition.get(), fence, "took the partition");
     metrics::gauge!(OWNED_PARTITIONS).set(owned as f64);
+    metrics::counter!(PARTITIONS_ACQUIRED).increment(1);
 }
 
 /// The target gives `partition` to another worker: this one starts handing it over.
@@ -30,6 +36,7 @@ pub(crate) fn partition_released(worker: &WorkerId, partition: Partition, owned:
 pub(crate) fn partition_lost(worker: &WorkerId, partition: Partition, owned: usize, why: &str) {
     tracing::warn!(event = "partition_lost", worker = %worker, partition = partition.get(), why, "stopping the partition");
     metrics::gauge!(OWNED_PARTITIONS).set(owned as f64);
+    metrics::counter!(PARTITIONS_LOST).increment(1);
 }
 
 /// An owned partition's backlog: messages waiting, and messages in hand.

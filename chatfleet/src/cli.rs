@@ -23,6 +23,18 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The role's name, as in `chatfleet-<role>`, the default service name of its traces.
+    pub fn role(&self) -> &'static str {
+        match &self.command {
+            None | Some(Command::Dev(_)) => "dev",
+            Some(Command::Gateway(_)) => "gateway",
+            Some(Command::Worker(_)) => "worker",
+            Some(Command::MockLlm(_)) => "mock-llm",
+            Some(Command::Status(_)) => "status",
+            Some(Command::DeadLetters(_)) => "dead-letters",
+        }
+    }
+
     pub fn log_format(&self) -> LogFormat {
         match &self.command {
             None => self.dev.log.log_format,

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod dead_letters;
 pub mod roles;
 pub mod telemetry;
+pub mod traces;
 pub mod wiring;
 
 use std::future::Future;

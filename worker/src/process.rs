@@ -43,14 +43,19 @@ pub(crate) async fn handle(
     stop: &CancellationToken,
     abort: &CancellationToken,
 ) {
-    let Job { message, attempt, acker, .. } = job;
+    let Job { message, attempt, acker, trace, .. } = job;
     let span = tracing::info_span!(
         "message",
+        otel.kind = "consumer",
         session_id = %message.session_id,
         message_id = %message.message_id,
         attempt,
         worker = %worker.config.worker_id,
+        trace_id = tracing::field::Empty,
     );
+    // The handling continues the trace of the request that enqueued the message.
+    bus::trace_context::continue_trace(&span, &trace);
+    bus::trace_context::record_trace_id(&span);
     async {
         let handler = Handler::new(worker, cache, &message, interruption, stop);
         let work = with_progress(acker.as_ref(), worker.config.progress_interval, handler.answer());
@@ -431,7 +436,7 @@ impl Handler<'_> {
                 failure: None,
                 starts: 1,
             };
-            match store.insert_message(&record).await {
+            match store.insert_message(&record).instrument(tracing::info_span!("store")).await {
                 Ok(Inserted::New) => {
                     let mut history = before;
                     if let Some(history) = &mut history {
@@ -495,7 +500,8 @@ impl Handler<'_> {
             }
             telemetry::inflight(1.0);
             self.worker.generating.fetch_add(1, Ordering::Relaxed);
-            let result = self.generate_once(request.clone(), events, started).await;
+            let span = tracing::info_span!("llm.generate", attempt);
+            let result = self.generate_once(request.clone(), events, started).instrument(span).await;
             self.worker.generating.fetch_sub(1, Ordering::Relaxed);
             telemetry::inflight(-1.0);
             match result {
@@ -571,6 +577,7 @@ impl Handler<'_> {
                     if first {
                         first = false;
                         telemetry::first_token(started.elapsed().as_secs_f64());
+                        telemetry::first_token_event(started.elapsed());
                     }
                     text.push_str(&delta);
                     deltas.add(&delta, self.worker.delta_batch(), events).await;
@@ -601,7 +608,7 @@ impl Handler<'_> {
     {
         let mut delay = Duration::from_millis(100);
         loop {
-            match op().await {
+            match op().instrument(tracing::info_span!("store")).await {
                 Ok(value) => return Ok(value),
                 Err(e @ StoreError::Fatal(_)) => return Err(Halt::StoreRefused(e)),
                 Err(e) => {

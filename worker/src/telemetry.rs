@@ -44,6 +44,15 @@ pub fn first_token(seconds: f64) {
     histogram!(FIRST_TOKEN_SECONDS).record(seconds);
 }
 
+/// The model's first token, as an event of the current span (`llm.generate`) in the trace:
+/// time to first token is where a trace shows it. A trace event only, not a log line (one per
+/// reply would flood the logs); nothing when tracing is off.
+pub fn first_token_event(elapsed: std::time::Duration) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let ttft_ms = i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX);
+    tracing::Span::current().add_event("first_token", vec![opentelemetry::KeyValue::new("ttft_ms", ttft_ms)]);
+}
+
 pub fn reply_complete(seconds: f64) {
     histogram!(REPLY_SECONDS).record(seconds);
 }

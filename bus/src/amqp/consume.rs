@@ -117,8 +117,14 @@ fn to_delivery(bus: &AmqpBus, partition: Partition, delivery: lapin::message::De
     let sequence = header(&delivery, SEQUENCE_HEADER).and_then(as_u64).unwrap_or(delivery.delivery_tag);
     let message = serde_json::from_slice(&delivery.data)
         .map_err(|e| format!("unreadable user message in partition {partition}: {e}"));
+    let mut trace = crate::trace_context::TraceHeaders::new();
+    for name in crate::trace_context::header_names() {
+        if let Some(AMQPValue::LongString(value)) = header(&delivery, &name) {
+            trace.insert(name, value.to_string());
+        }
+    }
     let acker = AmqpAcker { acker: delivery.acker, held, _in_flight: InFlight::start(bus, partition) };
-    Delivery { message, attempt: earlier + 1, sequence, acker: Box::new(acker) }
+    Delivery { message, attempt: earlier + 1, sequence, acker: Box::new(acker), trace }
 }
 
 struct AmqpAcker {

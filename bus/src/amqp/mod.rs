@@ -32,6 +32,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::{Bus, BusError, Deliveries, Enqueued, EventStream};
 use schemas::redact_url;
@@ -414,6 +415,10 @@ impl Bus for AmqpBus {
         let payload = serde_json::to_vec(message).map_err(|e| BusError::Failed(e.to_string()))?;
         let mut headers = FieldTable::default();
         headers.insert(SEQUENCE_HEADER.into(), AMQPValue::LongLongInt(sequence_number() as i64));
+        let span = tracing::info_span!("bus.publish", otel.kind = "producer", partition = partition.get());
+        for (name, value) in span.in_scope(crate::trace_context::current) {
+            headers.insert(name.as_str().into(), AMQPValue::LongString(value.as_str().into()));
+        }
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -435,6 +440,7 @@ impl Bus for AmqpBus {
                 .await
                 .map_err(unavailable("get a publisher confirm"))
         })
+        .instrument(span)
         .await
         .map_err(|_| BusError::Unavailable(format!("RabbitMQ did not confirm within {timeout:?}")))
         .and_then(|r| r);

@@ -16,6 +16,8 @@ use crate::{Acker, BusError, Deliveries, Delivery};
 pub(super) struct Entry {
     message: UserMessage,
     deliveries: u64,
+    /// The trace the message was enqueued in, as a broker's headers would carry it.
+    trace: crate::trace_context::TraceHeaders,
 }
 
 /// One partition: a queue whose messages stay until they are acknowledged.
@@ -37,10 +39,11 @@ impl PartitionQueue {
     }
 
     pub(super) fn push(&self, message: UserMessage) {
+        let trace = crate::trace_context::current();
         let mut state = self.state();
         let seq = state.next_seq;
         state.next_seq += 1;
-        state.ready.insert(seq, Entry { message, deliveries: 0 });
+        state.ready.insert(seq, Entry { message, deliveries: 0, trace });
         drop(state);
         self.ready.notify_one();
     }
@@ -100,6 +103,7 @@ pub(super) fn deliveries(queue: Arc<PartitionQueue>) -> Deliveries {
             attempt: entry.deliveries,
             sequence: seq,
             acker: Box::new(MemoryAcker { queue: queue.clone(), seq, generation }),
+            trace: entry.trace,
         };
         Some((delivery, queue))
     })

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use schemas::Partition;
 
 use super::NatsBus;
@@ -55,6 +55,34 @@ pub(super) async fn reset_consumer(bus: &NatsBus, partition: Partition) -> Resul
         .create_consumer(consumer_config(bus, partition))
         .await
         .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
+    Ok(())
+}
+
+/// Creates each partition's consumer that does not exist yet, with the configuration its owner
+/// gives it. Every process does this when it connects, so a partition's backlog is visible on
+/// its consumer (`num_pending`, which KEDA's `nats-jetstream` scaler reads) even while no
+/// worker has ever run: otherwise a fleet scaled to zero workers could never scale up. An
+/// existing consumer is left alone (its owner resets it on taking the partition, under the same
+/// name); a create that loses a race with another process is no error.
+pub(super) async fn ensure_consumers(bus: &NatsBus) -> Result<(), BusError> {
+    let stream = input_stream(bus).await?;
+    let stream = &stream;
+    futures::stream::iter(bus.settings.partitions.all())
+        .map(|partition| async move {
+            let durable = bus.settings.names.partition_consumer(partition);
+            if stream.consumer_info(&durable).await.is_ok() {
+                return Ok(());
+            }
+            // Strict: never changes a consumer that appeared meanwhile.
+            match stream.create_consumer_strict(consumer_config(bus, partition)).await {
+                Ok(_) => Ok(()),
+                Err(_) if stream.consumer_info(&durable).await.is_ok() => Ok(()),
+                Err(e) => Err(BusError::Failed(format!("cannot create consumer {durable}: {e}"))),
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
     Ok(())
 }
 
@@ -198,6 +226,14 @@ fn to_delivery(
 ) -> Delivery {
     let (attempt, sequence) = message.info().map(|i| (i.delivered.max(1) as u64, i.stream_sequence)).unwrap_or((1, 0));
     let (message, acker) = message.split();
+    let mut trace = crate::trace_context::TraceHeaders::new();
+    if let Some(headers) = &message.headers {
+        for name in crate::trace_context::header_names() {
+            if let Some(value) = headers.get(name.as_str()) {
+                trace.insert(name, value.as_str().to_owned());
+            }
+        }
+    }
     let parsed = serde_json::from_slice(&message.payload)
         .map_err(|e| format!("unreadable user message on {}: {e}", message.subject));
     let original = Original {
@@ -209,7 +245,7 @@ fn to_delivery(
         payload: message.payload,
         sequence,
     };
-    Delivery { message: parsed, attempt, sequence, acker: Box::new(NatsAcker(acker, original)) }
+    Delivery { message: parsed, attempt, sequence, acker: Box::new(NatsAcker(acker, original)), trace }
 }
 
 /// Settles a delivery; keeps the message's bytes for the dead letters should it be rejected.

@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use schemas::subjects::Names;
 use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage};
+use tracing::Instrument;
 
 use crate::{Bus, BusError, Deliveries, Enqueued, EventStream};
 
@@ -137,6 +138,9 @@ impl NatsBus {
         let mut admin = bus.clone();
         admin.js.set_timeout(ADMIN_TIMEOUT);
         admin.ensure_stream().await?;
+        // The partition consumers exist from the first process on, workers or not, so that the
+        // backlog is visible to autoscalers (deploy/, KEDA) before any worker runs.
+        consume::ensure_consumers(&admin).await?;
         let bucket_stream = format!("KV_{}", admin.settings.names.ownership_bucket());
         replicas::reconcile(&admin.js, &bucket_stream, admin.settings.replicas, admin.replicas).await?;
         // Created here rather than on first use, so that a replica count the cluster cannot
@@ -243,8 +247,12 @@ impl Bus for NatsBus {
         let partition = self.settings.partitions.of(&message.session_id);
         let subject = self.settings.names.input_subject(partition, &message.session_id);
         let payload = serde_json::to_vec(message).map_err(|e| BusError::Failed(e.to_string()))?;
-        let publish =
+        let span = tracing::info_span!("bus.publish", otel.kind = "producer", partition = partition.get());
+        let mut publish =
             jetstream::message::PublishMessage::build().payload(payload.into()).message_id(message.message_id.as_str());
+        for (name, value) in span.in_scope(crate::trace_context::current) {
+            publish = publish.header(name.as_str(), value.as_str());
+        }
         let timeout = self.settings.publish_timeout;
         let ack = tokio::time::timeout(timeout, async {
             self.js
@@ -254,6 +262,7 @@ impl Bus for NatsBus {
                 .await
                 .map_err(|e| BusError::Unavailable(format!("no publish acknowledgement: {e}")))
         })
+        .instrument(span)
         .await
         .map_err(|_| BusError::Unavailable(format!("NATS did not acknowledge within {timeout:?}")))??;
         Ok(Enqueued { duplicate: ack.duplicate })

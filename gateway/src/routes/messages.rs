@@ -93,7 +93,7 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|accept| accept.split(',').any(|part| part.trim().starts_with("text/event-stream")))
 }
 
-#[tracing::instrument(name = "post_message", skip_all, fields(session_id = %session_id, message_id))]
+#[tracing::instrument(name = "post_message", skip_all, fields(otel.kind = "server", session_id = %session_id, message_id, trace_id = tracing::field::Empty))]
 pub(crate) async fn post(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
@@ -101,6 +101,7 @@ pub(crate) async fn post(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    continue_client_trace(&headers);
     let record = open_session(&state, &session_id, &headers, &query).await?;
     let session = record.id;
     let request: NewMessage =
@@ -303,6 +304,20 @@ fn sse_response(state: &AppState, events: impl Stream<Item = Result<Event, Infal
         })
         .take_until(state.closing.clone().cancelled_owned());
     Sse::new(events).keep_alive(KeepAlive::new().interval(state.config.keep_alive).text("keep-alive")).into_response()
+}
+
+/// Starts the request's trace, or continues the client's if it sent a W3C `traceparent`; the
+/// trace then runs through the bus to the worker (`bus::trace_context`). Free when tracing is off.
+fn continue_client_trace(headers: &HeaderMap) {
+    let span = tracing::Span::current();
+    let mut trace = bus::trace_context::TraceHeaders::new();
+    for name in bus::trace_context::header_names() {
+        if let Some(value) = headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+            trace.insert(name, value.to_owned());
+        }
+    }
+    bus::trace_context::continue_trace(&span, &trace);
+    bus::trace_context::record_trace_id(&span);
 }
 
 #[tracing::instrument(name = "session_events", skip_all, fields(session_id = %session_id))]
