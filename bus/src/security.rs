@@ -107,6 +107,26 @@ pub enum NatsAuth {
 }
 
 impl NatsAuth {
+    /// The credentials in the first of the servers' URLs that carries any: `user:password@`
+    /// or `token@` (percent-encoded as URLs require). The client library does not read them
+    /// from the URL itself.
+    pub(crate) fn in_urls(servers: &[&str]) -> NatsAuth {
+        for server in servers {
+            let Ok(address) = server.parse::<async_nats::ServerAddr>() else { continue };
+            match (address.username(), address.password()) {
+                (Some(user), Some(password)) => {
+                    return NatsAuth::UserPassword {
+                        user: percent_decode(user),
+                        password: Secret::new(percent_decode(password)),
+                    };
+                }
+                (Some(token), None) => return NatsAuth::Token(Secret::new(percent_decode(token))),
+                _ => {}
+            }
+        }
+        NatsAuth::FromUrl
+    }
+
     /// Adds these credentials to a client's options.
     pub(crate) async fn apply(
         &self,
@@ -139,6 +159,38 @@ impl NatsAuth {
     }
 }
 
+/// The URL without its `user:password@` part. The client library logs the server addresses it
+/// tries at debug level, credentials included, so they are handed over as options instead.
+pub(crate) fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Undoes a URL's percent-encoding (`%40` for `@`); anything malformed is kept as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| text.to_owned())
+}
+
 fn readable(what: &str, path: &Path) -> Result<(), BusError> {
     std::fs::File::open(path)
         .map(drop)
@@ -167,6 +219,19 @@ mod tests {
 
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("app"), "{shown}");
+    }
+
+    #[test]
+    fn credentials_in_a_nats_url_are_read_percent_decoded() {
+        let servers = ["nats://a:4222", "nats://app:p%40ss@b:4222"];
+
+        let auth = NatsAuth::in_urls(&servers);
+
+        assert_eq!(auth, NatsAuth::UserPassword { user: "app".into(), password: Secret::new("p@ss") });
+        assert_eq!(NatsAuth::in_urls(&["nats://s3cret@h:4222"]), NatsAuth::Token(Secret::new("s3cret")));
+        assert_eq!(NatsAuth::in_urls(&["nats://h:4222"]), NatsAuth::FromUrl);
+        assert_eq!(without_credentials("nats://app:p%40ss@b:4222"), "nats://b:4222");
+        assert_eq!(without_credentials("tls://b:4222"), "tls://b:4222");
     }
 
     #[test]

@@ -127,7 +127,13 @@ impl NatsBus {
         let options = security_options(options, &settings).await?;
         // Every server of a cluster may be listed; the client picks one and fails over to the
         // others (and to those the servers announce).
-        let servers: Vec<&str> = settings.url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        let servers: Vec<String> = settings
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(crate::security::without_credentials)
+            .collect();
         let client = options.connect(servers).await.map_err(|e| connect_error(&e, &shown))?;
 
         let info = client.server_info();
@@ -221,7 +227,14 @@ async fn security_options(
     options: async_nats::ConnectOptions,
     settings: &NatsSettings,
 ) -> Result<async_nats::ConnectOptions, BusError> {
-    let mut options = settings.auth.apply(options).await?;
+    let auth = match &settings.auth {
+        crate::NatsAuth::FromUrl => {
+            let servers: Vec<&str> = settings.url.split(',').map(str::trim).collect();
+            crate::NatsAuth::in_urls(&servers)
+        }
+        given => given.clone(),
+    };
+    let mut options = auth.apply(options).await?;
     let tls = &settings.tls;
     tls.check()?;
     if let Some(ca) = &tls.ca {
@@ -241,11 +254,20 @@ fn connect_error(error: &async_nats::ConnectError, shown: &str) -> BusError {
         Kind::AuthorizationViolation | Kind::Authentication => BusError::Unsupported(format!(
             "NATS at {shown} refused the credentials ({error}); check the user, password, token, NKey or .creds file"
         )),
-        Kind::Tls => BusError::Unsupported(format!(
-            "TLS with NATS at {shown} failed ({error}); check the CA (--bus-tls-ca) and the client certificate"
-        )),
+        kind @ (Kind::Tls | Kind::Io) if matches!(kind, Kind::Tls) || is_tls_failure(&error.to_string()) => {
+            BusError::Unsupported(format!(
+                "TLS with NATS at {shown} failed ({error}); check the CA (--bus-tls-ca) and the client certificate"
+            ))
+        }
         _ => BusError::Unavailable(format!("cannot reach NATS at {shown}: {error}")),
     }
+}
+
+/// True for a connection error that a TLS handshake raised (the client reports most of them
+/// as I/O errors).
+fn is_tls_failure(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "unknownissuer", "bad record"].iter().any(|word| lower.contains(word))
 }
 
 fn check_server(info: &async_nats::ServerInfo, shown: &str) -> Result<(), BusError> {
