@@ -121,12 +121,10 @@ async fn wait_http_ok(http: &reqwest::Client, url: &str, proc: &Proc) {
     panic!("{url} did not answer 200 within 30 s: {}", std::fs::read_to_string(&proc.output).unwrap_or_default());
 }
 
-#[tokio::test]
-async fn a_fleet_answers_over_a_nats_server_that_requires_mutual_tls_and_a_password_and_never_prints_it() {
-    // Arrange: the broker, the store, the model, a gateway and a worker.
-    llm::install_crypto_provider();
-    let pki = TestPki::generate();
-    let nats = mtls_server(&pki, "server", &password_authorization()).await;
+/// Runs a gateway and a worker on `bus` with `tls` flags and `secrets` in their environment,
+/// sends a message, and returns the history after the reply (or 30 s) and everything the
+/// processes printed, their metrics and `gateway --help` included.
+async fn answer_through_fleet(bus: &str, tls: &[String], secrets: &[(&str, &str)]) -> (String, String) {
     let mongo = testkit::MongoServer::start().await;
     let logs = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
@@ -136,14 +134,11 @@ async fn a_fleet_answers_over_a_nats_server_that_requires_mutual_tls_and_a_passw
     let model = format!("http://127.0.0.1:{mock_port}/v1");
     wait_http_ok(&http, &format!("{model}/models"), &mock).await;
     let store = mongo.url_for_db("secure");
-    let bus = nats.url();
-    let tls = tls_args(&pki, "ca", "client");
-    let secrets = [("CHATFLEET_NATS_USER", "app"), ("CHATFLEET_NATS_PASSWORD", PASSWORD)];
     let gateway_port = testkit::free_port();
     let gateway_listen = format!("127.0.0.1:{gateway_port}");
-    let mut gateway_args = vec!["gateway", "--listen", &gateway_listen, "--bus", &bus, "--store", &store];
+    let mut gateway_args = vec!["gateway", "--listen", &gateway_listen, "--bus", bus, "--store", &store];
     gateway_args.extend(tls.iter().map(String::as_str));
-    let gateway = spawn(logs.path(), "gateway", &gateway_args, &secrets);
+    let gateway = spawn(logs.path(), "gateway", &gateway_args, secrets);
     let worker_port = testkit::free_port();
     let worker_listen = format!("127.0.0.1:{worker_port}");
     let mut worker_args = vec![
@@ -160,7 +155,7 @@ async fn a_fleet_answers_over_a_nats_server_that_requires_mutual_tls_and_a_passw
         "mock",
     ];
     worker_args.extend(tls.iter().map(String::as_str));
-    let worker = spawn(logs.path(), "worker", &worker_args, &secrets);
+    let worker = spawn(logs.path(), "worker", &worker_args, secrets);
     let base = format!("http://{gateway_listen}");
     wait_http_ok(&http, &format!("{base}/readyz"), &gateway).await;
     wait_http_ok(&http, &format!("http://{worker_listen}/readyz"), &worker).await;
@@ -195,17 +190,69 @@ async fn a_fleet_answers_over_a_nats_server_that_requires_mutual_tls_and_a_passw
     };
     let metrics = http.get(format!("http://{worker_listen}/metrics")).send().await.unwrap().text().await.unwrap();
     let gateway_metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    let help = run(&["gateway", "--help"], &secrets);
+    let help = run(&["gateway", "--help"], secrets);
     drop((gateway, worker));
 
-    // Assert
-    assert!(answered.contains("\"assistant\""), "no reply within 30 s: {answered}");
     let mut everything = format!("{metrics}\n{gateway_metrics}\n{}{}", text(&help.stdout), text(&help.stderr));
     for name in ["gateway", "worker"] {
         everything.push_str(&std::fs::read_to_string(logs.path().join(format!("{name}.log"))).unwrap());
     }
+    (answered, everything)
+}
+
+#[tokio::test]
+async fn a_fleet_answers_over_a_nats_server_that_requires_mutual_tls_and_a_password_and_never_prints_it() {
+    llm::install_crypto_provider();
+    let pki = TestPki::generate();
+    let nats = mtls_server(&pki, "server", &password_authorization()).await;
+    let secrets = [("CHATFLEET_NATS_USER", "app"), ("CHATFLEET_NATS_PASSWORD", PASSWORD)];
+
+    let (answered, everything) = answer_through_fleet(&nats.url(), &tls_args(&pki, "ca", "client"), &secrets).await;
+
+    assert!(answered.contains("\"assistant\""), "no reply within 30 s: {answered}");
     assert!(everything.contains("connected to NATS"), "the logs show the connection");
     assert!(!everything.contains(PASSWORD), "the password leaked:\n{everything}");
+}
+
+#[tokio::test]
+async fn a_fleet_answers_over_rabbitmq_with_amqps_and_client_certificates_and_never_prints_the_password() {
+    llm::install_crypto_provider();
+    let pki = TestPki::generate();
+    let rabbit = testkit::RabbitMqServer::start_with_tls(&pki, "server").await;
+
+    let (answered, everything) = answer_through_fleet(&rabbit.tls_url(), &tls_args(&pki, "ca", "client"), &[]).await;
+
+    assert!(answered.contains("\"assistant\""), "no reply within 30 s: {answered}");
+    assert!(everything.contains("connected to RabbitMQ"), "the logs show the connection");
+    assert!(!everything.contains("guest:guest"), "the credentials leaked:\n{everything}");
+}
+
+#[tokio::test]
+async fn a_wrong_rabbitmq_password_stops_start_up_with_one_line_that_does_not_show_it() {
+    let pki = TestPki::generate();
+    let rabbit = testkit::RabbitMqServer::start_with_tls(&pki, "server").await;
+    let url = rabbit.tls_url().replace("guest:guest", "guest:wrong-Rb7-password");
+    let mut args = vec!["status".to_owned(), "--bus".to_owned(), url];
+    args.extend(tls_args(&pki, "ca", "client"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let output = run(&args, &[]);
+
+    assert_one_line_failure(&output, "refused the credentials");
+    assert!(!text(&output.stderr).contains("wrong-Rb7-password"));
+}
+
+#[tokio::test]
+async fn a_rabbitmq_certificate_from_an_untrusted_ca_stops_start_up_with_one_line() {
+    let pki = TestPki::generate();
+    let rabbit = testkit::RabbitMqServer::start_with_tls(&pki, "other-server").await;
+    let mut args = vec!["status".to_owned(), "--bus".to_owned(), rabbit.tls_url()];
+    args.extend(tls_args(&pki, "ca", "client"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let output = run(&args, &[]);
+
+    assert_one_line_failure(&output, "TLS with RabbitMQ");
 }
 
 #[tokio::test]
