@@ -349,3 +349,38 @@ async fn a_nats_nkey_seed_file_authenticates() {
     assert!(!format!("{}{}", text(&output.stdout), text(&output.stderr)).contains(&seed));
     assert_one_line_failure(&without, "refused the credentials");
 }
+
+/// The client certificate and its key in one file, as MongoDB's `tlsCertificateKeyFile` wants.
+fn certificate_key_file(pki: &TestPki, client: &str) -> PathBuf {
+    let combined = pki.dir().join(format!("{client}-combined.pem"));
+    let mut text = std::fs::read_to_string(pki.cert(client)).unwrap();
+    text.push_str(&std::fs::read_to_string(pki.key_of(client)).unwrap());
+    std::fs::write(&combined, text).unwrap();
+    combined
+}
+
+#[tokio::test]
+async fn the_store_connects_to_a_mongodb_server_that_requires_tls_and_client_certificates_through_url_options() {
+    let pki = TestPki::generate();
+    let mongo = testkit::MongoServer::start_with_tls(&pki, "server").await;
+    let url = mongo.tls_url_for_db("secure", &pki.cert("ca"), &certificate_key_file(&pki, "client"));
+    let plain = mongo.url_for_db("secure");
+
+    let connected = store::mongo::MongoStore::connect(&url).await;
+    let without_tls = store::mongo::MongoStore::connect(&plain).await;
+
+    assert!(connected.is_ok(), "{:?}", connected.err());
+    assert!(without_tls.is_err(), "a plaintext client must not get in");
+}
+
+#[tokio::test]
+async fn a_mongodb_certificate_from_an_untrusted_ca_is_refused() {
+    let pki = TestPki::generate();
+    let mongo = testkit::MongoServer::start_with_tls(&pki, "other-server").await;
+    let url = mongo.tls_url_for_db("secure", &pki.cert("ca"), &certificate_key_file(&pki, "client"));
+
+    let connected = store::mongo::MongoStore::connect(&url).await;
+
+    let error = connected.err().expect("an untrusted server certificate is refused").to_string();
+    assert!(error.contains("127.0.0.1"), "{error}");
+}
