@@ -32,9 +32,15 @@ pub fn parse_bus(url: &str) -> anyhow::Result<BusChoice> {
         bail!(
             "--bus / CHATFLEET_BUS: {:?} is not a bus URL; use nats://host:4222 (or a cluster's servers separated by commas), amqp://user:password@host:5672/vhost, \
              or memory: with `chatfleet dev`",
-            schemas::redact_url(url)
+            shown_setting(url)
         )
     }
+}
+
+/// A URL setting as it may be shown: credentials replaced by `***`; text that is no URL at all
+/// (a typo such as `localhost:4222`) as it is, since it holds none.
+fn shown_setting(text: &str) -> String {
+    if text.contains("://") { schemas::redact_url(text) } else { text.to_owned() }
 }
 
 pub async fn connect_bus(
