@@ -384,3 +384,28 @@ async fn a_mongodb_certificate_from_an_untrusted_ca_is_refused() {
     let error = connected.err().expect("an untrusted server certificate is refused").to_string();
     assert!(error.contains("127.0.0.1"), "{error}");
 }
+
+#[tokio::test]
+async fn a_client_certificate_rabbitmq_does_not_trust_stops_start_up_with_one_line() {
+    let pki = TestPki::generate();
+    let rabbit = testkit::RabbitMqServer::start_with_tls(&pki, "server").await;
+    let mut args = vec!["status".to_owned(), "--bus".to_owned(), rabbit.tls_url()];
+    args.extend(tls_args(&pki, "ca", "other-client"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let output = run(&args, &[]);
+
+    assert_one_line_failure(&output, "RabbitMQ at amqps://***@127.0.0.1");
+}
+
+#[tokio::test]
+async fn tls_files_with_a_plain_amqp_url_are_refused_naming_the_scheme() {
+    let pki = TestPki::generate();
+    let mut args = vec!["status".to_owned(), "--bus".to_owned(), "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()];
+    args.extend(tls_args(&pki, "ca", "client"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let output = run(&args, &[]);
+
+    assert_one_line_failure(&output, "must be amqps://");
+}
