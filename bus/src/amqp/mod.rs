@@ -399,7 +399,9 @@ fn connect_error(error: &lapin::Error, shown: &str) -> BusError {
         BusError::Unsupported(format!(
             "RabbitMQ at {shown} refused the credentials ({text}); check the URL's user and password"
         ))
-    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+    } else if lower.contains("certificate") || lower.contains("unknownissuer") {
+        // Only what a certificate check says: a handshake cut short by a node that is restarting
+        // must stay `Unavailable`, so that the other listed nodes are tried.
         BusError::Unsupported(format!(
             "TLS with RabbitMQ at {shown} failed ({text}); check the CA (--bus-tls-ca) and the client certificate"
         ))
