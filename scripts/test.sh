@@ -50,6 +50,8 @@ wait_for() {
   for _ in $(seq 1 120); do "$@" && return 0; sleep 0.5; done
   die "$what did not come up within 60 s"
 }
+# The TLS tests (chatfleet/tests/bus_security.rs) make their certificates with openssl.
+command -v openssl >/dev/null || apt_install openssl
 if [ -n "${CHATFLEET_TEST_AMQP_URL:-}${CHATFLEET_TEST_RABBITMQ_API:-}" ]; then
   say "RabbitMQ: using the broker in CHATFLEET_TEST_AMQP_URL / CHATFLEET_TEST_RABBITMQ_API"
 else

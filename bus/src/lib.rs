@@ -22,6 +22,7 @@ pub mod amqp;
 pub mod memory;
 pub mod nats;
 pub mod ownership;
+pub mod security;
 pub mod telemetry;
 pub mod trace_context;
 
@@ -29,6 +30,7 @@ pub use amqp::{AmqpBus, AmqpNames, AmqpSettings};
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsSettings, Replicas};
 pub use ownership::{OwnershipSettings, assign};
+pub use security::{NatsAuth, Secret, TlsFiles};
 
 /// The dead-letter reason of a message whose bytes are not a user message.
 pub const UNREADABLE: &str = "unreadable";

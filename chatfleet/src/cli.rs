@@ -2,6 +2,7 @@
 //! environment variable named beside it; flags win.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use schemas::DoubleTexting;
@@ -98,6 +99,93 @@ pub struct NatsArgs {
     /// never lowers it.
     #[arg(long, env = "CHATFLEET_NATS_REPLICAS", default_value_t = bus::Replicas::Auto, value_parser = parse_replicas)]
     pub nats_replicas: bus::Replicas,
+}
+
+/// How processes prove themselves to the broker and check its certificate. Secrets are best
+/// given as environment variables: command lines are visible to every user of the machine.
+#[derive(Debug, Clone, Default, Args)]
+pub struct BusSecurityArgs {
+    /// A CA certificate file (PEM) to trust for the broker's certificate, besides the system's.
+    /// Setting any --bus-tls-* file makes TLS required (NATS), or needs an amqps:// URL (RabbitMQ).
+    #[arg(long, help_heading = "Bus security", env = "CHATFLEET_BUS_TLS_CA", value_name = "PEM")]
+    pub bus_tls_ca: Option<PathBuf>,
+
+    /// This process's client certificate (PEM), for brokers that verify clients (mutual TLS).
+    #[arg(
+        long,
+        help_heading = "Bus security",
+        env = "CHATFLEET_BUS_TLS_CERT",
+        value_name = "PEM",
+        requires = "bus_tls_key"
+    )]
+    pub bus_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --bus-tls-cert.
+    #[arg(
+        long,
+        help_heading = "Bus security",
+        env = "CHATFLEET_BUS_TLS_KEY",
+        value_name = "PEM",
+        requires = "bus_tls_cert"
+    )]
+    pub bus_tls_key: Option<PathBuf>,
+
+    /// NATS user name (with --nats-password). Credentials in the URL
+    /// (nats://user:password@host, nats://token@host) work too.
+    #[arg(long, help_heading = "Bus security", env = "CHATFLEET_NATS_USER", requires = "nats_password", conflicts_with_all = ["nats_token", "nats_nkey", "nats_creds"])]
+    pub nats_user: Option<String>,
+
+    /// NATS password of --nats-user; never logged.
+    #[arg(long, help_heading = "Bus security", env = "CHATFLEET_NATS_PASSWORD", hide_env_values = true, requires = "nats_user", value_parser = parse_secret)]
+    pub nats_password: Option<bus::Secret>,
+
+    /// NATS authentication token; never logged.
+    #[arg(long, help_heading = "Bus security", env = "CHATFLEET_NATS_TOKEN", hide_env_values = true, conflicts_with_all = ["nats_nkey", "nats_creds"], value_parser = parse_secret)]
+    pub nats_token: Option<bus::Secret>,
+
+    /// A file holding a NATS user NKey seed (SU...), for servers that list the user's public key.
+    #[arg(
+        long,
+        help_heading = "Bus security",
+        env = "CHATFLEET_NATS_NKEY",
+        value_name = "FILE",
+        conflicts_with = "nats_creds"
+    )]
+    pub nats_nkey: Option<PathBuf>,
+
+    /// A NATS `.creds` file (user JWT and NKey seed), for servers in operator (JWT) mode.
+    #[arg(long, help_heading = "Bus security", env = "CHATFLEET_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+}
+
+impl BusSecurityArgs {
+    pub fn tls(&self) -> bus::TlsFiles {
+        bus::TlsFiles { ca: self.bus_tls_ca.clone(), cert: self.bus_tls_cert.clone(), key: self.bus_tls_key.clone() }
+    }
+
+    pub fn nats_auth(&self) -> bus::NatsAuth {
+        if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            bus::NatsAuth::UserPassword { user: user.clone(), password: password.clone() }
+        } else if let Some(token) = &self.nats_token {
+            bus::NatsAuth::Token(token.clone())
+        } else if let Some(path) = &self.nats_nkey {
+            bus::NatsAuth::NKeySeedFile(path.clone())
+        } else if let Some(path) = &self.nats_creds {
+            bus::NatsAuth::CredsFile(path.clone())
+        } else {
+            bus::NatsAuth::FromUrl
+        }
+    }
+
+    /// True when NATS-only settings are given, which a RabbitMQ bus would silently ignore.
+    pub fn names_nats_credentials(&self) -> bool {
+        self.nats_auth() != bus::NatsAuth::FromUrl
+    }
+}
+
+/// Wraps a password or token so that it never prints.
+fn parse_secret(text: &str) -> Result<bus::Secret, String> {
+    Ok(bus::Secret::new(text))
 }
 
 /// Parses a replica count, with the message naming the valid ones.
@@ -262,6 +350,8 @@ pub struct DevArgs {
     #[command(flatten)]
     pub nats: NatsArgs,
     #[command(flatten)]
+    pub bus_security: BusSecurityArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub worker: WorkerTuning,
@@ -290,6 +380,8 @@ pub struct GatewayArgs {
     pub partitions: PartitionArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub bus_security: BusSecurityArgs,
     #[command(flatten)]
     pub gateway: GatewayTuning,
     #[command(flatten)]
@@ -320,6 +412,8 @@ pub struct WorkerArgs {
     pub partitions: PartitionArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub bus_security: BusSecurityArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -369,6 +463,8 @@ pub struct StatusArgs {
     pub partitions: PartitionArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
+    #[command(flatten)]
+    pub bus_security: BusSecurityArgs,
 
     /// Print JSON instead of a table.
     #[arg(long)]

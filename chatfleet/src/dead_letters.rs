@@ -35,6 +35,8 @@ pub struct Target {
 
     #[command(flatten)]
     pub nats: crate::cli::NatsArgs,
+    #[command(flatten)]
+    pub bus_security: crate::cli::BusSecurityArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -89,8 +91,15 @@ async fn connect(target: &Target) -> anyhow::Result<std::sync::Arc<dyn Bus>> {
         ),
         other => other,
     };
-    wiring::connect_bus(choice, partitions, "chatfleet-dead-letters", bus::OwnershipSettings::default(), &target.nats)
-        .await
+    wiring::connect_bus(
+        choice,
+        partitions,
+        "chatfleet-dead-letters",
+        bus::OwnershipSettings::default(),
+        &target.nats,
+        &target.bus_security,
+    )
+    .await
 }
 
 pub async fn run(args: DeadLettersArgs) -> anyhow::Result<()> {

@@ -124,6 +124,7 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         "chatfleet-dev",
         lease_settings(args.worker.lease_ttl)?,
         &args.nats,
+        &args.bus_security,
     )
     .await?;
     let listener = bind(args.listen).await?;
@@ -159,9 +160,15 @@ pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Sen
         other => other,
     };
     let store = wiring::connect_store(&args.store, false).await?;
-    let bus =
-        wiring::connect_bus(bus_choice, partitions, "chatfleet-gateway", bus::OwnershipSettings::default(), &args.nats)
-            .await?;
+    let bus = wiring::connect_bus(
+        bus_choice,
+        partitions,
+        "chatfleet-gateway",
+        bus::OwnershipSettings::default(),
+        &args.nats,
+        &args.bus_security,
+    )
+    .await?;
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
     let described = bus.describe();
@@ -194,9 +201,15 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
     let store = wiring::connect_store(&args.store, false).await?;
     let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
     let ownership = lease_settings(args.worker.lease_ttl)?;
-    let bus =
-        wiring::connect_bus(bus_choice, partitions, &format!("chatfleet-worker-{worker_id}"), ownership, &args.nats)
-            .await?;
+    let bus = wiring::connect_bus(
+        bus_choice,
+        partitions,
+        &format!("chatfleet-worker-{worker_id}"),
+        ownership,
+        &args.nats,
+        &args.bus_security,
+    )
+    .await?;
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
 
@@ -248,9 +261,15 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         ),
         other => other,
     };
-    let bus =
-        wiring::connect_bus(bus_choice, partitions, "chatfleet-status", bus::OwnershipSettings::default(), &args.nats)
-            .await?;
+    let bus = wiring::connect_bus(
+        bus_choice,
+        partitions,
+        "chatfleet-status",
+        bus::OwnershipSettings::default(),
+        &args.nats,
+        &args.bus_security,
+    )
+    .await?;
     let status = bus.status().await.context("cannot read the ownership state")?;
     // A closed stdout (`chatfleet status | head`) ends the listing quietly.
     match print_status(&status, args.json) {

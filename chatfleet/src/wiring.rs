@@ -11,7 +11,7 @@ use llm::ChatModel;
 use schemas::PartitionCount;
 use store::Store;
 
-use crate::cli::{ModelArgs, NatsArgs};
+use crate::cli::{BusSecurityArgs, ModelArgs, NatsArgs};
 
 /// Where the processes of a deployment meet: one in-process bus, or a broker.
 pub enum BusChoice {
@@ -30,10 +30,17 @@ pub fn parse_bus(url: &str) -> anyhow::Result<BusChoice> {
         Ok(BusChoice::Amqp(url.to_owned()))
     } else {
         bail!(
-            "--bus / CHATFLEET_BUS: {url:?} is not a bus URL; use nats://host:4222 (or a cluster's servers separated by commas), amqp://user:password@host:5672/vhost, \
-             or memory: with `chatfleet dev`"
+            "--bus / CHATFLEET_BUS: {:?} is not a bus URL; use nats://host:4222 (or a cluster's servers separated by commas), amqp://user:password@host:5672/vhost, \
+             or memory: with `chatfleet dev`",
+            shown_setting(url)
         )
     }
+}
+
+/// A URL setting as it may be shown: credentials replaced by `***`; text that is no URL at all
+/// (a typo such as `localhost:4222`) as it is, since it holds none.
+fn shown_setting(text: &str) -> String {
+    if text.contains("://") { schemas::redact_url(text) } else { text.to_owned() }
 }
 
 pub async fn connect_bus(
@@ -42,6 +49,7 @@ pub async fn connect_bus(
     client_name: &str,
     ownership: bus::OwnershipSettings,
     nats: &NatsArgs,
+    security: &BusSecurityArgs,
 ) -> anyhow::Result<Arc<dyn Bus>> {
     match choice {
         BusChoice::Memory => Ok(Arc::new(MemoryBus::new(partitions))),
@@ -50,13 +58,21 @@ pub async fn connect_bus(
             settings.client_name = client_name.to_owned();
             settings.ownership = ownership;
             settings.replicas = nats.nats_replicas;
+            settings.auth = security.nats_auth();
+            settings.tls = security.tls();
             let bus = NatsBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }
         BusChoice::Amqp(url) => {
+            if security.names_nats_credentials() {
+                bail!(
+                    "--nats-user, --nats-token, --nats-nkey and --nats-creds are for NATS; a RabbitMQ bus takes its user and password in the amqps:// URL"
+                );
+            }
             let mut settings = AmqpSettings::new(url, partitions);
             settings.client_name = client_name.to_owned();
             settings.ownership = ownership;
+            settings.tls = security.tls();
             let bus = AmqpBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }
@@ -74,7 +90,7 @@ pub async fn connect_store(url: &str, allow_embedded: bool) -> anyhow::Result<Ar
         return Ok(Arc::new(store));
     }
     if url.contains("://") {
-        bail!("--store / CHATFLEET_STORE: {url:?} is neither mongodb://... nor a file path");
+        bail!("--store / CHATFLEET_STORE: {:?} is neither mongodb://... nor a file path", schemas::redact_url(url));
     }
     if !allow_embedded {
         bail!(

@@ -15,6 +15,7 @@ mod mongo;
 mod nats;
 mod process;
 mod rabbitmq;
+mod tls;
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::hash::{BuildHasher, RandomState};
@@ -25,6 +26,7 @@ use std::sync::Mutex;
 pub use mongo::{MongoServer, mongo_server_binary};
 pub use nats::{ClusterNode, NatsCluster, NatsServer, nats_server_binary};
 pub use rabbitmq::{RabbitMqCluster, RabbitMqServer, RabbitVhost, rabbitmq_server_binary};
+pub use tls::TestPki;
 
 /// Where [`free_port`] picks from: below Linux's ephemeral range (32768 and up by default),
 /// so that no outgoing connection and no listener bound to port 0 takes a port between the

@@ -78,7 +78,39 @@ impl MongoServer {
         Self::start_in(Storage::Dir(path.as_ref().to_path_buf())).await
     }
 
+    /// Starts an in-memory server that accepts only TLS, with the server certificate `server` of
+    /// `pki`, and requires clients to present a certificate signed by `pki`'s CA. Connect with
+    /// [`MongoServer::tls_url_for_db`].
+    pub async fn start_with_tls(pki: &crate::TestPki, server: &str) -> MongoServer {
+        let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+        let tls = vec![
+            "--tls-cert-file".to_owned(),
+            path(pki.cert(server)),
+            "--tls-key-file".to_owned(),
+            path(pki.key_of(server)),
+            "--tls-ca-file".to_owned(),
+            path(pki.cert("ca")),
+            "--tls-require-client-cert".to_owned(),
+        ];
+        Self::start_with_args(Storage::Memory, tls).await
+    }
+
+    /// A connection string with MongoDB's TLS options: trusting `ca` and presenting
+    /// `certificate_key_file` (the client certificate and its key in one PEM file).
+    pub fn tls_url_for_db(&self, db: &str, ca: &Path, certificate_key_file: &Path) -> String {
+        format!(
+            "{}&tls=true&tlsCAFile={}&tlsCertificateKeyFile={}",
+            self.url_for_db(db),
+            ca.display(),
+            certificate_key_file.display()
+        )
+    }
+
     async fn start_in(storage: Storage) -> MongoServer {
+        Self::start_with_args(storage, Vec::new()).await
+    }
+
+    async fn start_with_args(storage: Storage, extra_args: Vec<String>) -> MongoServer {
         let work_dir = tempfile::Builder::new()
             .prefix("chatfleet-mongo-")
             .tempdir()
@@ -109,6 +141,7 @@ impl MongoServer {
             // safe, so that a crash test finds the store's faults and not the server's.
             args.push("--sync-on-commit".to_owned());
         }
+        args.extend(extra_args);
         let process =
             ServerProcess::new("SecantusDB", mongo_server_binary(), args, port, work_dir.path().join("secantusd.log"));
         let mut server = MongoServer { process, storage, work_dir };

@@ -87,6 +87,33 @@ impl NatsServer {
         server
     }
 
+    /// Starts a server configured by a config file: `extra` is added to the listen address and
+    /// JetStream store lines, e.g. an `authorization { ... }`, `accounts { ... }` or
+    /// `tls { cert_file: ..., key_file: ..., ca_file: ..., verify: true }` block. A server that
+    /// requires TLS still accepts TCP connections, which is what readiness waits for.
+    pub async fn start_with_config(extra: &str) -> NatsServer {
+        let work_dir = tempfile::Builder::new()
+            .prefix("chatfleet-nats-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a directory for nats-server: {e}"));
+        let port = crate::free_port();
+        let store = work_dir.path().join("jetstream");
+        let config = work_dir.path().join("nats-server.conf");
+        let text = format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n{extra}\n");
+        std::fs::write(&config, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
+        let args = vec!["-c".to_owned(), config.to_string_lossy().into_owned()];
+        let process = ServerProcess::new(
+            "nats-server",
+            nats_server_binary(),
+            args,
+            port,
+            work_dir.path().join("nats-server.log"),
+        );
+        let mut server = NatsServer { process, work_dir };
+        server.process.start(READY_TIMEOUT).await;
+        server
+    }
+
     /// The client URL, `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port())

@@ -102,6 +102,8 @@ pub struct RabbitMqServer {
     process: ServerProcess,
     node_name: String,
     work_dir: TempDir,
+    /// The TLS listener's port, for nodes started by [`RabbitMqServer::start_with_tls`].
+    tls_port: Option<u16>,
 }
 
 impl RabbitMqServer {
@@ -109,12 +111,24 @@ impl RabbitMqServer {
     /// its port only at the end of booting, but the handshake is what the tests need). Panics,
     /// with the node's log, if it cannot be started.
     pub async fn start() -> RabbitMqServer {
-        Self::start_node(None).await
+        Self::start_node(None, None).await
+    }
+
+    /// Starts a node that also listens for `amqps://` with the server certificate `server` of
+    /// `pki`, and requires clients to present a certificate signed by `pki`'s CA.
+    pub async fn start_with_tls(pki: &crate::TestPki, server: &str) -> RabbitMqServer {
+        Self::start_node(None, Some((pki, server))).await
+    }
+
+    /// The TLS URL as the `guest` user, `amqps://guest:guest@127.0.0.1:<tls port>/%2f`.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("the node was started with start_with_tls");
+        format!("amqps://guest:guest@127.0.0.1:{port}/%2f")
     }
 
     /// Starts a node whose Erlang cookie is `cookie`, if given: nodes that share a cookie may
     /// form a cluster.
-    async fn start_node(cookie: Option<&str>) -> RabbitMqServer {
+    async fn start_node(cookie: Option<&str>, tls: Option<(&crate::TestPki, &str)>) -> RabbitMqServer {
         let work_dir = tempfile::Builder::new()
             .prefix("chatfleet-rabbitmq-")
             .tempdir()
@@ -135,7 +149,23 @@ impl RabbitMqServer {
         // Explicit files for everything the node would otherwise read from /etc/rabbitmq, where
         // the shared broker's settings (its node name, and its listener on port 5672) live.
         let config = dir.join("rabbitmq.conf");
-        write_file(&config, &format!("listeners.tcp.local = 127.0.0.1:{port}\n"));
+        let mut config_text = format!("listeners.tcp.local = 127.0.0.1:{port}\n");
+        let tls_port = tls.map(|(pki, server)| {
+            let tls_port = crate::free_port();
+            config_text.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                pki.cert("ca").display(),
+                pki.cert(server).display(),
+                pki.key_of(server).display(),
+            ));
+            tls_port
+        });
+        write_file(&config, &config_text);
         let env_file = dir.join("rabbitmq-env.conf");
         write_file(&env_file, "");
         let plugins = dir.join("enabled_plugins");
@@ -176,7 +206,7 @@ impl RabbitMqServer {
         )
         .with_env(env)
         .with_ready_probe(answers_amqp);
-        let mut server = RabbitMqServer { process, node_name, work_dir };
+        let mut server = RabbitMqServer { process, node_name, work_dir, tls_port };
         server.process.start(READY_TIMEOUT).await;
         server
     }
@@ -210,9 +240,9 @@ impl RabbitMqCluster {
     pub async fn start() -> RabbitMqCluster {
         let cookie = format!("CHATFLEETTEST{}", crate::free_port());
         let (a, b, c) = futures::join!(
-            RabbitMqServer::start_node(Some(&cookie)),
-            RabbitMqServer::start_node(Some(&cookie)),
-            RabbitMqServer::start_node(Some(&cookie))
+            RabbitMqServer::start_node(Some(&cookie), None),
+            RabbitMqServer::start_node(Some(&cookie), None),
+            RabbitMqServer::start_node(Some(&cookie), None)
         );
         let cluster = RabbitMqCluster { nodes: vec![a, b, c] };
         let seed = cluster.nodes[0].node_name.clone();

@@ -62,6 +62,9 @@ pub struct AmqpSettings {
     pub client_name: String,
     /// Timing of partition ownership among workers.
     pub ownership: crate::OwnershipSettings,
+    /// For `amqps://`: a CA to trust besides the system's, and a client certificate (mutual
+    /// TLS). Read at every connection, so renewed files take effect at the next reconnect.
+    pub tls: crate::TlsFiles,
 }
 
 impl AmqpSettings {
@@ -76,6 +79,7 @@ impl AmqpSettings {
             heartbeat_secs: 5,
             client_name: "chatfleet".into(),
             ownership: crate::OwnershipSettings::default(),
+            tls: crate::TlsFiles::default(),
         }
     }
 }
@@ -203,11 +207,20 @@ impl AmqpBus {
         if uri.query.connection_timeout.is_none() {
             uri.query.connection_timeout = Some(2000);
         }
+        if settings.tls.any() && uri.scheme != lapin::uri::AMQPScheme::AMQPS {
+            return Err(BusError::Unsupported(format!(
+                "{shown}: TLS files are set (--bus-tls-*), so the URL must be amqps://"
+            )));
+        }
+        let tls = settings.tls.read_for_amqp()?;
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| BusError::Unavailable(format!("no runtime for RabbitMQ's connection: {e}")))?;
         let properties = ConnectionProperties::default().with_connection_name(settings.client_name.clone().into());
-        let connection = tokio::time::timeout(Duration::from_secs(3), Connection::connect_uri(uri, properties))
+        let connect = Connection::connect_uri_with_config(uri, properties, tls, runtime);
+        let connection = tokio::time::timeout(Duration::from_secs(3), connect)
             .await
             .map_err(|_| BusError::Unavailable(format!("RabbitMQ at {shown} did not answer within 3 s")))?
-            .map_err(|e| BusError::Unavailable(format!("cannot reach RabbitMQ at {shown}: {e}")))?;
+            .map_err(|e| connect_error(&e, &shown))?;
         self.declare_layout(&connection).await?;
         tracing::info!(event = "bus_connected", broker = %shown, "connected to RabbitMQ");
         Ok(connection)
@@ -376,6 +389,26 @@ async fn listen_queue(
 fn quorum(mut arguments: FieldTable) -> FieldTable {
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     arguments
+}
+
+/// One line saying why a connection failed. A refused login or a failed TLS handshake will
+/// not fix itself, so they stop start-up at once rather than being retried on other nodes.
+fn connect_error(error: &lapin::Error, shown: &str) -> BusError {
+    let text = error.to_string();
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("access_refused") || lower.contains("access-refused") || lower.contains("authentication") {
+        BusError::Unsupported(format!(
+            "RabbitMQ at {shown} refused the credentials ({text}); check the URL's user and password"
+        ))
+    } else if lower.contains("certificate") || lower.contains("unknownissuer") {
+        // Only what a certificate check says: a handshake cut short by a node that is restarting
+        // must stay `Unavailable`, so that the other listed nodes are tried.
+        BusError::Unsupported(format!(
+            "TLS with RabbitMQ at {shown} failed ({text}); check the CA (--bus-tls-ca) and the client certificate"
+        ))
+    } else {
+        BusError::Unavailable(format!("cannot reach RabbitMQ at {shown}: {text}"))
+    }
 }
 
 fn unavailable(what: &'static str) -> impl Fn(lapin::Error) -> BusError {

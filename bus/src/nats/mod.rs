@@ -60,6 +60,10 @@ pub struct NatsSettings {
     pub replicas: Replicas,
     /// Timing of partition ownership among workers.
     pub ownership: crate::OwnershipSettings,
+    /// Credentials beyond those in the URL: user and password, token, NKey or `.creds` file.
+    pub auth: crate::NatsAuth,
+    /// A CA to trust and a client certificate (mutual TLS); any of them makes TLS required.
+    pub tls: crate::TlsFiles,
 }
 
 impl NatsSettings {
@@ -77,6 +81,8 @@ impl NatsSettings {
             client_name: "chatfleet".into(),
             replicas: Replicas::Auto,
             ownership: crate::OwnershipSettings::default(),
+            auth: crate::NatsAuth::default(),
+            tls: crate::TlsFiles::default(),
         }
     }
 }
@@ -119,13 +125,17 @@ impl NatsBus {
                     other => tracing::debug!(event = "bus_event", detail = %other),
                 }
             });
+        let options = security_options(options, &settings).await?;
         // Every server of a cluster may be listed; the client picks one and fails over to the
         // others (and to those the servers announce).
-        let servers: Vec<&str> = settings.url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-        let client = options
-            .connect(servers)
-            .await
-            .map_err(|e| BusError::Unavailable(format!("cannot reach NATS at {shown}: {e}")))?;
+        let servers: Vec<String> = settings
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(crate::security::without_credentials)
+            .collect();
+        let client = options.connect(servers).await.map_err(|e| connect_error(&e, &shown))?;
 
         let info = client.server_info();
         check_server(&info, &shown)?;
@@ -216,6 +226,54 @@ impl NatsBus {
 }
 
 /// Refuses servers that would silently break chatfleet's guarantees.
+/// Adds the configured credentials and TLS files to the client's options.
+async fn security_options(
+    options: async_nats::ConnectOptions,
+    settings: &NatsSettings,
+) -> Result<async_nats::ConnectOptions, BusError> {
+    let auth = match &settings.auth {
+        crate::NatsAuth::FromUrl => {
+            let servers: Vec<&str> = settings.url.split(',').map(str::trim).collect();
+            crate::NatsAuth::in_urls(&servers)
+        }
+        given => given.clone(),
+    };
+    let mut options = auth.apply(options).await?;
+    let tls = &settings.tls;
+    tls.check()?;
+    if let Some(ca) = &tls.ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options.require_tls(tls.any()))
+}
+
+/// One line saying why the first connection failed. A refused login or a failed handshake
+/// will not fix itself, so they are told apart from an unreachable server.
+fn connect_error(error: &async_nats::ConnectError, shown: &str) -> BusError {
+    use async_nats::ConnectErrorKind as Kind;
+    match error.kind() {
+        Kind::AuthorizationViolation | Kind::Authentication => BusError::Unsupported(format!(
+            "NATS at {shown} refused the credentials ({error}); check the user, password, token, NKey or .creds file"
+        )),
+        kind @ (Kind::Tls | Kind::Io) if matches!(kind, Kind::Tls) || is_tls_failure(&error.to_string()) => {
+            BusError::Unsupported(format!(
+                "TLS with NATS at {shown} failed ({error}); check the CA (--bus-tls-ca) and the client certificate"
+            ))
+        }
+        _ => BusError::Unavailable(format!("cannot reach NATS at {shown}: {error}")),
+    }
+}
+
+/// True for a connection error that a TLS handshake raised (the client reports most of them
+/// as I/O errors).
+fn is_tls_failure(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "unknownissuer", "bad record"].iter().any(|word| lower.contains(word))
+}
+
 fn check_server(info: &async_nats::ServerInfo, shown: &str) -> Result<(), BusError> {
     let version = semver::Version::parse(info.version.trim_start_matches('v')).map_err(|_| {
         BusError::Unsupported(format!("NATS at {shown} reports an unreadable version {:?}", info.version))
