@@ -204,6 +204,12 @@ pub struct GatewayTuning {
     /// one store read per quiet stream.
     #[arg(long = "reply-check-secs", env = "CHATFLEET_REPLY_CHECK_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub reply_check_secs: u64,
+
+    /// A TOML file of the chat platforms and webhook integrations this gateway serves (see the
+    /// README's "Channels"); values written "${NAME}" come from the environment. None: only
+    /// the HTTP API.
+    #[arg(long, env = "CHATFLEET_CHANNELS")]
+    pub channels: Option<std::path::PathBuf>,
 }
 
 /// Parses a policy name, with the message naming the valid ones.

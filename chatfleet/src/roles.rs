@@ -70,16 +70,23 @@ fn worker_config(worker_id: WorkerId, tuning: &WorkerTuning) -> WorkerConfig {
     }
 }
 
-fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
-    GatewayConfig {
+fn gateway_config(tuning: &GatewayTuning) -> anyhow::Result<GatewayConfig> {
+    let channels = match &tuning.channels {
+        Some(path) => {
+            gateway::channels::load(path).map_err(|e| anyhow::anyhow!("--channels / CHATFLEET_CHANNELS: {e}"))?
+        }
+        None => gateway::channels::ChannelsConfig::default(),
+    };
+    Ok(GatewayConfig {
         api_keys: tuning.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect(),
         token_key: tuning.token_key.as_ref().map(|k| k.as_bytes().to_vec()),
         keep_alive: Duration::from_secs(tuning.sse_keep_alive),
         double_texting: tuning.double_texting,
         session_cache_ttl: Duration::from_millis(tuning.session_cache_ms),
         reply_check: Duration::from_secs(tuning.reply_check_secs),
+        channels,
         ..GatewayConfig::default()
-    }
+    })
 }
 
 /// This worker's default id: the host name (in the characters an id may hold) and the process id.
@@ -132,7 +139,7 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         let worker = Worker::new(bus.clone(), store.clone(), model.clone(), config);
         workers.spawn(worker.run(stop.clone().cancelled_owned()));
     }
-    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway), crate::telemetry::metrics())
+    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway)?, crate::telemetry::metrics())
         .await
         .context("cannot prepare the gateway")?;
     println!("chatfleet: ready; open http://{address}");
@@ -144,6 +151,8 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
 
 /// `chatfleet gateway`.
 pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    // Channel deliveries call HTTPS endpoints.
+    llm::openai::install_crypto_provider();
     let partitions = partitions(args.partitions.partitions)?;
     let bus_choice = match wiring::parse_bus(&args.bus)? {
         BusChoice::Memory => {
@@ -160,7 +169,7 @@ pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Sen
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
     let described = bus.describe();
-    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway), crate::telemetry::metrics())
+    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway)?, crate::telemetry::metrics())
         .await
         .context("--store / CHATFLEET_STORE: cannot load the session token key")?;
     tracing::info!(event = "gateway_started", listen = %address, bus = %described, "gateway listening on http://{address}");
@@ -247,18 +256,27 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         wiring::connect_bus(bus_choice, partitions, "chatfleet-status", bus::OwnershipSettings::default(), &args.nats)
             .await?;
     let status = bus.status().await.context("cannot read the ownership state")?;
+    let deliveries = bus.delivery_status().await.ok();
     // A closed stdout (`chatfleet status | head`) ends the listing quietly.
-    match print_status(&status, args.json) {
+    match print_status(&status, deliveries.as_ref(), args.json) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }
 }
 
-fn print_status(status: &bus::FleetStatus, json: bool) -> std::io::Result<()> {
+fn print_status(
+    status: &bus::FleetStatus,
+    deliveries: Option<&bus::DeliveryQueueStatus>,
+    json: bool,
+) -> std::io::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(status).map_err(std::io::Error::other)?)?;
+        let mut value = serde_json::to_value(status).map_err(std::io::Error::other)?;
+        if let (Some(deliveries), Some(object)) = (deliveries, value.as_object_mut()) {
+            object.insert("channel_deliveries".into(), serde_json::json!(deliveries));
+        }
+        writeln!(out, "{}", serde_json::to_string_pretty(&value).map_err(std::io::Error::other)?)?;
         return Ok(());
     }
     writeln!(out, "workers: {}", status.workers.len())?;
@@ -301,6 +319,14 @@ fn print_status(status: &bus::FleetStatus, json: bool) -> std::io::Result<()> {
     if let Some(dead) = status.dead_letters {
         writeln!(out)?;
         writeln!(out, "dead letters: {dead} (messages given up on; see `chatfleet dead-letters list`)")?;
+    }
+    if let Some(deliveries) = deliveries {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "channel deliveries: {} pending, {} undeliverable (replies given up on after their last attempt)",
+            deliveries.pending, deliveries.undeliverable
+        )?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! any request; it answers 202 only once the bus has the message.
 
 mod auth;
+pub mod channels;
 mod error;
 pub mod health;
 mod routes;
@@ -56,6 +57,9 @@ pub struct GatewayConfig {
     /// worker stores the outcome before it announces it, so a lost `done` or `error` is found
     /// there and the stream still ends with it.
     pub reply_check: Duration,
+    /// The chat platforms and webhook integrations this gateway serves (`--channels`); none by
+    /// default. A gateway with any also delivers channel replies.
+    pub channels: channels::ChannelsConfig,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -68,6 +72,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("double_texting", &self.double_texting)
             .field("session_cache_ttl", &self.session_cache_ttl)
             .field("reply_check", &self.reply_check)
+            .field("channels", &self.channels)
             .finish()
     }
 }
@@ -82,6 +87,7 @@ impl Default for GatewayConfig {
             double_texting: DoubleTexting::Enqueue,
             session_cache_ttl: Duration::from_secs(2),
             reply_check: Duration::from_secs(10),
+            channels: channels::ChannelsConfig::default(),
         }
     }
 }
@@ -100,6 +106,8 @@ pub(crate) struct AppState {
     /// Cancelled when the gateway shuts down; open reply streams end then, so that a
     /// graceful shutdown does not wait forever on them.
     pub(crate) closing: CancellationToken,
+    /// The channels served, and their delivery adapters.
+    pub(crate) channels: Arc<channels::Channels>,
 }
 
 /// Name of the store-held token key.
@@ -134,8 +142,10 @@ impl Gateway {
                 store.shared_secret(TOKEN_KEY_NAME, &proposed).await?
             }
         };
+        let channels = Arc::new(channels::Channels::new(config.channels.clone()));
         let state = AppState {
             bus,
+            channels,
             store,
             tokens: TokenKey::new(key),
             sessions: SessionCache::new(config.session_cache_ttl),
@@ -163,6 +173,9 @@ impl Gateway {
             shutdown.await;
             closing.cancel();
         });
+        if self.state.channels.any() {
+            tokio::spawn(channels::delivery::run(self.state.clone(), self.state.closing.clone()));
+        }
         axum::serve(listener, router).with_graceful_shutdown(self.state.closing.clone().cancelled_owned()).await
     }
 }
