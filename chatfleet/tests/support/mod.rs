@@ -129,6 +129,8 @@ pub struct Options {
     pub store_on_disk: bool,
     /// A three-node cluster instead of a single server or virtual host.
     pub cluster: bool,
+    /// The gateway's channels file (`--channels`).
+    pub channels: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -146,6 +148,7 @@ impl Default for Options {
             private_broker: false,
             store_on_disk: false,
             cluster: false,
+            channels: None,
         }
     }
 }
@@ -337,6 +340,10 @@ impl TestApp {
         if let Some(policy) = self.options.double_texting {
             args.push(s("--double-texting"));
             args.push(s(policy));
+        }
+        if let Some(path) = &self.options.channels {
+            args.push(s("--channels"));
+            args.push(path.display().to_string());
         }
         args
     }
