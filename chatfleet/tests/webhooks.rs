@@ -20,6 +20,7 @@ on_every_backend!(
     bad_stale_and_missing_signatures_get_401_and_nothing_is_answered,
     a_receiver_that_fails_for_a_while_then_recovers_gets_each_reply_exactly_once,
     a_receiver_answering_410_gets_no_further_attempt,
+    a_reply_failing_its_last_attempt_is_kept_as_undeliverable_and_counted,
 );
 
 /// The integration's secret in every test.
@@ -291,6 +292,88 @@ async fn a_receiver_answering_410_gets_no_further_attempt(backend: Backend) {
     let log = receiver.log().await;
     assert_eq!(log.len(), 1, "{log:#?}");
     assert_eq!(log[0]["status"], 410);
+    app.shutdown().await;
+}
+
+async fn a_reply_failing_its_last_attempt_is_kept_as_undeliverable_and_counted(backend: Backend) {
+    let receiver = Receiver::start().await;
+    receiver.set_mode("fail").await;
+    let dir = tempfile::tempdir().unwrap();
+    let channels = channels_file(&dir, &receiver.url(), r#"["100ms", "100ms"]"#, "3s");
+    let app = TestApp::spawn_with(backend, Options { channels: Some(channels), ..Options::default() }).await;
+
+    post_webhook(&app, &unique_id("lost"), &json!({"conversation_id": "c-lost", "text": "nobody takes this"})).await;
+    receiver.wait_for("three attempts", Duration::from_secs(20), |log| log.len() >= 3).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let series = r#"chatfleet_gateway_channel_undeliverable_total{channel="webhooks/acme"}"#;
+        if support::metric(&metrics, series) == Some(1.0) {
+            break metrics;
+        }
+        assert!(Instant::now() < deadline, "{series} not 1 within 10 s: {metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        metrics.contains(
+            r#"chatfleet_gateway_channel_delivery_failures_total{channel="webhooks/acme",reason="http_5xx"} 3"#
+        ),
+        "{metrics}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.log().await.len(), 3, "no attempt after the last");
+    if backend != Backend::Dev {
+        let output = Command::new(env!("CARGO_BIN_EXE_chatfleet"))
+            .args(["status", "--bus", &app.bus_url(), "--partitions", &app.options.partitions.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("channel deliveries: 0 pending, 1 undeliverable"), "{text}");
+    }
+    app.shutdown().await;
+}
+
+/// A private broker of each kind, restarted while a reply waits for its receiver.
+mod broker_restart {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_mongo() {
+        a_reply_waiting_for_its_receiver_survives_a_broker_restart(Backend::NatsMongo).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rabbit_mongo() {
+        a_reply_waiting_for_its_receiver_survives_a_broker_restart(Backend::RabbitMongo).await
+    }
+}
+
+async fn a_reply_waiting_for_its_receiver_survives_a_broker_restart(backend: Backend) {
+    let receiver = Receiver::start().await;
+    receiver.set_mode("fail").await;
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = r#"["300ms", "500ms", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s", "1s"]"#;
+    let channels = channels_file(&dir, &receiver.url(), schedule, "3s");
+    let options = Options { channels: Some(channels), private_broker: true, ..Options::default() };
+    let mut app = TestApp::spawn_with(backend, options).await;
+
+    let accepted =
+        post_webhook(&app, &unique_id("restart"), &json!({"conversation_id": "c-r", "text": "outlive the broker"}))
+            .await;
+    receiver.wait_for("a failed attempt", Duration::from_secs(20), |log| log.iter().any(|e| e["status"] == 503)).await;
+    app.broker_mut().restart().await;
+    receiver.set_mode("ok").await;
+
+    receiver
+        .wait_for("the reply delivered after the restart", Duration::from_secs(40), |log| {
+            !delivered_ids(log).is_empty()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let delivered = receiver.delivered().await;
+    assert_eq!(delivered.len(), 1, "{delivered:#?}");
+    assert_eq!(delivered[0]["body"]["message_id"], accepted["message_id"]);
     app.shutdown().await;
 }
 
