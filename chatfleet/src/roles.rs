@@ -104,6 +104,7 @@ fn default_worker_id() -> WorkerId {
 pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     llm::openai::install_crypto_provider();
     let partitions = partitions(args.partitions.partitions)?;
+    let gateway_settings = gateway_config(&args.gateway)?;
     let bus_choice = wiring::parse_bus(&args.bus)?;
     let model: Arc<dyn ChatModel> = match wiring::connect_model(&args.model)? {
         Some(model) => model,
@@ -139,7 +140,7 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         let worker = Worker::new(bus.clone(), store.clone(), model.clone(), config);
         workers.spawn(worker.run(stop.clone().cancelled_owned()));
     }
-    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway)?, crate::telemetry::metrics())
+    let gateway = Gateway::build(bus, store, gateway_settings, crate::telemetry::metrics())
         .await
         .context("cannot prepare the gateway")?;
     println!("chatfleet: ready; open http://{address}");
@@ -154,6 +155,7 @@ pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Sen
     // Channel deliveries call HTTPS endpoints.
     llm::openai::install_crypto_provider();
     let partitions = partitions(args.partitions.partitions)?;
+    let gateway_settings = gateway_config(&args.gateway)?;
     let bus_choice = match wiring::parse_bus(&args.bus)? {
         BusChoice::Memory => {
             anyhow::bail!(
@@ -169,7 +171,7 @@ pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Sen
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
     let described = bus.describe();
-    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway)?, crate::telemetry::metrics())
+    let gateway = Gateway::build(bus, store, gateway_settings, crate::telemetry::metrics())
         .await
         .context("--store / CHATFLEET_STORE: cannot load the session token key")?;
     tracing::info!(event = "gateway_started", listen = %address, bus = %described, "gateway listening on http://{address}");
