@@ -179,7 +179,7 @@ impl Acker for DeliveryAcker {
             .map_err(|e| BusError::Unavailable(format!("cannot keep an undeliverable reply: {e}")))?
             .await
             .map_err(|e| BusError::Unavailable(format!("no acknowledgement for an undeliverable reply: {e}")))?;
-        self.acker.ack_with(AckKind::Term).await.map_err(failed)
+        self.acker.double_ack_with(AckKind::Term).await.map_err(failed)
     }
 }
 
