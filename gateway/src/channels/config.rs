@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::slack::SlackConfig;
 use super::webhooks::WebhookConfig;
 
 /// A secret from the channels file. It never appears in logs, errors or `Debug` output.
@@ -47,6 +48,8 @@ pub struct ConfigError {
 pub struct ChannelsConfig {
     /// Named webhook integrations (`[webhooks.<name>]`).
     pub webhooks: BTreeMap<String, WebhookConfig>,
+    /// The Slack app (`[slack]`).
+    pub slack: Option<SlackConfig>,
     /// How replies are delivered (`[delivery]`).
     pub delivery: DeliverySettings,
 }
@@ -104,12 +107,16 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Channel
                 }
             }
             "delivery" => config.delivery = delivery_settings(value)?,
-            "slack" | "teams" => {
-                return Err(format!(
-                    "[{key}] is not served by this version of chatfleet yet (signed webhooks are); remove the section"
-                ));
+            "slack" => config.slack = Some(SlackConfig::from_section(value)?),
+            "teams" => {
+                return Err(
+                    "[teams] is not served by this version of chatfleet yet (Slack and signed webhooks are); remove the section"
+                        .into(),
+                );
             }
-            other => return Err(format!("unknown key {other:?} (expected [webhooks.<name>] or [delivery])")),
+            other => {
+                return Err(format!("unknown key {other:?} (expected [slack], [webhooks.<name>] or [delivery])"));
+            }
         }
     }
     Ok(config)
@@ -267,6 +274,16 @@ mod tests {
 
         assert!(error.starts_with("[webhooks.acme]: unknown field `colour`"), "{error}");
         assert!(!error.contains('\n'));
+    }
+
+    #[test]
+    fn a_slack_section_needs_both_secrets_and_an_https_api_url_off_loopback() {
+        let good = "[slack]\nsigning_secret = \"s\"\nbot_token = \"xoxb-1\"\n";
+        let config = parse(good, env).unwrap();
+        assert_eq!(config.slack.unwrap().api_url.as_str(), "https://slack.com/api/");
+        assert!(parse("[slack]\nsigning_secret = \"s\"\n", env).unwrap_err().contains("bot_token"));
+        let plain = format!("{good}api_url = \"http://slack.example.com/api\"\n");
+        assert!(parse(&plain, env).unwrap_err().contains("https://"));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 pub mod config;
 pub(crate) mod delivery;
 mod session;
+pub mod slack;
 pub mod webhooks;
 
 use std::collections::HashMap;
@@ -42,7 +43,7 @@ pub(crate) struct Channels {
 impl Channels {
     pub(crate) fn new(config: ChannelsConfig) -> Self {
         let mut adapters: HashMap<String, Arc<dyn Deliver>> = HashMap::new();
-        if config.webhooks.is_empty() {
+        if config.webhooks.is_empty() && config.slack.is_none() {
             return Self { config, adapters };
         }
         // Deliveries go to the operator's own endpoints and platform APIs: no redirects
@@ -57,6 +58,9 @@ impl Channels {
         for hook in config.webhooks.values() {
             let deliverer = webhooks::Deliverer::new(hook.clone(), http.clone());
             adapters.insert(webhooks::channel_name(&hook.name), Arc::new(deliverer));
+        }
+        if let Some(slack) = &config.slack {
+            adapters.insert(slack::CHANNEL.to_owned(), Arc::new(slack::Deliverer::new(slack.clone(), http.clone())));
         }
         Self { config, adapters }
     }
@@ -75,7 +79,7 @@ impl Channels {
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/channels/webhooks/{name}", post(webhooks::inbound::receive))
-        .route("/v1/channels/slack/events", post(not_configured))
+        .route("/v1/channels/slack/events", post(slack::inbound::receive))
         .route("/v1/channels/teams/messages", post(not_configured))
 }
 
