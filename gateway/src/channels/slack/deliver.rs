@@ -64,7 +64,7 @@ impl Deliver for Deliverer {
             .http
             .post(url)
             .header(AUTHORIZATION, format!("Bearer {}", self.slack.bot_token.expose()))
-            .header(CONTENT_TYPE, "application/json; charset=utf-8")
+            .header(CONTENT_TYPE, "application/json;charset=utf-8")
             .json(&message)
             .send()
             .await;
