@@ -28,7 +28,7 @@ enum Envelope {
     EventCallback {
         team_id: String,
         event_id: String,
-        event: Event,
+        event: Box<Event>,
     },
     #[serde(other)]
     Other,
@@ -79,7 +79,7 @@ pub(crate) async fn receive(
         Envelope::EventCallback { team_id, event_id, event } => (team_id, event_id, event),
         Envelope::Other => return Ok(StatusCode::OK.into_response()),
     };
-    let Some(target) = target(&team, event) else {
+    let Some(target) = target(&team, *event) else {
         tracing::debug!(event = "slack_event_ignored", event_id, "not a message for the bot");
         return Ok(StatusCode::OK.into_response());
     };
