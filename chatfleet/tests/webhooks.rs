@@ -257,8 +257,10 @@ async fn a_receiver_that_fails_for_a_while_then_recovers_gets_each_reply_exactly
         messages.push(post_webhook(&app, &unique_id("retry"), &body).await["message_id"].clone());
     }
     receiver
-        .wait_for("at least two failed attempts per reply", Duration::from_secs(20), |log| {
-            log.iter().filter(|e| e["status"] == 503).count() >= 6
+        .wait_for("two failed attempts of each reply", Duration::from_secs(20), |log| {
+            let failed: Vec<&Value> = log.iter().filter(|e| e["status"] == 503).collect();
+            let ids: BTreeSet<&str> = failed.iter().filter_map(|e| e["webhook_id"].as_str()).collect();
+            ids.len() == 3 && ids.iter().all(|id| failed.iter().filter(|e| e["webhook_id"] == *id).count() >= 2)
         })
         .await;
     receiver.set_mode("ok").await;
