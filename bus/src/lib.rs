@@ -8,7 +8,10 @@
 //! - user messages, durable and deduplicated by message id, routed to the partition of
 //!   their session and consumed one partition at a time;
 //! - reply events, ephemeral, on one subject per session, received by whichever gateway
-//!   listens to that session at the moment.
+//!   listens to that session at the moment;
+//! - finished replies of channel messages (Slack, Teams, webhooks), durable, consumed by every
+//!   gateway as competing consumers until one has delivered each (`deliveries.rs` of each
+//!   adapter).
 //!
 //! Invariant: the bus knows nothing of HTTP, stores or models.
 
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use schemas::{Partition, PartitionCount, ReplyEvent, SessionId, UserMessage, WorkerId};
+use schemas::{ChannelDelivery, Partition, PartitionCount, ReplyEvent, SessionId, UserMessage, WorkerId};
 
 pub mod amqp;
 pub mod memory;
@@ -207,6 +210,39 @@ impl Replay {
     }
 }
 
+/// One finished channel reply handed to a gateway for delivery.
+pub struct PendingDelivery {
+    /// The delivery, or why its bytes could not be read as one (such a delivery can only be
+    /// given up on).
+    pub delivery: Result<ChannelDelivery, String>,
+    /// Which attempt this is: 1 for the first, one more after each [`Acker::retry_after`]. A
+    /// delivery whose gateway died mid-attempt is handed out again with the same count (on NATS
+    /// one more).
+    pub attempt: u64,
+    /// Settles it: `ack` once delivered (or refused for good by the receiver), `retry_after`
+    /// for the next attempt, `dead_letter` to keep it as undeliverable; `in_progress` while an
+    /// attempt runs long.
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for PendingDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingDelivery").field("delivery", &self.delivery).field("attempt", &self.attempt).finish()
+    }
+}
+
+/// Pending channel deliveries, shared by every gateway that consumes them.
+pub type PendingDeliveries = BoxStream<'static, PendingDelivery>;
+
+/// The queue of channel deliveries as the bus sees it now (`chatfleet status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeliveryQueueStatus {
+    /// Deliveries waiting for a gateway, being attempted, or waiting out a retry delay.
+    pub pending: u64,
+    /// Deliveries given up on after their last attempt, kept for operators.
+    pub undeliverable: u64,
+}
+
 /// The bus.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
@@ -239,6 +275,26 @@ pub trait Bus: Send + Sync + 'static {
 
     /// One line for start-up logs (never credentials).
     fn describe(&self) -> String;
+
+    /// Stores the finished reply of a channel message durably until a gateway has delivered it.
+    /// Returns only once the broker has it. Repeats of the same reply ([`ChannelDelivery::key`])
+    /// are dropped where the broker deduplicates (NATS, within its window); receivers dedupe on
+    /// the key anyway.
+    async fn publish_delivery(&self, delivery: &ChannelDelivery) -> Result<(), BusError> {
+        let _ = delivery;
+        Err(BusError::Unsupported(format!("{} has no channel deliveries", self.describe())))
+    }
+
+    /// Starts taking pending channel deliveries. Every gateway calls it: each delivery goes to
+    /// one of them at a time, and one whose gateway went away unsettled goes to another.
+    async fn consume_deliveries(&self) -> Result<PendingDeliveries, BusError> {
+        Err(BusError::Unsupported(format!("{} has no channel deliveries", self.describe())))
+    }
+
+    /// How many channel deliveries are pending and how many were given up on.
+    async fn delivery_status(&self) -> Result<DeliveryQueueStatus, BusError> {
+        Err(BusError::Unsupported(format!("{} has no channel deliveries", self.describe())))
+    }
 
     /// Up to `limit` dead letters, oldest first, leaving them where they are.
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {

@@ -503,6 +503,7 @@ fn message(session: &SessionId, text: &str) -> UserMessage {
         text: format!("{text}: \"héllo\" ✓\n\ttabs and \\ slashes"),
         accepted_at: datetime!(2026-03-04 05:06:07.890123 UTC),
         double_texting: Some(DoubleTexting::Interrupt),
+        channel: None,
     }
 }
 

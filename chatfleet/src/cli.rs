@@ -319,6 +319,12 @@ pub struct GatewayTuning {
     /// wait in the listen backlog until one closes. Keep it under the process's open-file limit.
     #[arg(long = "max-connections", env = "CHATFLEET_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
+
+    /// A TOML file of the chat platforms and webhook integrations this gateway serves (see the
+    /// README's "Channels"); values written "${NAME}" come from the environment. None: only
+    /// the HTTP API.
+    #[arg(long, env = "CHATFLEET_CHANNELS")]
+    pub channels: Option<std::path::PathBuf>,
 }
 
 /// Parses a policy name, with the message naming the valid ones.

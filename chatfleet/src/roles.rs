@@ -70,8 +70,14 @@ fn worker_config(worker_id: WorkerId, tuning: &WorkerTuning) -> WorkerConfig {
     }
 }
 
-fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
-    GatewayConfig {
+fn gateway_config(tuning: &GatewayTuning) -> anyhow::Result<GatewayConfig> {
+    let channels = match &tuning.channels {
+        Some(path) => {
+            gateway::channels::load(path).map_err(|e| anyhow::anyhow!("--channels / CHATFLEET_CHANNELS: {e}"))?
+        }
+        None => gateway::channels::ChannelsConfig::default(),
+    };
+    Ok(GatewayConfig {
         api_keys: tuning.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect(),
         token_key: tuning.token_key.as_ref().map(|k| k.as_bytes().to_vec()),
         keep_alive: Duration::from_secs(tuning.sse_keep_alive),
@@ -83,8 +89,9 @@ fn gateway_config(tuning: &GatewayTuning) -> GatewayConfig {
             header_read_timeout: Duration::from_secs(tuning.header_read_timeout_secs),
             max_connections: tuning.max_connections as usize,
         },
+        channels,
         ..GatewayConfig::default()
-    }
+    })
 }
 
 /// This worker's default id: the host name (in the characters an id may hold) and the process id.
@@ -102,6 +109,7 @@ fn default_worker_id() -> WorkerId {
 pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     llm::openai::install_crypto_provider();
     let partitions = partitions(args.partitions.partitions)?;
+    let gateway_settings = gateway_config(&args.gateway)?;
     let bus_choice = wiring::parse_bus(&args.bus)?;
     let model: Arc<dyn ChatModel> = match wiring::connect_model(&args.model)? {
         Some(model) => model,
@@ -138,7 +146,7 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
         let worker = Worker::new(bus.clone(), store.clone(), model.clone(), config);
         workers.spawn(worker.run(stop.clone().cancelled_owned()));
     }
-    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway), crate::telemetry::metrics())
+    let gateway = Gateway::build(bus, store, gateway_settings, crate::telemetry::metrics())
         .await
         .context("cannot prepare the gateway")?;
     println!("chatfleet: ready; open http://{address}");
@@ -150,7 +158,10 @@ pub async fn dev(args: DevArgs, shutdown: impl Future<Output = ()> + Send + 'sta
 
 /// `chatfleet gateway`.
 pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    // Channel deliveries call HTTPS endpoints.
+    llm::openai::install_crypto_provider();
     let partitions = partitions(args.partitions.partitions)?;
+    let gateway_settings = gateway_config(&args.gateway)?;
     let bus_choice = match wiring::parse_bus(&args.bus)? {
         BusChoice::Memory => {
             anyhow::bail!(
@@ -172,7 +183,7 @@ pub async fn gateway(args: GatewayArgs, shutdown: impl Future<Output = ()> + Sen
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
     let described = bus.describe();
-    let gateway = Gateway::build(bus, store, gateway_config(&args.gateway), crate::telemetry::metrics())
+    let gateway = Gateway::build(bus, store, gateway_settings, crate::telemetry::metrics())
         .await
         .context("--store / CHATFLEET_STORE: cannot load the session token key")?;
     tracing::info!(event = "gateway_started", listen = %address, bus = %described, "gateway listening on http://{address}");
@@ -271,18 +282,27 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     )
     .await?;
     let status = bus.status().await.context("cannot read the ownership state")?;
+    let deliveries = bus.delivery_status().await.ok();
     // A closed stdout (`chatfleet status | head`) ends the listing quietly.
-    match print_status(&status, args.json) {
+    match print_status(&status, deliveries.as_ref(), args.json) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }
 }
 
-fn print_status(status: &bus::FleetStatus, json: bool) -> std::io::Result<()> {
+fn print_status(
+    status: &bus::FleetStatus,
+    deliveries: Option<&bus::DeliveryQueueStatus>,
+    json: bool,
+) -> std::io::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(status).map_err(std::io::Error::other)?)?;
+        let mut value = serde_json::to_value(status).map_err(std::io::Error::other)?;
+        if let (Some(deliveries), Some(object)) = (deliveries, value.as_object_mut()) {
+            object.insert("channel_deliveries".into(), serde_json::json!(deliveries));
+        }
+        writeln!(out, "{}", serde_json::to_string_pretty(&value).map_err(std::io::Error::other)?)?;
         return Ok(());
     }
     writeln!(out, "workers: {}", status.workers.len())?;
@@ -325,6 +345,14 @@ fn print_status(status: &bus::FleetStatus, json: bool) -> std::io::Result<()> {
     if let Some(dead) = status.dead_letters {
         writeln!(out)?;
         writeln!(out, "dead letters: {dead} (messages given up on; see `chatfleet dead-letters list`)")?;
+    }
+    if let Some(deliveries) = deliveries {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "channel deliveries: {} pending, {} undeliverable (replies given up on after their last attempt)",
+            deliveries.pending, deliveries.undeliverable
+        )?;
     }
     Ok(())
 }

@@ -57,6 +57,56 @@ fn help_explains_every_role() {
 }
 
 #[test]
+fn a_channels_file_naming_a_missing_variable_ends_start_up_with_one_line_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("channels.toml");
+    std::fs::write(
+        &path,
+        "[webhooks.acme]\nsecret = \"${CHATFLEET_TEST_UNSET_SECRET}\"\nurl = \"http://127.0.0.1:9/\"\n",
+    )
+    .unwrap();
+    let store = dir.path().join("dev.redb");
+
+    let out = chatfleet(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        store.to_str().unwrap(),
+        "--channels",
+        path.to_str().unwrap(),
+    ]);
+
+    assert_one_clear_line(&out, &["--channels", "webhooks.acme.secret", "CHATFLEET_TEST_UNSET_SECRET"]);
+}
+
+#[test]
+fn a_channels_file_with_an_unknown_key_ends_start_up_without_showing_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("channels.toml");
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    std::fs::write(
+        &path,
+        format!("[webhooks.acme]\nsecret = \"{secret}\"\nurl = \"http://127.0.0.1:9/\"\nretries = 3\n"),
+    )
+    .unwrap();
+    let store = dir.path().join("dev.redb");
+
+    let out = chatfleet(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        store.to_str().unwrap(),
+        "--channels",
+        path.to_str().unwrap(),
+    ]);
+
+    assert_one_clear_line(&out, &["[webhooks.acme]", "retries"]);
+    assert!(!stderr_of(&out).contains("MfKQ9r8"));
+}
+
+#[test]
 fn an_unknown_flag_is_refused() {
     let out = chatfleet(&["gateway", "--no-such-flag"]);
     assert!(!out.status.success());

@@ -7,6 +7,7 @@
 //! any request; it answers 202 only once the bus has the message.
 
 mod auth;
+pub mod channels;
 mod error;
 pub mod health;
 mod routes;
@@ -60,6 +61,9 @@ pub struct GatewayConfig {
     pub reply_check: Duration,
     /// Limits on request headers, their pace and open connections.
     pub http: HttpLimits,
+    /// The chat platforms and webhook integrations this gateway serves (`--channels`); none by
+    /// default. A gateway with any also delivers channel replies.
+    pub channels: channels::ChannelsConfig,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -73,6 +77,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("session_cache_ttl", &self.session_cache_ttl)
             .field("reply_check", &self.reply_check)
             .field("http", &self.http)
+            .field("channels", &self.channels)
             .finish()
     }
 }
@@ -88,6 +93,7 @@ impl Default for GatewayConfig {
             session_cache_ttl: Duration::from_secs(2),
             reply_check: Duration::from_secs(10),
             http: HttpLimits::default(),
+            channels: channels::ChannelsConfig::default(),
         }
     }
 }
@@ -106,6 +112,8 @@ pub(crate) struct AppState {
     /// Cancelled when the gateway shuts down; open reply streams end then, so that a
     /// graceful shutdown does not wait forever on them.
     pub(crate) closing: CancellationToken,
+    /// The channels served, and their delivery adapters.
+    pub(crate) channels: Arc<channels::Channels>,
 }
 
 /// Name of the store-held token key.
@@ -140,8 +148,10 @@ impl Gateway {
                 store.shared_secret(TOKEN_KEY_NAME, &proposed).await?
             }
         };
+        let channels = Arc::new(channels::Channels::new(config.channels.clone()));
         let state = AppState {
             bus,
+            channels,
             store,
             tokens: TokenKey::new(key),
             sessions: SessionCache::new(config.session_cache_ttl),
@@ -169,6 +179,9 @@ impl Gateway {
             shutdown.await;
             closing.cancel();
         });
+        if self.state.channels.any() {
+            tokio::spawn(channels::delivery::run(self.state.clone(), self.state.closing.clone()));
+        }
         server::serve(listener, router, &self.state.config.http, self.state.closing.clone()).await
     }
 }

@@ -62,3 +62,50 @@ impl Drop for StreamGuard {
         gauge!(OPEN_STREAMS).decrement(1.0);
     }
 }
+
+/// Channel events received (`channel` = `slack`, `teams`, `webhooks/<name>`), before any check.
+pub const CHANNEL_EVENTS: &str = "chatfleet_gateway_channel_events_total";
+/// Channel events refused, by `reason` (`missing_signature`, `bad_signature`, `stale_timestamp`,
+/// `invalid`, ...).
+pub const CHANNEL_REJECTED: &str = "chatfleet_gateway_channel_rejected_total";
+/// Channel events that repeated an idempotency key already enqueued (a platform's retry).
+pub const CHANNEL_DEDUPLICATED: &str = "chatfleet_gateway_channel_deduplicated_total";
+/// Delivery attempts of channel replies, by `result` (`delivered`, `gone`, `failed`).
+pub const CHANNEL_DELIVERY_ATTEMPTS: &str = "chatfleet_gateway_channel_delivery_attempts_total";
+/// Failed delivery attempts, by `reason` (`http_4xx`, `http_429`, `http_5xx`, `timeout`, `network`, ...).
+pub const CHANNEL_DELIVERY_FAILURES: &str = "chatfleet_gateway_channel_delivery_failures_total";
+/// Replies delivered (a 2xx from the receiver).
+pub const CHANNEL_REPLIES_DELIVERED: &str = "chatfleet_gateway_channel_replies_delivered_total";
+/// Replies given up on after their last attempt and kept as undeliverable.
+pub const CHANNEL_UNDELIVERABLE: &str = "chatfleet_gateway_channel_undeliverable_total";
+/// Seconds from a reply's outcome being handed over by its worker to its delivery.
+pub const CHANNEL_DELIVERY_SECONDS: &str = "chatfleet_gateway_channel_delivery_seconds";
+
+pub fn channel_event_received(channel: &str) {
+    counter!(CHANNEL_EVENTS, "channel" => channel.to_owned()).increment(1);
+}
+
+pub fn channel_event_rejected(channel: &str, reason: &'static str) {
+    counter!(CHANNEL_REJECTED, "channel" => channel.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn channel_event_deduplicated(channel: &str) {
+    counter!(CHANNEL_DEDUPLICATED, "channel" => channel.to_owned()).increment(1);
+}
+
+pub fn channel_delivery_attempted(channel: &str, result: &'static str) {
+    counter!(CHANNEL_DELIVERY_ATTEMPTS, "channel" => channel.to_owned(), "result" => result).increment(1);
+}
+
+pub fn channel_delivery_failed(channel: &str, reason: &'static str) {
+    counter!(CHANNEL_DELIVERY_FAILURES, "channel" => channel.to_owned(), "reason" => reason).increment(1);
+}
+
+pub fn channel_reply_delivered(channel: &str, seconds: f64) {
+    counter!(CHANNEL_REPLIES_DELIVERED, "channel" => channel.to_owned()).increment(1);
+    histogram!(CHANNEL_DELIVERY_SECONDS, "channel" => channel.to_owned()).record(seconds);
+}
+
+pub fn channel_reply_undeliverable(channel: &str) {
+    counter!(CHANNEL_UNDELIVERABLE, "channel" => channel.to_owned()).increment(1);
+}

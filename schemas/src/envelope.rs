@@ -29,6 +29,10 @@ pub struct UserMessage {
     /// written before the field existed): `enqueue`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub double_texting: Option<DoubleTexting>,
+    /// The chat platform or webhook integration that brought the message, whose reply a
+    /// gateway delivers back there. Absent for messages of the HTTP API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<crate::ChannelOrigin>,
 }
 
 impl UserMessage {
@@ -323,6 +327,7 @@ mod tests {
     fn a_policy_travels_in_the_envelope_by_its_snake_case_name() {
         let message = UserMessage {
             double_texting: Some(DoubleTexting::Interrupt),
+            channel: None,
             ..user_message(
                 r#"{"v": 1, "session_id": "s1", "message_id": "m1", "text": "hi",
                 "accepted_at": "2026-01-01T00:00:00Z"}"#,

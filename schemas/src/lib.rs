@@ -5,6 +5,7 @@
 //! compatibility change: add optional fields rather than change existing ones, and bump
 //! [`ENVELOPE_VERSION`] when a reader could misunderstand an old envelope.
 
+pub mod channel;
 pub mod envelope;
 pub mod error_code;
 pub mod ids;
@@ -12,6 +13,7 @@ pub mod partition;
 pub mod redact;
 pub mod subjects;
 
+pub use channel::{ChannelDelivery, ChannelOrigin};
 pub use envelope::{DoubleTexting, EventId, FinishReason, ReplyEvent, ReplyEventKind, Usage, UserMessage};
 pub use error_code::ErrorCode;
 pub use ids::{ClientMessageId, IdError, MessageId, ReplyId, SessionId, WorkerId};

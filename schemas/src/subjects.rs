@@ -10,10 +10,15 @@
 //! - core subject `chatfleet.barrier`: requests nobody answers, to learn that the server has
 //!   processed what a connection sent before them;
 //! - key-value bucket `CHATFLEET_OWNERSHIP`: `members.<worker>` and `leases.<partition>`;
-//! - the priority group `owner` that pins each partition consumer to one puller.
+//! - the priority group `owner` that pins each partition consumer to one puller;
+//! - stream `CHATFLEET_DELIVERIES`, subject `chatfleet.deliveries.pending`, consumer
+//!   `chatfleet-deliveries`: finished channel replies waiting for a gateway to deliver them;
+//!   stream `CHATFLEET_UNDELIVERABLE`, subject `chatfleet.undeliverable`: those given up on.
 //!
 //! RabbitMQ layout ([`AmqpNames`]): exchanges `chatfleet.in`, `chatfleet.out`,
 //! `chatfleet.members`, `chatfleet.dead`; queues `chatfleet.in.<partition>` and `chatfleet.dead`;
+//! channel deliveries in the quorum queue `chatfleet.deliveries`, waiting out retry delays in
+//! `chatfleet.deliveries.retry.<ms>`, given up on in `chatfleet.undeliverable`;
 //! each user message carries the header [`SEQUENCE_HEADER`].
 
 use crate::{Partition, SessionId};
@@ -102,6 +107,31 @@ impl Names {
         format!("{}.barrier", self.prefix)
     }
 
+    /// The stream of finished channel replies waiting for a gateway to deliver them.
+    pub fn deliveries_stream(&self) -> String {
+        format!("{}_DELIVERIES", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// The subject of pending channel deliveries.
+    pub fn deliveries_subject(&self) -> String {
+        format!("{}.deliveries.pending", self.prefix)
+    }
+
+    /// The durable consumer every gateway pulls pending deliveries from, as competing consumers.
+    pub fn deliveries_consumer(&self) -> String {
+        format!("{}-deliveries", self.prefix)
+    }
+
+    /// The stream of channel deliveries given up on after their last attempt, kept for operators.
+    pub fn undeliverable_stream(&self) -> String {
+        format!("{}_UNDELIVERABLE", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// The subject of undeliverable channel deliveries.
+    pub fn undeliverable_subject(&self) -> String {
+        format!("{}.undeliverable", self.prefix)
+    }
+
     /// The key-value bucket of worker heartbeats and partition leases.
     pub fn ownership_bucket(&self) -> String {
         format!("{}_OWNERSHIP", self.prefix.to_ascii_uppercase().replace('-', "_"))
@@ -171,6 +201,22 @@ impl AmqpNames {
     /// The fanout exchange of worker heartbeats.
     pub fn members_exchange(&self) -> String {
         format!("{}.members", self.prefix)
+    }
+
+    /// The quorum queue of finished channel replies waiting for a gateway to deliver them.
+    pub fn deliveries_queue(&self) -> String {
+        format!("{}.deliveries", self.prefix)
+    }
+
+    /// The queue where a delivery waits `delay_ms` before it dead-letters back to
+    /// [`AmqpNames::deliveries_queue`] for its next attempt.
+    pub fn delivery_retry_queue(&self, delay_ms: u64) -> String {
+        format!("{}.deliveries.retry.{delay_ms}", self.prefix)
+    }
+
+    /// The quorum queue of channel deliveries given up on, kept for operators.
+    pub fn undeliverable_queue(&self) -> String {
+        format!("{}.undeliverable", self.prefix)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use chatfleet_schemas::{ReplyEvent, UserMessage};
+use chatfleet_schemas::{ChannelDelivery, ReplyEvent, UserMessage};
 
 /// The value with every object's keys sorted, so the file does not depend on whether some
 /// other crate in the build enabled serde_json's `preserve_order`.
@@ -42,4 +42,9 @@ fn user_message_schema_file_is_up_to_date() {
 #[test]
 fn reply_event_schema_file_is_up_to_date() {
     check("reply-event.v1.schema.json", schemars::schema_for!(ReplyEvent));
+}
+
+#[test]
+fn channel_delivery_schema_file_is_up_to_date() {
+    check("channel-delivery.v1.schema.json", schemars::schema_for!(ChannelDelivery));
 }

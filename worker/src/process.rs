@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use bus::Acker;
 use futures::StreamExt;
 use llm::{ChatChunk, ChatRequest, LlmError};
-use schemas::{DoubleTexting, ErrorCode, FinishReason, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage};
+use schemas::{
+    DoubleTexting, ErrorCode, EventId, FinishReason, ReplyEvent, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage,
+};
 use store::{Failure, Inserted, Outcome as StoredOutcome, Role, StoreError, StoredMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -30,7 +32,7 @@ use crate::cache::CacheScope;
 use crate::events::{DeltaBatch, EventWriter};
 use crate::job::{Interruption, Job};
 use crate::settle::{Decision, Outcome, settle};
-use crate::{Worker, context, telemetry};
+use crate::{Worker, channel, context, telemetry};
 
 /// Handles one job and settles its delivery. `stop` interrupts only waits on the store
 /// (shutdown); `abort` drops the work at once, leaving the delivery unsettled for the
@@ -280,6 +282,7 @@ impl Handler<'_> {
         if let Err(e) = self.worker.bus.publish_event(&event).await {
             tracing::warn!(event = "event_publish_failed", error = %e);
         }
+        self.hand_to_channel(&event).await?;
         Ok(Decision::Ack(Outcome::Duplicate))
     }
 
@@ -317,10 +320,12 @@ impl Handler<'_> {
                 event = "reply_already_stored",
                 "a reply to this message was stored meanwhile; announcing the stored one"
             );
-            if let Some(outcome) = self.store_call(|| store.outcome(session, message_id)).await?
-                && let Err(e) = self.worker.bus.publish_event(&outcome.terminal_event(session, message_id)).await
-            {
-                tracing::warn!(event = "event_publish_failed", error = %e);
+            if let Some(outcome) = self.store_call(|| store.outcome(session, message_id)).await? {
+                let event = outcome.terminal_event(session, message_id);
+                if let Err(e) = self.worker.bus.publish_event(&event).await {
+                    tracing::warn!(event = "event_publish_failed", error = %e);
+                }
+                self.hand_to_channel(&event).await?;
             }
             return Ok(Decision::Ack(Outcome::Duplicate));
         }
@@ -329,6 +334,7 @@ impl Handler<'_> {
         let interrupted = reply.finish_reason.is_interrupted();
         let Reply { text, finish_reason, usage } = reply;
         events.send(ReplyEventKind::Done { reply_id, text, finish_reason, usage }).await;
+        self.hand_to_channel(&StoredOutcome::Replied(stored).terminal_event(session, message_id)).await?;
         if interrupted {
             tracing::info!(event = "message_interrupted", turn, "a newer message cut this reply short");
             Ok(Decision::Ack(Outcome::Interrupted))
@@ -368,7 +374,8 @@ impl Handler<'_> {
             }
         }
         self.end_reply().await?;
-        events.send(ReplyEventKind::Error { code, message: text }).await;
+        events.send(ReplyEventKind::Error { code: code.clone(), message: text.clone() }).await;
+        self.hand_to_channel(&self.terminal_error(code, text)).await?;
         tracing::warn!(event = "message_failed", error = %error, "gave up on this message");
         Ok(Decision::Ack(Outcome::Failed))
     }
@@ -392,7 +399,13 @@ impl Handler<'_> {
         {
             tracing::warn!(event = "marker_not_cleared", error = %e, "could not clear the reply-in-progress marker");
         }
-        self.events(self.turn.load(Ordering::Relaxed), 1).send(ReplyEventKind::Error { code, message }).await;
+        self.events(self.turn.load(Ordering::Relaxed), 1)
+            .send(ReplyEventKind::Error { code: code.clone(), message: message.clone() })
+            .await;
+        if self.hand_to_channel(&self.terminal_error(code, message)).await.is_err() {
+            // Stopping: the message's next handling hands its recorded failure over.
+            return Decision::Abandon;
+        }
         Decision::Ack(Outcome::StoreFailed)
     }
 
@@ -618,6 +631,22 @@ impl Handler<'_> {
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+    }
+
+    /// Queues the outcome for delivery to the message's channel, if it came from one.
+    async fn hand_to_channel(&self, event: &ReplyEvent) -> Result<(), Halt> {
+        channel::hand_over(self.worker.bus.as_ref(), self.message, event, self.stop).await.map_err(|_| Halt::Stopped)
+    }
+
+    /// The terminal `error` event of this message's turn, as its announcement carries it.
+    fn terminal_error(&self, code: ErrorCode, message: String) -> ReplyEvent {
+        ReplyEvent {
+            v: schemas::ENVELOPE_VERSION,
+            event_id: EventId::terminal(self.turn.load(Ordering::Relaxed)),
+            session_id: self.session().clone(),
+            message_id: self.message.message_id.clone(),
+            kind: ReplyEventKind::Error { code, message },
         }
     }
 

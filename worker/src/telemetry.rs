@@ -87,3 +87,10 @@ pub fn context_cache_resized(before: usize, after: usize) {
         gauge!(CONTEXT_CACHE_BYTES).increment(after as f64 - before as f64);
     }
 }
+
+/// Outcomes of channel messages queued for delivery by the gateways, by channel.
+pub const CHANNEL_DELIVERIES_QUEUED: &str = "chatfleet_worker_channel_deliveries_queued_total";
+
+pub fn channel_delivery_queued(channel: &str) {
+    counter!(CHANNEL_DELIVERIES_QUEUED, "channel" => channel.to_owned()).increment(1);
+}

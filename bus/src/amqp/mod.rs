@@ -17,6 +17,7 @@
 
 mod consume;
 mod dead_letters;
+mod deliveries;
 mod events;
 mod ownership;
 
@@ -276,6 +277,7 @@ impl AmqpBus {
                 .await
                 .map_err(layout_error(&queue))?;
         }
+        deliveries::declare(&channel, self).await?;
         let _ = channel.close(200, "layout declared".into()).await;
         Ok(())
     }
@@ -542,6 +544,18 @@ impl Bus for AmqpBus {
 
     async fn status(&self) -> Result<crate::FleetStatus, BusError> {
         ownership::status(self).await
+    }
+
+    async fn publish_delivery(&self, delivery: &schemas::ChannelDelivery) -> Result<(), BusError> {
+        deliveries::publish(self, delivery).await
+    }
+
+    async fn consume_deliveries(&self) -> Result<crate::PendingDeliveries, BusError> {
+        deliveries::consume(self).await
+    }
+
+    async fn delivery_status(&self) -> Result<crate::DeliveryQueueStatus, BusError> {
+        deliveries::status(self).await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::DeadLetter>, BusError> {

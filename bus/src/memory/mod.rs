@@ -3,6 +3,7 @@
 //! within one process.
 
 mod consume;
+mod deliveries;
 mod ownership;
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +36,8 @@ struct Inner {
     listeners: Mutex<HashMap<SessionId, Vec<mpsc::UnboundedSender<ReplyEvent>>>>,
     /// Which in-process worker owns which partition.
     registry: Mutex<ownership::Registry>,
+    /// Finished channel replies waiting for the gateway to deliver them.
+    deliveries: Arc<deliveries::DeliveryQueue>,
 }
 
 impl MemoryBus {
@@ -47,6 +50,7 @@ impl MemoryBus {
                 seen: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(HashMap::new()),
                 registry: Mutex::new(ownership::Registry::default()),
+                deliveries: Arc::default(),
             }),
         }
     }
@@ -131,6 +135,19 @@ impl Bus for MemoryBus {
     async fn status(&self) -> Result<crate::FleetStatus, BusError> {
         let registry = self.inner.registry.lock().unwrap_or_else(|e| e.into_inner());
         Ok(registry.status(&self.inner.queues))
+    }
+
+    async fn publish_delivery(&self, delivery: &schemas::ChannelDelivery) -> Result<(), BusError> {
+        self.inner.deliveries.publish(delivery);
+        Ok(())
+    }
+
+    async fn consume_deliveries(&self) -> Result<crate::PendingDeliveries, BusError> {
+        Ok(self.inner.deliveries.consume())
+    }
+
+    async fn delivery_status(&self) -> Result<crate::DeliveryQueueStatus, BusError> {
+        Ok(self.inner.deliveries.status())
     }
 
     fn describe(&self) -> String {

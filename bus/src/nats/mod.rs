@@ -4,6 +4,7 @@
 
 mod consume;
 mod dead_letters;
+mod deliveries;
 pub(crate) mod ownership;
 mod replicas;
 
@@ -157,6 +158,7 @@ impl NatsBus {
         // hold stops start-up.
         ownership::bucket(&admin).await?;
         dead_letters::ensure_stream(&admin).await?;
+        deliveries::ensure(&admin).await?;
         Ok(bus)
     }
 
@@ -377,6 +379,18 @@ impl Bus for NatsBus {
         let mut status = ownership::status(self).await?;
         status.dead_letters = dead_letters::count(self).await.ok();
         Ok(status)
+    }
+
+    async fn publish_delivery(&self, delivery: &schemas::ChannelDelivery) -> Result<(), BusError> {
+        deliveries::publish(self, delivery).await
+    }
+
+    async fn consume_deliveries(&self) -> Result<crate::PendingDeliveries, BusError> {
+        deliveries::consume(self).await
+    }
+
+    async fn delivery_status(&self) -> Result<crate::DeliveryQueueStatus, BusError> {
+        deliveries::status(self).await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<crate::DeadLetter>, BusError> {

@@ -129,6 +129,8 @@ pub struct Options {
     pub store_on_disk: bool,
     /// A three-node cluster instead of a single server or virtual host.
     pub cluster: bool,
+    /// The gateway's channels file (`--channels`).
+    pub channels: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -146,6 +148,7 @@ impl Default for Options {
             private_broker: false,
             store_on_disk: false,
             cluster: false,
+            channels: None,
         }
     }
 }
@@ -337,6 +340,10 @@ impl TestApp {
         if let Some(policy) = self.options.double_texting {
             args.push(s("--double-texting"));
             args.push(s(policy));
+        }
+        if let Some(path) = &self.options.channels {
+            args.push(s("--channels"));
+            args.push(path.display().to_string());
         }
         args
     }
@@ -602,4 +609,24 @@ pub fn echo_of(text: &str) -> String {
     let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
     let echo: String = collapsed.chars().take(48).collect();
     format!("You said: \"{}\".", echo.trim_end())
+}
+
+/// The Python of the test environment (`$CHATFLEET_TEST_VENV`, default
+/// `~/.cache/chatfleet/test-venv`), checked to import `module`, which scripts/test.sh installs.
+pub fn test_python(module: &str) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let venv = std::env::var_os("CHATFLEET_TEST_VENV").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache"));
+        cache.join("chatfleet/test-venv")
+    });
+    let python = venv.join("bin/python");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{} cannot import {module}: run scripts/test.sh, which installs it", python.display());
+    python
 }

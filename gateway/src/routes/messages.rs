@@ -128,6 +128,7 @@ pub(crate) async fn post(
         text,
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: Some(record.double_texting),
+        channel: None,
     };
     let repeatable = request.client_message_id.is_some();
 

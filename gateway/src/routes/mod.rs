@@ -4,6 +4,8 @@ mod messages;
 mod ops;
 mod sessions;
 
+pub(crate) use messages::MAX_TEXT_BYTES;
+
 use axum::Router;
 use axum::routing::{get, post};
 
@@ -24,6 +26,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/sessions/{session_id}", axum::routing::delete(sessions::delete))
         .route("/v1/sessions/{session_id}/messages", post(messages::post).get(messages::history))
         .route("/v1/sessions/{session_id}/events", get(messages::events))
+        .merge(crate::channels::routes())
         .merge(health::router(health))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)

@@ -1,0 +1,132 @@
+//! Channels: chat platforms and webhook integrations as edge adapters of the gateway
+//! (`../shared/channels.md`). Each platform has a folder of the same shape:
+//! - `config.rs`: its section of the channels file;
+//! - `verify.rs`: checking that an inbound request comes from the platform;
+//! - `inbound.rs`: the endpoint: verify, map the conversation to a session, enqueue;
+//! - `deliver.rs`: delivering a finished reply back to the platform.
+//!
+//! What they share lives here: the channels file (`config.rs`), deterministic sessions and
+//! idempotent enqueueing (`session.rs`), and the loop that takes finished replies from the bus's
+//! durable queue of deliveries and hands each to its platform's `deliver.rs`, with retries
+//! (`delivery.rs`). A fourth platform is a copy of a sibling folder plus a line in
+//! [`routes`] and in [`Channels::new`].
+//!
+//! Invariant: workers know nothing of platforms. A channel message is an ordinary
+//! `UserMessage` whose envelope names its origin; its outcome comes back as a
+//! `ChannelDelivery` that only the origin's adapter reads.
+
+pub mod config;
+pub(crate) mod delivery;
+mod session;
+pub mod slack;
+pub mod webhooks;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::post;
+
+pub use config::{ChannelsConfig, ConfigError, DeliverySettings, Secret, load};
+use delivery::Deliver;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// The channels a gateway serves: their settings and their delivery adapters, by channel name
+/// (`webhooks/<name>`, ...).
+pub(crate) struct Channels {
+    pub(crate) config: ChannelsConfig,
+    adapters: HashMap<String, Arc<dyn Deliver>>,
+}
+
+impl Channels {
+    pub(crate) fn new(config: ChannelsConfig) -> Self {
+        let mut adapters: HashMap<String, Arc<dyn Deliver>> = HashMap::new();
+        if config.webhooks.is_empty() && config.slack.is_none() {
+            return Self { config, adapters };
+        }
+        // Deliveries go to the operator's own endpoints and platform APIs: no redirects
+        // (a signed delivery must not be forwarded elsewhere), bounded by the attempt timeout.
+        // (The TLS crypto provider is installed by the binary before this runs.)
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(config.delivery.attempt_timeout)
+            .user_agent(concat!("chatfleet/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the HTTP client's settings are valid");
+        for hook in config.webhooks.values() {
+            let deliverer = webhooks::Deliverer::new(hook.clone(), http.clone());
+            adapters.insert(webhooks::channel_name(&hook.name), Arc::new(deliverer));
+        }
+        if let Some(slack) = &config.slack {
+            adapters.insert(slack::CHANNEL.to_owned(), Arc::new(slack::Deliverer::new(slack.clone(), http.clone())));
+        }
+        Self { config, adapters }
+    }
+
+    /// Whether any channel is configured (and so whether this gateway delivers replies).
+    pub(crate) fn any(&self) -> bool {
+        !self.adapters.is_empty()
+    }
+
+    pub(crate) fn adapter(&self, channel: &str) -> Option<&Arc<dyn Deliver>> {
+        self.adapters.get(channel)
+    }
+}
+
+/// The channel endpoints. A platform whose section is absent answers 404.
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/channels/webhooks/{name}", post(webhooks::inbound::receive))
+        .route("/v1/channels/slack/events", post(slack::inbound::receive))
+        .route("/v1/channels/teams/messages", post(not_configured))
+}
+
+async fn not_configured() -> ApiError {
+    ApiError::NotFound("this channel is not configured on this gateway".into())
+}
+
+/// Why an inbound channel request was refused; each is counted by its reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Rejection {
+    #[error("the request is not signed")]
+    MissingSignature,
+    #[error("the request's signature does not match")]
+    BadSignature,
+    #[error("the request's timestamp is more than 5 minutes away")]
+    StaleTimestamp,
+    #[error("the request body is not valid JSON")]
+    InvalidJson,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the request body is too large")]
+    TooLarge,
+}
+
+impl Rejection {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::MissingSignature => "missing_signature",
+            Self::BadSignature => "bad_signature",
+            Self::StaleTimestamp => "stale_timestamp",
+            Self::InvalidJson => "invalid_json",
+            Self::Invalid(_) => "invalid",
+            Self::TooLarge => "too_large",
+        }
+    }
+
+    /// Counts the refusal and turns it into the response.
+    pub(crate) fn refuse(self, channel: &str) -> ApiError {
+        crate::telemetry::channel_event_rejected(channel, self.reason());
+        tracing::info!(event = "channel_event_rejected", channel, reason = self.reason(), "refused a channel request");
+        match self {
+            Self::MissingSignature | Self::BadSignature | Self::StaleTimestamp => {
+                ApiError::Unauthorized(self.to_string())
+            }
+            Self::InvalidJson => ApiError::InvalidJson(self.to_string()),
+            Self::Invalid(message) => ApiError::Invalid(message),
+            Self::TooLarge => ApiError::PayloadTooLarge(self.to_string()),
+        }
+    }
+}
