@@ -96,10 +96,12 @@ impl NatsServer {
             .prefix("chatfleet-nats-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a directory for nats-server: {e}"));
-        let port = crate::free_port();
+        let (port, monitor_port) = (crate::free_port(), crate::free_port());
         let store = work_dir.path().join("jetstream");
         let config = work_dir.path().join("nats-server.conf");
-        let text = format!("listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n{extra}\n");
+        let text = format!(
+            "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\njetstream {{ store_dir: {store:?} }}\n{extra}\n"
+        );
         std::fs::write(&config, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", config.display()));
         let args = vec!["-c".to_owned(), config.to_string_lossy().into_owned()];
         let process = ServerProcess::new(
@@ -109,7 +111,7 @@ impl NatsServer {
             port,
             work_dir.path().join("nats-server.log"),
         );
-        let mut server = NatsServer { process, work_dir };
+        let mut server = NatsServer { process, work_dir, monitor_port };
         server.process.start(READY_TIMEOUT).await;
         server
     }
