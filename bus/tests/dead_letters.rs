@@ -26,6 +26,7 @@ fn message(session: &SessionId) -> UserMessage {
         text: "a message nobody can answer".into(),
         accepted_at: datetime!(2026-03-04 05:06:07 UTC),
         double_texting: None,
+        cancel: None,
     }
 }
 

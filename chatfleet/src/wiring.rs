@@ -43,13 +43,17 @@ pub async fn connect_bus(
     ownership: bus::OwnershipSettings,
     nats: &NatsArgs,
 ) -> anyhow::Result<Arc<dyn Bus>> {
+    let retention = nats.event_retention_secs.map(Duration::from_secs);
     match choice {
-        BusChoice::Memory => Ok(Arc::new(MemoryBus::new(partitions))),
+        BusChoice::Memory => {
+            Ok(Arc::new(MemoryBus::with_event_retention(partitions, retention.unwrap_or(bus::DEFAULT_EVENT_RETENTION))))
+        }
         BusChoice::Nats(url) => {
             let mut settings = NatsSettings::new(url, partitions);
             settings.client_name = client_name.to_owned();
             settings.ownership = ownership;
             settings.replicas = nats.nats_replicas;
+            settings.event_retention = retention;
             let bus = NatsBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }
@@ -57,6 +61,7 @@ pub async fn connect_bus(
             let mut settings = AmqpSettings::new(url, partitions);
             settings.client_name = client_name.to_owned();
             settings.ownership = ownership;
+            settings.event_retention = retention;
             let bus = AmqpBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }

@@ -42,6 +42,7 @@ async fn an_operator_lists_a_dead_letter_and_replays_it_to_its_partition() {
         text: "given up on".into(),
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
+        cancel: None,
     };
     bus.enqueue(&message).await.expect("enqueue");
     let mut deliveries = bus.consume(partitions.of(&session)).await.expect("consume");

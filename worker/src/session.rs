@@ -31,6 +31,7 @@ pub(crate) async fn run(
     session: SessionId,
     mut queue: mpsc::UnboundedReceiver<Job>,
     interrupted_before: watch::Receiver<u64>,
+    cancelled: watch::Receiver<std::collections::BTreeSet<u64>>,
     finished: mpsc::UnboundedSender<(SessionId, u64)>,
     permits: Arc<Semaphore>,
 ) {
@@ -46,7 +47,8 @@ pub(crate) async fn run(
         };
         match permit {
             Some(_permit) => {
-                let interruption = Interruption::new(interrupted_before.clone(), job.place);
+                let interruption =
+                    Interruption::new(interrupted_before.clone(), job.place).cancellable(cancelled.clone());
                 process::handle(&worker, &cache, job, &interruption, &stop, &abort).await
             }
             None => {

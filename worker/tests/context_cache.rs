@@ -156,6 +156,7 @@ impl Fleet {
             text: text.into(),
             accepted_at: time::OffsetDateTime::now_utc(),
             double_texting,
+            cancel: None,
         }
     }
 
@@ -267,6 +268,7 @@ async fn a_message_already_recorded_by_an_earlier_delivery_drops_the_cached_hist
         text: "recorded before".into(),
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
+        cancel: None,
     };
     let earlier = StoredMessage {
         id: message.message_id.as_str().to_owned(),

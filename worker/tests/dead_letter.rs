@@ -33,6 +33,7 @@ async fn a_message_started_more_times_than_allowed_ends_in_a_dead_letter_error_a
         text: "a reply that keeps crashing its workers".into(),
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
+        cancel: None,
     };
     // As if two workers had started its reply and died: the next start is the third.
     let recorded = StoredMessage {

@@ -53,6 +53,7 @@ async fn reply_with(configure: impl FnOnce(&mut WorkerConfig)) -> Reply {
         text: "hello".into(),
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
+        cancel: None,
     };
     bus.enqueue(&message).await.unwrap();
     let mut deltas = Vec::new();

@@ -96,6 +96,7 @@ fn message(session: &SessionId, text: &str) -> UserMessage {
         text: text.into(),
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
+        cancel: None,
     }
 }
 

@@ -96,6 +96,7 @@ async fn a_reply_stored_by_a_write_whose_answer_was_lost_is_announced_once() {
         text: "hello".into(),
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
+        cancel: None,
     };
 
     bus.enqueue(&message).await.unwrap();

@@ -9,7 +9,9 @@
 //! - each partition queue has single active consumer on (at most one worker receives from it,
 //!   whoever else is attached waits), a delivery limit, and dead-letters to the fanout exchange
 //!   `chatfleet.dead`, bound to the quorum queue `chatfleet.dead` that operators inspect;
-//! - direct exchange `chatfleet.out`, routing key = session id: reply events;
+//! - direct exchange `chatfleet.out`, routing key = session id: reply events, which workers
+//!   publish to the fanout exchange `chatfleet.out.all`, bound to it and to the stream queue
+//!   `chatfleet.out.log` that keeps them for resuming (`replies.rs`);
 //! - fanout exchange `chatfleet.members`: worker heartbeats (`ownership.rs`).
 //!
 //! Every process declares the whole layout when it connects (declaring is idempotent), so
@@ -19,6 +21,7 @@ mod consume;
 mod dead_letters;
 mod events;
 mod ownership;
+mod replies;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -61,6 +64,9 @@ pub struct AmqpSettings {
     pub client_name: String,
     /// Timing of partition ownership among workers.
     pub ownership: crate::OwnershipSettings,
+    /// How long reply events stay in the stream queue `<prefix>.out.log` for clients to resume
+    /// from, set when the queue is first declared (None: [`crate::DEFAULT_EVENT_RETENTION`]).
+    pub event_retention: Option<Duration>,
 }
 
 impl AmqpSettings {
@@ -75,6 +81,7 @@ impl AmqpSettings {
             heartbeat_secs: 5,
             client_name: "chatfleet".into(),
             ownership: crate::OwnershipSettings::default(),
+            event_retention: None,
         }
     }
 }
@@ -262,6 +269,7 @@ impl AmqpBus {
                 .await
                 .map_err(layout_error(&queue))?;
         }
+        replies::declare(self, connection, &channel).await?;
         let _ = channel.close(200, "layout declared".into()).await;
         Ok(())
     }
@@ -459,7 +467,7 @@ impl Bus for AmqpBus {
         let channel = self.channel_in(&self.inner.events_out, false).await?;
         let published = channel
             .basic_publish(
-                self.inner.settings.names.events_exchange().as_str().into(),
+                self.inner.settings.names.events_fanout().as_str().into(),
                 event.session_id.as_str().into(),
                 BasicPublishOptions::default(),
                 &payload,
@@ -475,6 +483,10 @@ impl Bus for AmqpBus {
 
     async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError> {
         events::subscribe(self, session).await
+    }
+
+    async fn resume_events(&self, session: &SessionId) -> Result<crate::Resumed, BusError> {
+        replies::resume(self, session).await
     }
 
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {

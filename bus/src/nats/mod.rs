@@ -1,11 +1,12 @@
 //! The NATS JetStream bus: user messages in a durable work-queue stream with one subject and
 //! one pinned pull consumer per partition, deduplicated by `Nats-Msg-Id`; reply events on core
-//! NATS subjects, one per session.
+//! NATS subjects, one per session, kept for resuming in the stream `<PREFIX>_OUT` (`replies.rs`).
 
 mod consume;
 mod dead_letters;
 pub(crate) mod ownership;
 mod replicas;
+mod replies;
 
 use schemas::redact_url;
 use std::time::Duration;
@@ -55,6 +56,10 @@ pub struct NatsSettings {
     pub replicas: Replicas,
     /// Timing of partition ownership among workers.
     pub ownership: crate::OwnershipSettings,
+    /// How long reply events stay in the stream `<PREFIX>_OUT` for clients to resume from.
+    /// None: [`crate::DEFAULT_EVENT_RETENTION`] for a new stream, and an existing stream keeps
+    /// its own (so that `chatfleet status` never changes a deployment's retention).
+    pub event_retention: Option<Duration>,
 }
 
 impl NatsSettings {
@@ -72,6 +77,7 @@ impl NatsSettings {
             client_name: "chatfleet".into(),
             replicas: Replicas::Auto,
             ownership: crate::OwnershipSettings::default(),
+            event_retention: None,
         }
     }
 }
@@ -139,6 +145,7 @@ impl NatsBus {
         // hold stops start-up.
         ownership::bucket(&admin).await?;
         dead_letters::ensure_stream(&admin).await?;
+        replies::ensure_stream(&admin).await?;
         Ok(bus)
     }
 
@@ -288,6 +295,10 @@ impl Bus for NatsBus {
                 }
             })
             .boxed())
+    }
+
+    async fn resume_events(&self, session: &SessionId) -> Result<crate::Resumed, BusError> {
+        replies::resume(self, session).await
     }
 
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {

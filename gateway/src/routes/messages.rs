@@ -1,5 +1,5 @@
 //! Messages and reply streams: `POST` and `GET /v1/sessions/{id}/messages` and
-//! `GET /v1/sessions/{id}/events`.
+//! `GET /v1/sessions/{id}/events` (resumed from a `Last-Event-ID` by `resume.rs`).
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -70,7 +70,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
 /// cache answers when it can (see `session_cache` for how stale that may be); otherwise the
 /// store does, and a session found there is cached. An absence is never cached, so a session
 /// just created through another replica is usable at once.
-async fn open_session(
+pub(crate) async fn open_session(
     state: &AppState,
     session_id: &str,
     headers: &HeaderMap,
@@ -127,6 +127,7 @@ pub(crate) async fn post(
         text,
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: Some(record.double_texting),
+        cancel: None,
     };
     let repeatable = request.client_message_id.is_some();
 
@@ -305,16 +306,32 @@ fn sse_response(state: &AppState, events: impl Stream<Item = Result<Event, Infal
     Sse::new(events).keep_alive(KeepAlive::new().interval(state.config.keep_alive).text("keep-alive")).into_response()
 }
 
+#[derive(Debug, Deserialize)]
+pub(crate) struct EventsQuery {
+    access_token: Option<String>,
+    /// For clients that cannot set the `Last-Event-ID` header.
+    last_event_id: Option<String>,
+}
+
 #[tracing::instrument(name = "session_events", skip_all, fields(session_id = %session_id))]
 pub(crate) async fn events(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
-    Query(query): Query<TokenQuery>,
+    Query(query): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let session = open_session(&state, &session_id, &headers, &query).await?.id;
-    let events = state.bus.subscribe_events(&session).await?;
-    Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+    let token = TokenQuery { access_token: query.access_token };
+    let session = open_session(&state, &session_id, &headers, &token).await?.id;
+    match super::resume::cursor(&headers, query.last_event_id.as_deref())? {
+        None => {
+            let events = state.bus.subscribe_events(&session).await?;
+            Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+        }
+        Some(cursor) => {
+            let events = super::resume::events_after(&state, &session, cursor).await?;
+            Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+        }
+    }
 }
 
 #[tracing::instrument(name = "history", skip_all, fields(session_id = %session_id))]

@@ -1,7 +1,9 @@
 //! The routes: one module per resource.
 
+mod cancel;
 mod messages;
 mod ops;
+mod resume;
 mod sessions;
 
 use axum::Router;
@@ -24,6 +26,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/sessions/{session_id}", axum::routing::delete(sessions::delete))
         .route("/v1/sessions/{session_id}/messages", post(messages::post).get(messages::history))
         .route("/v1/sessions/{session_id}/events", get(messages::events))
+        .route("/v1/sessions/{session_id}/messages/{message_id}/cancel", post(cancel::cancel))
         .merge(health::router(health))
         .fallback(ops::not_found)
         .with_state(state)
