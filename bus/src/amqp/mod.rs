@@ -380,6 +380,11 @@ async fn listen_queue(
     Ok((channel, queue, consumer))
 }
 
+/// Seconds since the Unix epoch: AMQP's timestamp property.
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
 fn quorum(mut arguments: FieldTable) -> FieldTable {
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     arguments
@@ -471,7 +476,9 @@ impl Bus for AmqpBus {
                 event.session_id.as_str().into(),
                 BasicPublishOptions::default(),
                 &payload,
-                BasicProperties::default().with_content_type("application/json".into()),
+                // The timestamp lets a resume leave out events older than the retention, which
+                // the stream queue drops only a whole segment at a time.
+                BasicProperties::default().with_content_type("application/json".into()).with_timestamp(unix_secs()),
             )
             .await;
         if let Err(e) = published {

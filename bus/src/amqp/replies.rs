@@ -101,7 +101,8 @@ pub(super) async fn resume(bus: &AmqpBus, session: &SessionId) -> Result<Resumed
     Ok(Resumed { retained: retained??, live })
 }
 
-/// Reads the stream from the start of the retention window up to a marker appended now.
+/// Reads the stream from the start of the retention window up to a marker appended now,
+/// leaving out events stamped before the window (see `publish_event`).
 async fn read_log(bus: &AmqpBus, channel: &Channel, session: &SessionId) -> Result<Vec<ReplyEvent>, BusError> {
     let log = bus.settings().names.events_log();
     let marker = format!("resume-{:032x}", rand::random::<u128>());
@@ -120,6 +121,9 @@ async fn read_log(bus: &AmqpBus, channel: &Channel, session: &SessionId) -> Resu
         .await
         .map_err(unavailable("read the reply-event stream"))?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    // Events published before this are past the retention, even while the stream still holds
+    // their segment.
+    let oldest = now.saturating_sub(retention(bus)).as_secs();
     // A minute of slack: the stream's clock and ours may differ, and reading more is harmless.
     let from = now.saturating_sub(retention(bus) + Duration::from_secs(60)).as_secs();
     let mut arguments = FieldTable::default();
@@ -139,7 +143,9 @@ async fn read_log(bus: &AmqpBus, channel: &Channel, session: &SessionId) -> Resu
         if delivery.properties.message_id().as_ref().is_some_and(|id| id.as_str() == marker) {
             return Ok(retained);
         }
-        if delivery.routing_key.as_str() != session.as_str() {
+        if delivery.routing_key.as_str() != session.as_str()
+            || delivery.properties.timestamp().is_some_and(|t| t < oldest)
+        {
             continue;
         }
         match serde_json::from_slice::<ReplyEvent>(&delivery.data) {
