@@ -411,12 +411,6 @@ impl TestApp {
         self.workers.push(spawn_role(args));
     }
 
-    /// Ends the in-process worker `index` at once, as a crash would: its tasks stop where they
-    /// are and its broker connection closes, with nothing settled or handed over.
-    pub fn crash_worker(&mut self, index: usize) {
-        self.workers[index].task.abort();
-    }
-
     /// Waits until the gateway answers /readyz with 200.
     pub async fn wait_ready(&mut self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
