@@ -30,6 +30,8 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Segments of the stream: retention drops whole segments, so small ones keep its age close
 /// to the setting.
 const SEGMENT_BYTES: i64 = 8 * 1024 * 1024;
+/// How long declaring the stream queue may hold up connecting.
+const LOG_DECLARE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many stream entries are in flight to a resuming reader at once.
 const READ_PREFETCH: u16 = 2000;
 
@@ -54,10 +56,32 @@ pub(super) async fn declare(bus: &AmqpBus, connection: &lapin::Connection, chann
         )
         .await
         .map_err(unavailable("bind the reply-event exchanges"))?;
+    // The stream queue is only needed for resuming: a broker slow to bring it up (a node just
+    // restarted) must not hold up the connection, so it gets a channel and a deadline of its own,
+    // and a failure is logged; live events flow either way, and resumes answer 503 until a later
+    // connection declares it.
+    let declared = tokio::time::timeout(LOG_DECLARE_TIMEOUT, declare_log(bus, connection)).await;
+    match declared {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(event = "reply_log_not_declared", queue = %log, error = %e, "resuming is unavailable until the reply-event stream is declared")
+        }
+        Err(_) => {
+            tracing::warn!(event = "reply_log_not_declared", queue = %log, "the broker did not declare the reply-event stream in time; resuming is unavailable until it does")
+        }
+    }
+    Ok(())
+}
+
+/// Declares the stream queue and binds it to the fanout exchange, on a channel of its own.
+async fn declare_log(bus: &AmqpBus, connection: &lapin::Connection) -> Result<(), BusError> {
+    let names = &bus.settings().names;
+    let (fanout, log) = (names.events_fanout(), names.events_log());
+    let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
     let options = QueueDeclareOptions { durable: true, ..Default::default() };
     let declared = channel.queue_declare(log.as_str().into(), options, log_arguments(bus)).await;
     let channel = match declared {
-        Ok(_) => channel.clone(),
+        Ok(_) => channel,
         Err(e) => {
             tracing::warn!(event = "reply_log_retention_kept", queue = %log, error = %e, "the reply-event stream exists with other settings; keeping them");
             connection.create_channel().await.map_err(unavailable("open a channel"))?
@@ -73,6 +97,7 @@ pub(super) async fn declare(bus: &AmqpBus, connection: &lapin::Connection, chann
         )
         .await
         .map_err(unavailable("bind the reply-event stream"))?;
+    let _ = channel.close(200, "reply-event stream declared".into()).await;
     Ok(())
 }
 
