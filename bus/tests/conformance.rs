@@ -81,7 +81,27 @@ for_every_bus![
     a_leaving_member_hands_everything_over_and_its_events_end,
     ping_succeeds_on_a_reachable_bus,
     status_lists_every_partition_and_names_its_owner,
+    a_resume_on_a_new_handle_yields_the_sessions_earlier_events_then_later_ones_each_once,
+    a_resume_keeps_nothing_of_other_sessions,
 ];
+
+/// Retention by age needs a bus of its own with a short retention, so these run apart.
+mod expiry {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_events_older_than_the_retention_are_no_longer_retained() {
+        super::events_older_than_the_retention_are_no_longer_retained(super::BusKind::Memory).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nats_events_older_than_the_retention_are_no_longer_retained() {
+        super::events_older_than_the_retention_are_no_longer_retained(super::BusKind::Nats).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amqp_events_older_than_the_retention_are_no_longer_retained() {
+        super::events_older_than_the_retention_are_no_longer_retained(super::BusKind::Amqp).await
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The buses.
@@ -156,9 +176,17 @@ impl TestBus {
     /// A new bus gets an arm here: start its servers, and hand [`TestBus::new`] the servers to
     /// keep alive and a closure that connects a new handle to them on each call.
     async fn start(kind: BusKind) -> TestBus {
+        Self::start_retaining(kind, None).await
+    }
+
+    /// [`TestBus::start`] with reply events kept for `retention` (None: the default).
+    async fn start_retaining(kind: BusKind, retention: Option<Duration>) -> TestBus {
         match kind {
             BusKind::Memory => {
-                let bus = MemoryBus::new(partitions());
+                let bus = MemoryBus::with_event_retention(
+                    partitions(),
+                    retention.unwrap_or(chatfleet_bus::DEFAULT_EVENT_RETENTION),
+                );
                 // Gateways and workers of `chatfleet dev` share one bus, so every handle is it.
                 TestBus::new(kind, (), move || {
                     let bus = bus.clone();
@@ -169,6 +197,7 @@ impl TestBus {
                 let server = NatsServer::start().await;
                 let mut settings = NatsSettings::new(server.url(), partitions());
                 settings.ownership = OwnershipSettings::with_lease_ttl(LEASE_TTL);
+                settings.event_retention = retention;
                 // Each handle is a connection of its own, as each process has in a fleet.
                 TestBus::new(kind, server, move || {
                     let settings = settings.clone();
@@ -182,6 +211,7 @@ impl TestBus {
                 let vhost = RabbitVhost::create().await;
                 let mut settings = AmqpSettings::new(vhost.url(), partitions());
                 settings.ownership = OwnershipSettings::with_lease_ttl(LEASE_TTL);
+                settings.event_retention = retention;
                 TestBus::new(kind, vhost, move || {
                     let settings = settings.clone();
                     async move {
@@ -504,6 +534,7 @@ fn message(session: &SessionId, text: &str) -> UserMessage {
         accepted_at: datetime!(2026-03-04 05:06:07.890123 UTC),
         double_texting: Some(DoubleTexting::Interrupt),
         channel: None,
+        cancel: None,
     }
 }
 
@@ -937,4 +968,76 @@ async fn status_lists_every_partition_and_names_its_owner(kind: BusKind) {
         assert!(Instant::now() < deadline, "status does not name worker-a within {DEADLINE:?}: {status:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retained reply events (resuming a stream).
+
+/// A resume of `session` once `n` events are retained (a broker stores an event a moment after
+/// it was published); panics if that takes longer than [`DEADLINE`].
+async fn resume_once_retained(bus: &dyn Bus, session: &SessionId, n: usize) -> chatfleet_bus::Resumed {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let resumed = bus.resume_events(session).await.unwrap_or_else(|e| panic!("resuming: {e}"));
+        if resumed.retained.len() >= n || Instant::now() > deadline {
+            return resumed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn a_resume_on_a_new_handle_yields_the_sessions_earlier_events_then_later_ones_each_once(kind: BusKind) {
+    let fleet = TestBus::start(kind).await;
+    let worker = fleet.connect().await;
+    let session = SessionId::generate();
+    let earlier: Vec<ReplyEvent> = (0..20).map(|i| event(&session, i)).collect();
+    let later: Vec<ReplyEvent> = (20..30).map(|i| event(&session, i)).collect();
+    for event in &earlier {
+        publish(worker.as_ref(), event).await;
+    }
+
+    // A gateway that was not there when the events went out, as after a restart.
+    let gateway = fleet.connect().await;
+    let resumed = resume_once_retained(gateway.as_ref(), &session, earlier.len()).await;
+    for event in &later {
+        publish(worker.as_ref(), event).await;
+    }
+
+    assert_eq!(resumed.retained, earlier, "the retained events");
+    let mut live = resumed.live;
+    assert_eq!(next_events(&mut live, later.len()).await, later, "the live events after them");
+    assert_no_more_events(&mut live).await;
+}
+
+async fn a_resume_keeps_nothing_of_other_sessions(kind: BusKind) {
+    let fleet = TestBus::start(kind).await;
+    let (gateway, worker) = (fleet.connect().await, fleet.connect().await);
+    let (mine, other) = (SessionId::generate(), SessionId::generate());
+    for i in 0..5 {
+        publish(worker.as_ref(), &event(&other, i)).await;
+        publish(worker.as_ref(), &event(&mine, i)).await;
+    }
+
+    let resumed = resume_once_retained(gateway.as_ref(), &mine, 5).await;
+    publish(worker.as_ref(), &event(&other, 5)).await;
+
+    assert_eq!(resumed.retained, (0..5).map(|i| event(&mine, i)).collect::<Vec<_>>());
+    let mut live = resumed.live;
+    assert_no_more_events(&mut live).await;
+}
+
+async fn events_older_than_the_retention_are_no_longer_retained(kind: BusKind) {
+    let retention = Duration::from_secs(2);
+    let fleet = TestBus::start_retaining(kind, Some(retention)).await;
+    let (gateway, worker) = (fleet.connect().await, fleet.connect().await);
+    let session = SessionId::generate();
+    publish(worker.as_ref(), &event(&session, 0)).await;
+    let before = resume_once_retained(gateway.as_ref(), &session, 1).await;
+
+    tokio::time::sleep(retention + Duration::from_millis(1500)).await;
+    publish(worker.as_ref(), &event(&session, 1)).await;
+    let after = resume_once_retained(gateway.as_ref(), &session, 1).await;
+
+    assert_eq!(before.retained, [event(&session, 0)], "kept within the retention");
+    assert_eq!(after.retained, [event(&session, 1)], "only the event within the retention");
 }

@@ -27,6 +27,7 @@ fn message(session: &SessionId) -> UserMessage {
         accepted_at: datetime!(2026-03-04 05:06:07 UTC),
         double_texting: None,
         channel: None,
+        cancel: None,
     }
 }
 

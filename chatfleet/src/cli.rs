@@ -99,6 +99,12 @@ pub struct NatsArgs {
     /// never lowers it.
     #[arg(long, env = "CHATFLEET_NATS_REPLICAS", default_value_t = bus::Replicas::Auto, value_parser = parse_replicas)]
     pub nats_replicas: bus::Replicas,
+
+    /// Seconds reply events stay resumable (`Last-Event-ID`), on every bus: in the JetStream
+    /// stream `CHATFLEET_OUT`, RabbitMQ's stream queue `chatfleet.out.log` (fixed when first
+    /// declared) or `dev`'s memory. Unset: 600 for a new stream, an existing one keeps its own.
+    #[arg(long, env = "CHATFLEET_EVENT_RETENTION_SECS", value_parser = clap::value_parser!(u64).range(1..=7 * 24 * 3600))]
+    pub event_retention_secs: Option<u64>,
 }
 
 /// How processes prove themselves to the broker and check its certificate. Secrets are best

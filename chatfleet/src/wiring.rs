@@ -51,8 +51,11 @@ pub async fn connect_bus(
     nats: &NatsArgs,
     security: &BusSecurityArgs,
 ) -> anyhow::Result<Arc<dyn Bus>> {
+    let retention = nats.event_retention_secs.map(Duration::from_secs);
     match choice {
-        BusChoice::Memory => Ok(Arc::new(MemoryBus::new(partitions))),
+        BusChoice::Memory => {
+            Ok(Arc::new(MemoryBus::with_event_retention(partitions, retention.unwrap_or(bus::DEFAULT_EVENT_RETENTION))))
+        }
         BusChoice::Nats(url) => {
             let mut settings = NatsSettings::new(url, partitions);
             settings.client_name = client_name.to_owned();
@@ -60,6 +63,7 @@ pub async fn connect_bus(
             settings.replicas = nats.nats_replicas;
             settings.auth = security.nats_auth();
             settings.tls = security.tls();
+            settings.event_retention = retention;
             let bus = NatsBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }
@@ -73,6 +77,7 @@ pub async fn connect_bus(
             settings.client_name = client_name.to_owned();
             settings.ownership = ownership;
             settings.tls = security.tls();
+            settings.event_retention = retention;
             let bus = AmqpBus::connect(settings).await.context("--bus / CHATFLEET_BUS")?;
             Ok(Arc::new(bus))
         }

@@ -43,6 +43,7 @@ async fn an_operator_lists_a_dead_letter_and_replays_it_to_its_partition() {
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
         channel: None,
+        cancel: None,
     };
     bus.enqueue(&message).await.expect("enqueue");
     let mut deliveries = bus.consume(partitions.of(&session)).await.expect("consume");

@@ -99,6 +99,7 @@ async fn a_message_delivered_twice_by_the_bus_is_answered_once(backend: Backend)
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
         channel: None,
+        cancel: None,
     };
     publish_twice(&app, &envelope).await;
     // A later message of the same session is handled after both copies.

@@ -32,6 +32,13 @@ pub enum ApiError {
          then (double_texting: reject); send it again once that reply is done"
     )]
     ReplyInProgress,
+    #[error("this message is already answered; there is nothing to cancel")]
+    AlreadyAnswered,
+    #[error(
+        "the events after this Last-Event-ID are no longer kept (it is older than the reply events' retention); read \
+         the history (GET /v1/sessions/{{id}}/messages) and listen again without Last-Event-ID"
+    )]
+    CursorExpired,
     #[error("the message bus is unavailable; try again shortly (resending with the same client_message_id is safe)")]
     BusUnavailable,
     #[error("the conversation store is unavailable; try again shortly")]
@@ -53,6 +60,8 @@ impl ApiError {
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType),
             Self::ReplyInProgress => (StatusCode::CONFLICT, ErrorCode::ReplyInProgress),
+            Self::AlreadyAnswered => (StatusCode::CONFLICT, ErrorCode::AlreadyAnswered),
+            Self::CursorExpired => (StatusCode::GONE, ErrorCode::CursorExpired),
             Self::BusUnavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::BusUnavailable),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),

@@ -109,3 +109,26 @@ pub fn channel_reply_delivered(channel: &str, seconds: f64) {
 pub fn channel_reply_undeliverable(channel: &str) {
     counter!(CHANNEL_UNDELIVERABLE, "channel" => channel.to_owned()).increment(1);
 }
+
+/// Event streams resumed from a `Last-Event-ID`.
+pub const STREAMS_RESUMED: &str = "chatfleet_gateway_streams_resumed_total";
+/// Reply events sent again to resuming clients (the ones they had missed).
+pub const EVENTS_REPLAYED: &str = "chatfleet_gateway_events_replayed_total";
+/// Resumes refused with `410 cursor_expired`.
+pub const CURSORS_EXPIRED: &str = "chatfleet_gateway_cursors_expired_total";
+
+pub fn stream_resumed(replayed: usize) {
+    counter!(STREAMS_RESUMED).increment(1);
+    counter!(EVENTS_REPLAYED).increment(replayed as u64);
+}
+
+pub fn cursor_expired() {
+    counter!(CURSORS_EXPIRED).increment(1);
+}
+
+/// Cancel requests passed on to the workers.
+pub const CANCELS_REQUESTED: &str = "chatfleet_gateway_cancels_requested_total";
+
+pub fn cancel_requested() {
+    counter!(CANCELS_REQUESTED).increment(1);
+}

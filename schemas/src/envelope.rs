@@ -33,9 +33,30 @@ pub struct UserMessage {
     /// gateway delivers back there. Absent for messages of the HTTP API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<crate::ChannelOrigin>,
+    /// Set, this envelope is no message but a request to cancel the session's message with this
+    /// id (its `text` is empty and it gets no reply): it travels through the session's
+    /// partition behind the message it cancels, so it reaches whichever worker holds that
+    /// message, waiting or being answered. Absent in every ordinary message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<MessageId>,
 }
 
 impl UserMessage {
+    /// A request to cancel `target` in `session`, accepted now. Its own id derives from the
+    /// target's, so repeated cancels are one bus message wherever the bus deduplicates.
+    pub fn cancel_request(session: &SessionId, target: &MessageId) -> Self {
+        Self {
+            v: crate::ENVELOPE_VERSION,
+            session_id: session.clone(),
+            message_id: MessageId::for_cancel(session, target),
+            text: String::new(),
+            accepted_at: OffsetDateTime::now_utc(),
+            double_texting: None,
+            channel: None,
+            cancel: Some(target.clone()),
+        }
+    }
+
     /// The policy the message was accepted under; an envelope that names none means enqueue.
     pub fn policy(&self) -> DoubleTexting {
         self.double_texting.unwrap_or_default()
@@ -248,6 +269,24 @@ impl FinishReason {
 
     pub fn is_interrupted(&self) -> bool {
         matches!(self, Self::Other(reason) if reason == Self::INTERRUPTED)
+    }
+
+    /// The finish reason of a reply stopped by a cancel request
+    /// (`POST .../messages/{id}/cancel`), kept as [`FinishReason::Other`] like `interrupted`.
+    pub const CANCELLED: &str = "cancelled";
+
+    pub fn cancelled() -> Self {
+        Self::Other(Self::CANCELLED.to_owned())
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Self::Other(reason) if reason == Self::CANCELLED)
+    }
+
+    /// Whether the reply was cut short by the session's user (interrupted or cancelled) rather
+    /// than finished by the model.
+    pub fn is_cut_short(&self) -> bool {
+        self.is_interrupted() || self.is_cancelled()
     }
 }
 

@@ -33,6 +33,10 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// 409: a `reject` session is still answering an earlier message.
     ReplyInProgress,
+    /// 409: a cancel of a message that is already answered.
+    AlreadyAnswered,
+    /// 410: a `Last-Event-ID` older than the reply events' retention; read the history instead.
+    CursorExpired,
     /// 503: the message bus is unreachable.
     BusUnavailable,
     /// 503: the conversation store is unreachable.
@@ -79,7 +83,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this build knows, for documentation and tests.
-    pub const KNOWN: [ErrorCode; 27] = [
+    pub const KNOWN: [ErrorCode; 29] = [
         Self::Unauthorized,
         Self::Forbidden,
         Self::SessionNotFound,
@@ -90,6 +94,8 @@ impl ErrorCode {
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::ReplyInProgress,
+        Self::AlreadyAnswered,
+        Self::CursorExpired,
         Self::BusUnavailable,
         Self::StoreUnavailable,
         Self::Internal,
@@ -131,6 +137,8 @@ impl ErrorCode {
             Self::InvalidRequest => "invalid_request",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::ReplyInProgress => "reply_in_progress",
+            Self::AlreadyAnswered => "already_answered",
+            Self::CursorExpired => "cursor_expired",
             Self::BusUnavailable => "bus_unavailable",
             Self::StoreUnavailable => "store_unavailable",
             Self::Internal => "internal",

@@ -181,6 +181,16 @@ impl MessageId {
     }
 }
 
+impl MessageId {
+    /// The id of the bus envelope that cancels `target` in `session`: the same for every cancel
+    /// of that message, and unlike any message's id (`x_` prefix).
+    pub fn for_cancel(session: &SessionId, target: &MessageId) -> Self {
+        let name = format!("{}/cancel/{}", session.as_str(), target.as_str());
+        let id = uuid::Uuid::new_v5(&CLIENT_KEY_NAMESPACE, name.as_bytes());
+        Self(format!("x_{}", id.simple()))
+    }
+}
+
 impl ReplyId {
     /// The one reply id a message can have.
     pub fn for_message(message: &MessageId) -> Self {

@@ -100,6 +100,17 @@ impl Names {
         format!("{}.out.{}", self.prefix, session)
     }
 
+    /// The stream that keeps every session's reply events for the retention window, so that a
+    /// client can resume a stream from its last event id.
+    pub fn events_stream(&self) -> String {
+        format!("{}_OUT", self.prefix.to_ascii_uppercase().replace('-', "_"))
+    }
+
+    /// Every reply-event subject: what [`Names::events_stream`] captures.
+    pub fn events_wildcard(&self) -> String {
+        format!("{}.out.>", self.prefix)
+    }
+
     /// The subject a connection sends a request to, which nobody ever answers, so that the
     /// server's "no responders" reply tells it the server has processed everything it sent
     /// before (a subscription, say).
@@ -191,6 +202,19 @@ impl AmqpNames {
     /// The exchange reply events are published to, with the session id as routing key.
     pub fn events_exchange(&self) -> String {
         format!("{}.out", self.prefix)
+    }
+
+    /// The fanout exchange workers publish reply events to: it forwards each to
+    /// [`AmqpNames::events_exchange`] (routed by session to the gateways listening) and to
+    /// the stream queue [`AmqpNames::events_log`].
+    pub fn events_fanout(&self) -> String {
+        format!("{}.out.all", self.prefix)
+    }
+
+    /// The stream queue that keeps every reply event for the retention window, so that a
+    /// client can resume a stream from its last event id.
+    pub fn events_log(&self) -> String {
+        format!("{}.out.log", self.prefix)
     }
 
     /// The exchange and queue of dead-lettered user messages.

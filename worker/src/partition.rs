@@ -4,7 +4,7 @@
 //! Everything that happens to a runner is an [`Event`]; [`Runner::run`] waits for the next one
 //! and hands it to the method of its kind. What outlives one event is a field of the runner.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,9 +45,13 @@ struct SessionQueue {
     handed: u64,
     /// The messages at places before this one are interrupted ([`crate::job::Interruption`]).
     interrupted_before: watch::Sender<u64>,
+    /// The places of the messages a cancel request stopped.
+    cancelled: watch::Sender<BTreeSet<u64>>,
     /// The bus sequence and message id of each outstanding message, to recognise another copy
     /// of one of them.
     unanswered: Vec<(u64, MessageId)>,
+    /// The place of each outstanding message, for a cancel request naming it.
+    places: HashMap<MessageId, u64>,
 }
 
 /// A partition runner. `stop` ends pulling and lets what is in hand finish; `abort` also
@@ -170,6 +174,9 @@ impl Runner {
                 return settle(acker.as_ref(), decision).instrument(span).await;
             }
         };
+        if let Some(target) = message.cancel.clone() {
+            return self.cancel(&message.session_id, &target, acker).await;
+        }
         if !self.in_hand.insert(sequence) {
             tracing::debug!(event = "redelivery_in_hand", session_id = %message.session_id, message_id = %message.message_id);
             return;
@@ -184,6 +191,27 @@ impl Runner {
             return settle(acker.as_ref(), Decision::Ack(Outcome::Duplicate)).await;
         }
         self.enqueue(Job { place: 0, sequence, attempt, message, acker, trace });
+    }
+
+    /// A cancel request: the message it names stops (waiting or being answered; what was
+    /// generated is kept as its reply, finish reason `cancelled`). The request travels behind
+    /// its message in the partition, so a message it does not find here was answered already.
+    /// It is settled at once: a crash before the stopped reply is stored loses the cancel, and
+    /// the next owner answers the message in full.
+    async fn cancel(&mut self, session: &SessionId, target: &MessageId, acker: Box<dyn bus::Acker>) {
+        let span = tracing::info_span!("cancel", session_id = %session, message_id = %target);
+        match self.sessions.get(session).and_then(|queue| Some((queue, *queue.places.get(target)?))) {
+            Some((queue, place)) => {
+                tracing::info!(parent: &span, event = "cancel_requested", "stopping the message's reply");
+                queue.cancelled.send_modify(|places| {
+                    places.insert(place);
+                });
+            }
+            None => {
+                tracing::info!(parent: &span, event = "cancel_found_nothing", "the message is not in hand (answered already)")
+            }
+        }
+        settle(acker.as_ref(), Decision::Ack(Outcome::CancelRequest)).instrument(span).await;
     }
 
     fn is_being_answered(&self, message: &UserMessage) -> bool {
@@ -218,6 +246,7 @@ impl Runner {
         queue.handed += 1;
         queue.outstanding += 1;
         queue.unanswered.push((job.sequence, job.message.message_id.clone()));
+        queue.places.insert(job.message.message_id.clone(), job.place);
         if queue.tx.send(job).is_err() {
             tracing::error!(event = "session_queue_closed", session_id = %session);
         }
@@ -227,6 +256,7 @@ impl Runner {
     fn start_session(&self, session: &SessionId) -> SessionQueue {
         let (tx, rx) = mpsc::unbounded_channel();
         let (interrupted_before, interruptions) = watch::channel(0);
+        let (cancelled, cancels) = watch::channel(BTreeSet::new());
         let ownership =
             session::Ownership { cache: self.cache.clone(), stop: self.stop.clone(), abort: self.abort.clone() };
         tokio::spawn(session::run(
@@ -235,17 +265,29 @@ impl Runner {
             session.clone(),
             rx,
             interruptions,
+            cancels,
             self.finished_tx.clone(),
             self.permits.clone(),
         ));
-        SessionQueue { tx, outstanding: 0, handed: 0, interrupted_before, unanswered: Vec::new() }
+        SessionQueue {
+            tx,
+            outstanding: 0,
+            handed: 0,
+            interrupted_before,
+            cancelled,
+            unanswered: Vec::new(),
+            places: HashMap::new(),
+        }
     }
 
     fn finished(&mut self, session: &SessionId, sequence: u64) {
         self.in_hand.remove(&sequence);
         if let Some(queue) = self.sessions.get_mut(session) {
             queue.outstanding -= 1;
-            queue.unanswered.retain(|(s, _)| *s != sequence);
+            if let Some(index) = queue.unanswered.iter().position(|(s, _)| *s == sequence) {
+                let (_, message) = queue.unanswered.remove(index);
+                queue.places.remove(&message);
+            }
             if queue.outstanding == 0 {
                 // Dropping the sender ends the session's task.
                 self.sessions.remove(session);

@@ -96,9 +96,10 @@ struct Reply {
 }
 
 impl Reply {
-    /// The reply to a message interrupted by a newer one: what had been generated of it.
-    fn interrupted(text: String) -> Self {
-        Self { text, finish_reason: FinishReason::interrupted(), usage: None }
+    /// The reply to a message interrupted by a newer one or cancelled (`finish_reason` says
+    /// which): what had been generated of it.
+    fn cut_short(text: String, finish_reason: FinishReason) -> Self {
+        Self { text, finish_reason, usage: None }
     }
 }
 
@@ -331,11 +332,14 @@ impl Handler<'_> {
         }
         self.cache_with(history, &stored);
         self.end_reply().await?;
-        let interrupted = reply.finish_reason.is_interrupted();
+        let (interrupted, cancelled) = (reply.finish_reason.is_interrupted(), reply.finish_reason.is_cancelled());
         let Reply { text, finish_reason, usage } = reply;
         events.send(ReplyEventKind::Done { reply_id, text, finish_reason, usage }).await;
         self.hand_to_channel(&StoredOutcome::Replied(stored).terminal_event(session, message_id)).await?;
-        if interrupted {
+        if cancelled {
+            tracing::info!(event = "message_cancelled", turn, "a cancel request stopped this reply");
+            Ok(Decision::Ack(Outcome::Cancelled))
+        } else if interrupted {
             tracing::info!(event = "message_interrupted", turn, "a newer message cut this reply short");
             Ok(Decision::Ack(Outcome::Interrupted))
         } else {
@@ -509,7 +513,7 @@ impl Handler<'_> {
             if self.interruption.is_interrupted() {
                 // Interrupted while waiting in the queue, or between attempts: nothing of this
                 // attempt was said.
-                return Ok(Reply::interrupted(String::new()));
+                return Ok(Reply::cut_short(String::new(), self.interruption.finish_reason()));
             }
             telemetry::inflight(1.0);
             self.worker.generating.fetch_add(1, Ordering::Relaxed);
@@ -519,7 +523,7 @@ impl Handler<'_> {
             telemetry::inflight(-1.0);
             match result {
                 Ok(reply) => {
-                    if !reply.finish_reason.is_interrupted() {
+                    if !reply.finish_reason.is_cut_short() {
                         telemetry::reply_complete(started.elapsed().as_secs_f64());
                     }
                     return Ok(reply);
@@ -564,7 +568,7 @@ impl Handler<'_> {
         tokio::pin!(interrupted);
         let mut stream = tokio::select! {
             biased;
-            _ = &mut interrupted => return Ok(Reply::interrupted(String::new())),
+            _ = &mut interrupted => return Ok(Reply::cut_short(String::new(), self.interruption.finish_reason())),
             stream = self.worker.model.stream(request) => stream.map_err(|e| (e, false))?,
         };
         let mut text = String::new();
@@ -576,7 +580,7 @@ impl Handler<'_> {
                 biased;
                 _ = &mut interrupted => {
                     deltas.flush(events).await;
-                    return Ok(Reply::interrupted(text));
+                    return Ok(Reply::cut_short(text, self.interruption.finish_reason()));
                 }
                 _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                     deltas.flush(events).await;

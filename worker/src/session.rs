@@ -25,12 +25,16 @@ pub(crate) struct Ownership {
 
 /// Handles the session's jobs in the order they come, each once a generation permit is free,
 /// and reports each finished one (by its bus sequence) to the partition runner.
+// Each argument is one channel or handle the runner hands the queue; bundling them would only
+// move the list into a struct built at this one call site.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     worker: Worker,
     ownership: Ownership,
     session: SessionId,
     mut queue: mpsc::UnboundedReceiver<Job>,
     interrupted_before: watch::Receiver<u64>,
+    cancelled: watch::Receiver<std::collections::BTreeSet<u64>>,
     finished: mpsc::UnboundedSender<(SessionId, u64)>,
     permits: Arc<Semaphore>,
 ) {
@@ -46,7 +50,8 @@ pub(crate) async fn run(
         };
         match permit {
             Some(_permit) => {
-                let interruption = Interruption::new(interrupted_before.clone(), job.place);
+                let interruption =
+                    Interruption::new(interrupted_before.clone(), job.place).cancellable(cancelled.clone());
                 process::handle(&worker, &cache, job, &interruption, &stop, &abort).await
             }
             None => {

@@ -39,6 +39,10 @@ pub(crate) enum Outcome {
     Replied,
     /// Cut short by a newer message of its session; what was generated is its reply.
     Interrupted,
+    /// Stopped by a cancel request; what was generated is its reply.
+    Cancelled,
+    /// A cancel request, carried out (or finding nothing of its message in hand).
+    CancelRequest,
     /// The model failed it for good; the failure is stored and announced.
     Failed,
     /// The store refused its records for good; the client got an `error` event.
@@ -55,6 +59,8 @@ impl Outcome {
         match self {
             Self::Replied => "replied",
             Self::Interrupted => "interrupted",
+            Self::Cancelled => "cancelled",
+            Self::CancelRequest => "cancel_request",
             Self::Failed => "failed",
             Self::StoreFailed => "store_failed",
             Self::Duplicate => "duplicate",

@@ -157,6 +157,7 @@ impl Fleet {
             accepted_at: time::OffsetDateTime::now_utc(),
             double_texting,
             channel: None,
+            cancel: None,
         }
     }
 
@@ -269,6 +270,7 @@ async fn a_message_already_recorded_by_an_earlier_delivery_drops_the_cached_hist
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
         channel: None,
+        cancel: None,
     };
     let earlier = StoredMessage {
         id: message.message_id.as_str().to_owned(),

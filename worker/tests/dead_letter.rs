@@ -34,6 +34,7 @@ async fn a_message_started_more_times_than_allowed_ends_in_a_dead_letter_error_a
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
         channel: None,
+        cancel: None,
     };
     // As if two workers had started its reply and died: the next start is the third.
     let recorded = StoredMessage {

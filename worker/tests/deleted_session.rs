@@ -33,6 +33,7 @@ async fn a_message_of_a_deleted_session_ends_in_a_session_not_found_error_and_is
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
         channel: None,
+        cancel: None,
     };
 
     bus.enqueue(&message).await.unwrap();

@@ -54,6 +54,7 @@ async fn reply_with(configure: impl FnOnce(&mut WorkerConfig)) -> Reply {
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
         channel: None,
+        cancel: None,
     };
     bus.enqueue(&message).await.unwrap();
     let mut deltas = Vec::new();

@@ -97,6 +97,7 @@ fn message(session: &SessionId, text: &str) -> UserMessage {
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
         channel: None,
+        cancel: None,
     }
 }
 

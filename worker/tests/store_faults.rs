@@ -97,6 +97,7 @@ async fn a_reply_stored_by_a_write_whose_answer_was_lost_is_announced_once() {
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: None,
         channel: None,
+        cancel: None,
     };
 
     bus.enqueue(&message).await.unwrap();

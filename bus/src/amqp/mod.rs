@@ -9,7 +9,9 @@
 //! - each partition queue has single active consumer on (at most one worker receives from it,
 //!   whoever else is attached waits), a delivery limit, and dead-letters to the fanout exchange
 //!   `chatfleet.dead`, bound to the quorum queue `chatfleet.dead` that operators inspect;
-//! - direct exchange `chatfleet.out`, routing key = session id: reply events;
+//! - direct exchange `chatfleet.out`, routing key = session id: reply events, which workers
+//!   publish to the fanout exchange `chatfleet.out.all`, bound to it and to the stream queue
+//!   `chatfleet.out.log` that keeps them for resuming (`replies.rs`);
 //! - fanout exchange `chatfleet.members`: worker heartbeats (`ownership.rs`).
 //!
 //! Every process declares the whole layout when it connects (declaring is idempotent), so
@@ -20,6 +22,7 @@ mod dead_letters;
 mod deliveries;
 mod events;
 mod ownership;
+mod replies;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -66,6 +69,9 @@ pub struct AmqpSettings {
     /// For `amqps://`: a CA to trust besides the system's, and a client certificate (mutual
     /// TLS). Read at every connection, so renewed files take effect at the next reconnect.
     pub tls: crate::TlsFiles,
+    /// How long reply events stay in the stream queue `<prefix>.out.log` for clients to resume
+    /// from, set when the queue is first declared (None: [`crate::DEFAULT_EVENT_RETENTION`]).
+    pub event_retention: Option<Duration>,
 }
 
 impl AmqpSettings {
@@ -81,6 +87,7 @@ impl AmqpSettings {
             client_name: "chatfleet".into(),
             ownership: crate::OwnershipSettings::default(),
             tls: crate::TlsFiles::default(),
+            event_retention: None,
         }
     }
 }
@@ -278,6 +285,7 @@ impl AmqpBus {
                 .map_err(layout_error(&queue))?;
         }
         deliveries::declare(&channel, self).await?;
+        replies::declare(self, connection, &channel).await?;
         let _ = channel.close(200, "layout declared".into()).await;
         Ok(())
     }
@@ -386,6 +394,11 @@ async fn listen_queue(
         .await
         .map_err(unavailable(what))?;
     Ok((channel, queue, consumer))
+}
+
+/// Seconds since the Unix epoch: AMQP's timestamp property.
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
 fn quorum(mut arguments: FieldTable) -> FieldTable {
@@ -507,11 +520,13 @@ impl Bus for AmqpBus {
         let channel = self.channel_in(&self.inner.events_out, false).await?;
         let published = channel
             .basic_publish(
-                self.inner.settings.names.events_exchange().as_str().into(),
+                self.inner.settings.names.events_fanout().as_str().into(),
                 event.session_id.as_str().into(),
                 BasicPublishOptions::default(),
                 &payload,
-                BasicProperties::default().with_content_type("application/json".into()),
+                // The timestamp lets a resume leave out events older than the retention, which
+                // the stream queue drops only a whole segment at a time.
+                BasicProperties::default().with_content_type("application/json".into()).with_timestamp(unix_secs()),
             )
             .await;
         if let Err(e) = published {
@@ -523,6 +538,10 @@ impl Bus for AmqpBus {
 
     async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError> {
         events::subscribe(self, session).await
+    }
+
+    async fn resume_events(&self, session: &SessionId) -> Result<crate::Resumed, BusError> {
+        replies::resume(self, session).await
     }
 
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {

@@ -5,6 +5,7 @@
 mod consume;
 mod deliveries;
 mod ownership;
+mod retention;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,9 @@ struct Inner {
     seen: Mutex<HashMap<MessageId, Instant>>,
     /// The live listeners of each session's reply events.
     listeners: Mutex<HashMap<SessionId, Vec<mpsc::UnboundedSender<ReplyEvent>>>>,
+    /// Each session's reply events of the retention window. Always locked inside `listeners`,
+    /// so that a resume sees every event either in the log or live.
+    log: Mutex<retention::EventLog>,
     /// Which in-process worker owns which partition.
     registry: Mutex<ownership::Registry>,
     /// Finished channel replies waiting for the gateway to deliver them.
@@ -42,6 +46,11 @@ struct Inner {
 
 impl MemoryBus {
     pub fn new(partitions: PartitionCount) -> Self {
+        Self::with_event_retention(partitions, crate::DEFAULT_EVENT_RETENTION)
+    }
+
+    /// A bus that keeps each session's reply events for `retention`.
+    pub fn with_event_retention(partitions: PartitionCount, retention: Duration) -> Self {
         let queues = partitions.all().map(|_| Arc::new(consume::PartitionQueue::default())).collect();
         Self {
             inner: Arc::new(Inner {
@@ -49,6 +58,7 @@ impl MemoryBus {
                 queues,
                 seen: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(HashMap::new()),
+                log: Mutex::new(retention::EventLog::new(retention)),
                 registry: Mutex::new(ownership::Registry::default()),
                 deliveries: Arc::default(),
             }),
@@ -98,6 +108,7 @@ impl Bus for MemoryBus {
 
     async fn publish_event(&self, event: &ReplyEvent) -> Result<(), BusError> {
         let mut listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.log.lock().unwrap_or_else(|e| e.into_inner()).push(event);
         if let Some(senders) = listeners.get_mut(&event.session_id) {
             // Sending fails only for listeners that went away; forget those.
             senders.retain(|tx| tx.send(event.clone()).is_ok());
@@ -112,6 +123,14 @@ impl Bus for MemoryBus {
         let (tx, rx) = mpsc::unbounded_channel();
         self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner()).entry(session.clone()).or_default().push(tx);
         Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed())
+    }
+
+    async fn resume_events(&self, session: &SessionId) -> Result<crate::Resumed, BusError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let retained = self.inner.log.lock().unwrap_or_else(|e| e.into_inner()).retained(session);
+        listeners.entry(session.clone()).or_default().push(tx);
+        Ok(crate::Resumed { retained, live: tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed() })
     }
 
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {

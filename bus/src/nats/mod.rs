@@ -1,12 +1,13 @@
 //! The NATS JetStream bus: user messages in a durable work-queue stream with one subject and
 //! one pinned pull consumer per partition, deduplicated by `Nats-Msg-Id`; reply events on core
-//! NATS subjects, one per session.
+//! NATS subjects, one per session, kept for resuming in the stream `<PREFIX>_OUT` (`replies.rs`).
 
 mod consume;
 mod dead_letters;
 mod deliveries;
 pub(crate) mod ownership;
 mod replicas;
+mod replies;
 
 use schemas::redact_url;
 use std::time::Duration;
@@ -65,6 +66,10 @@ pub struct NatsSettings {
     pub auth: crate::NatsAuth,
     /// A CA to trust and a client certificate (mutual TLS); any of them makes TLS required.
     pub tls: crate::TlsFiles,
+    /// How long reply events stay in the stream `<PREFIX>_OUT` for clients to resume from.
+    /// None: [`crate::DEFAULT_EVENT_RETENTION`] for a new stream, and an existing stream keeps
+    /// its own (so that `chatfleet status` never changes a deployment's retention).
+    pub event_retention: Option<Duration>,
 }
 
 impl NatsSettings {
@@ -84,6 +89,7 @@ impl NatsSettings {
             ownership: crate::OwnershipSettings::default(),
             auth: crate::NatsAuth::default(),
             tls: crate::TlsFiles::default(),
+            event_retention: None,
         }
     }
 }
@@ -159,6 +165,7 @@ impl NatsBus {
         ownership::bucket(&admin).await?;
         dead_letters::ensure_stream(&admin).await?;
         deliveries::ensure(&admin).await?;
+        replies::ensure_stream(&admin).await?;
         Ok(bus)
     }
 
@@ -361,6 +368,10 @@ impl Bus for NatsBus {
                 }
             })
             .boxed())
+    }
+
+    async fn resume_events(&self, session: &SessionId) -> Result<crate::Resumed, BusError> {
+        replies::resume(self, session).await
     }
 
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {

@@ -131,6 +131,8 @@ pub struct Options {
     pub cluster: bool,
     /// The gateway's channels file (`--channels`).
     pub channels: Option<std::path::PathBuf>,
+    /// `--event-retention-secs` of every role, if the test sets one.
+    pub event_retention_secs: Option<u64>,
 }
 
 impl Default for Options {
@@ -149,6 +151,7 @@ impl Default for Options {
             store_on_disk: false,
             cluster: false,
             channels: None,
+            event_retention_secs: None,
         }
     }
 }
@@ -208,6 +211,10 @@ pub struct TestApp {
     pub mock: MockLlm,
     pub options: Options,
     gateway: Option<Role>,
+    /// The main gateway's command line, to start it again after a stop.
+    gateway_args: Vec<String>,
+    /// Gateways added by [`TestApp::add_gateway`]: their base URL and, while running, the role.
+    more_gateways: Vec<(String, Vec<String>, Option<Role>)>,
     workers: Vec<Role>,
     dir: tempfile::TempDir,
 }
@@ -250,6 +257,8 @@ impl TestApp {
             mock,
             options,
             gateway: None,
+            gateway_args: Vec::new(),
+            more_gateways: Vec::new(),
             workers: Vec::new(),
             dir,
         };
@@ -267,6 +276,7 @@ impl TestApp {
                 ];
                 args.extend(app.model_args());
                 args.extend(app.gateway_args());
+                app.gateway_args = args.clone();
                 app.gateway = Some(spawn_role(args));
             }
             Backend::NatsMongo | Backend::RabbitMongo => {
@@ -295,6 +305,7 @@ impl TestApp {
                 let mut args = vec![s("chatfleet"), s("gateway"), s("--listen"), format!("127.0.0.1:{port}")];
                 args.extend(app.wiring_args());
                 args.extend(app.gateway_args());
+                app.gateway_args = args.clone();
                 app.gateway = Some(spawn_role(args));
                 for _ in 0..app.options.workers {
                     app.add_worker();
@@ -345,7 +356,55 @@ impl TestApp {
             args.push(s("--channels"));
             args.push(path.display().to_string());
         }
+        args.extend(self.retention_args());
         args
+    }
+
+    fn retention_args(&self) -> Vec<String> {
+        match self.options.event_retention_secs {
+            Some(secs) => vec![s("--event-retention-secs"), secs.to_string()],
+            None => Vec::new(),
+        }
+    }
+
+    /// Starts one more gateway on the fleet's bus and store (broker-backed fleets only), and
+    /// returns its base URL once it is ready.
+    pub async fn add_gateway(&mut self) -> String {
+        assert_ne!(self.backend, Backend::Dev, "`chatfleet dev` is one process; its gateway cannot be doubled");
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut args = vec![s("chatfleet"), s("gateway"), s("--listen"), format!("127.0.0.1:{port}")];
+        args.extend(self.wiring_args());
+        args.extend(self.gateway_args());
+        self.more_gateways.push((base.clone(), args.clone(), Some(spawn_role(args))));
+        wait_until_ready(&self.http, &base).await;
+        base
+    }
+
+    /// Stops the gateway at `base` (the main one or an added one), closing its streams, and
+    /// waits until it has ended.
+    pub async fn stop_gateway(&mut self, base: &str) {
+        let role = if base == self.base {
+            self.gateway.take()
+        } else {
+            self.more_gateways.iter_mut().find(|(b, _, _)| b == base).and_then(|(_, _, role)| role.take())
+        };
+        let role = role.expect("a running gateway at that address");
+        role.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), role.task).await;
+    }
+
+    /// Starts the gateway at `base` again, on the same address with the same settings, and
+    /// waits until it is ready.
+    pub async fn restart_gateway(&mut self, base: &str) {
+        if base == self.base {
+            self.gateway = Some(spawn_role(self.gateway_args.clone()));
+        } else {
+            let (_, args, role) =
+                self.more_gateways.iter_mut().find(|(b, _, _)| b == base).expect("a gateway added before");
+            *role = Some(spawn_role(args.clone()));
+        }
+        wait_until_ready(&self.http, base).await;
     }
 
     /// Starts one more in-process worker (broker-backed fleets only).
@@ -355,6 +414,7 @@ impl TestApp {
         args.extend(self.model_args());
         args.push(s("--worker-id"));
         args.push(format!("test-worker-{}", self.workers.len()));
+        args.extend(self.retention_args());
         self.workers.push(spawn_role(args));
     }
 
@@ -485,7 +545,8 @@ impl TestApp {
 
     /// Stops every role and waits for them to end.
     pub async fn shutdown(mut self) {
-        for role in self.workers.drain(..).chain(self.gateway.take()) {
+        let more = self.more_gateways.iter_mut().filter_map(|(_, _, role)| role.take()).collect::<Vec<_>>();
+        for role in self.workers.drain(..).chain(self.gateway.take()).chain(more) {
             role.stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(10), role.task).await;
         }
@@ -494,9 +555,24 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        for role in self.workers.iter().chain(self.gateway.iter()) {
+        let more = self.more_gateways.iter().filter_map(|(_, _, role)| role.as_ref());
+        for role in self.workers.iter().chain(self.gateway.iter()).chain(more) {
             role.stop.cancel();
         }
+    }
+}
+
+/// Waits until the gateway at `base` answers /readyz with 200 (at most 20 s).
+pub async fn wait_until_ready(http: &reqwest::Client, base: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the gateway at {base} was not ready within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

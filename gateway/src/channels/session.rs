@@ -115,6 +115,7 @@ pub(crate) async fn submit(
         accepted_at: time::OffsetDateTime::now_utc(),
         double_texting: Some(session.double_texting),
         channel: Some(origin),
+        cancel: None,
     };
     let started = Instant::now();
     let enqueued = state.bus.enqueue(&message).await?;

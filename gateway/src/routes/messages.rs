@@ -1,5 +1,5 @@
 //! Messages and reply streams: `POST` and `GET /v1/sessions/{id}/messages` and
-//! `GET /v1/sessions/{id}/events`.
+//! `GET /v1/sessions/{id}/events` (resumed from a `Last-Event-ID` by `resume.rs`).
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -70,7 +70,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
 /// cache answers when it can (see `session_cache` for how stale that may be); otherwise the
 /// store does, and a session found there is cached. An absence is never cached, so a session
 /// just created through another replica is usable at once.
-async fn open_session(
+pub(crate) async fn open_session(
     state: &AppState,
     session_id: &str,
     headers: &HeaderMap,
@@ -103,33 +103,13 @@ pub(crate) async fn post(
 ) -> Result<Response, ApiError> {
     continue_client_trace(&headers);
     let record = open_session(&state, &session_id, &headers, &query).await?;
-    let session = record.id;
+    let session = record.id.clone();
     let request: NewMessage =
         read_json(body, MAX_BODY_BYTES, false).await?.unwrap_or(NewMessage { text: None, client_message_id: None });
     let text = request.text.ok_or_else(|| ApiError::Invalid("text is required".into()))?;
-    if text.trim().is_empty() {
-        return Err(ApiError::Invalid("text must not be empty".into()));
-    }
-    if text.len() > MAX_TEXT_BYTES {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "text is {} bytes; at most {MAX_TEXT_BYTES} are allowed",
-            text.len()
-        )));
-    }
-    let message_id = match &request.client_message_id {
-        Some(key) => MessageId::for_client_key(&session, key),
-        None => MessageId::generate(),
-    };
+    let message = user_message(&record, text, request.client_message_id.as_ref())?;
+    let message_id = message.message_id.clone();
     tracing::Span::current().record("message_id", tracing::field::display(&message_id));
-    let message = UserMessage {
-        v: schemas::ENVELOPE_VERSION,
-        session_id: session.clone(),
-        message_id: message_id.clone(),
-        text,
-        accepted_at: time::OffsetDateTime::now_utc(),
-        double_texting: Some(record.double_texting),
-        channel: None,
-    };
     let repeatable = request.client_message_id.is_some();
 
     if !wants_event_stream(&headers) {
@@ -139,22 +119,62 @@ pub(crate) async fn post(
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
 
+    let reply = send_and_follow(&state, &message, repeatable).await?;
+    Ok(sse_response(&state, reply.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+}
+
+/// The envelope of a new message of `record`'s session, its id from the client's idempotency
+/// key if it gave one; refuses an empty or too long text.
+pub(crate) fn user_message(
+    record: &SessionRecord,
+    text: String,
+    client_message_id: Option<&ClientMessageId>,
+) -> Result<UserMessage, ApiError> {
+    if text.trim().is_empty() {
+        return Err(ApiError::Invalid("text must not be empty".into()));
+    }
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "text is {} bytes; at most {MAX_TEXT_BYTES} are allowed",
+            text.len()
+        )));
+    }
+    let message_id = match client_message_id {
+        Some(key) => MessageId::for_client_key(&record.id, key),
+        None => MessageId::generate(),
+    };
+    Ok(UserMessage {
+        v: schemas::ENVELOPE_VERSION,
+        session_id: record.id.clone(),
+        message_id,
+        text,
+        accepted_at: time::OffsetDateTime::now_utc(),
+        double_texting: Some(record.double_texting),
+        channel: None,
+        cancel: None,
+    })
+}
+
+/// Sends `message` and returns its reply's events, ending after its `done` or `error`.
+/// `repeatable`: its id comes from a client's idempotency key, so it may have been answered
+/// before, and then the stored outcome is the whole reply.
+pub(crate) async fn send_and_follow(
+    state: &AppState,
+    message: &UserMessage,
+    repeatable: bool,
+) -> Result<futures::stream::BoxStream<'static, ReplyEvent>, ApiError> {
+    let (session, message_id) = (&message.session_id, &message.message_id);
     // Listen before publishing, so that no event of the reply can be missed however fast a
     // worker answers.
-    let events = state.bus.subscribe_events(&session).await?;
-    if request.client_message_id.is_some()
-        && let Some(outcome) = state.store.outcome(&session, &message_id).await?
-    {
+    let events = state.bus.subscribe_events(session).await?;
+    if repeatable && let Some(outcome) = state.store.outcome(session, message_id).await? {
         // A repeat of a message that was already answered: replay its outcome.
         tracing::info!(event = "replayed_outcome", "message answered before; replaying its outcome");
-        let event = outcome.terminal_event(&session, &message_id);
-        let stream = futures::stream::once(async move { Ok::<_, Infallible>(to_sse(&event)) });
-        return Ok(sse_response(&state, stream));
+        return Ok(futures::stream::iter([outcome.terminal_event(session, message_id)]).boxed());
     }
-    let admission = admit(&state, &message, repeatable).await?;
-    enqueue_admitted(&state, &message, admission).await?;
-    let reply = reply_stream(state.clone(), session, events, message_id);
-    Ok(sse_response(&state, reply.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+    let admission = admit(state, message, repeatable).await?;
+    enqueue_admitted(state, message, admission).await?;
+    Ok(reply_stream(state.clone(), session.clone(), events, message_id.clone()).boxed())
 }
 
 /// What admitting a message under its session's policy did.
@@ -296,7 +316,10 @@ async fn stored_outcome(state: &AppState, session: &SessionId, message_id: &Mess
     }
 }
 
-fn sse_response(state: &AppState, events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
+pub(crate) fn sse_response(
+    state: &AppState,
+    events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+) -> Response {
     let guard = telemetry::StreamGuard::open();
     let events = events
         .map(move |e| {
@@ -321,16 +344,32 @@ fn continue_client_trace(headers: &HeaderMap) {
     bus::trace_context::record_trace_id(&span);
 }
 
+#[derive(Debug, Deserialize)]
+pub(crate) struct EventsQuery {
+    access_token: Option<String>,
+    /// For clients that cannot set the `Last-Event-ID` header.
+    last_event_id: Option<String>,
+}
+
 #[tracing::instrument(name = "session_events", skip_all, fields(session_id = %session_id))]
 pub(crate) async fn events(
     State(state): State<AppState>,
     Path(session_id): Path<String>,
-    Query(query): Query<TokenQuery>,
+    Query(query): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let session = open_session(&state, &session_id, &headers, &query).await?.id;
-    let events = state.bus.subscribe_events(&session).await?;
-    Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+    let token = TokenQuery { access_token: query.access_token };
+    let session = open_session(&state, &session_id, &headers, &token).await?.id;
+    match super::resume::cursor(&headers, query.last_event_id.as_deref())? {
+        None => {
+            let events = state.bus.subscribe_events(&session).await?;
+            Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+        }
+        Some(cursor) => {
+            let events = super::resume::events_after(&state, &session, cursor).await?;
+            Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+        }
+    }
 }
 
 #[tracing::instrument(name = "history", skip_all, fields(session_id = %session_id))]

@@ -1,7 +1,10 @@
 //! The routes: one module per resource.
 
+mod ai_sdk;
+mod cancel;
 mod messages;
 mod ops;
+mod resume;
 mod sessions;
 
 pub(crate) use messages::MAX_TEXT_BYTES;
@@ -27,6 +30,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/sessions/{session_id}/messages", post(messages::post).get(messages::history))
         .route("/v1/sessions/{session_id}/events", get(messages::events))
         .merge(crate::channels::routes())
+        .route("/v1/sessions/{session_id}/messages/{message_id}/cancel", post(cancel::cancel))
+        .route("/v1/ai-sdk/chat", post(ai_sdk::chat))
+        .route("/v1/ai-sdk/chat/{session_id}/stream", get(ai_sdk::resume))
         .merge(health::router(health))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
