@@ -92,6 +92,9 @@ impl AmqpSettings {
     }
 }
 
+/// How long declaring the exchanges and queues on a new connection may take.
+const LAYOUT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The RabbitMQ bus. Cloning shares the connection.
 #[derive(Clone)]
 pub struct AmqpBus {
@@ -229,7 +232,14 @@ impl AmqpBus {
             .await
             .map_err(|_| BusError::Unavailable(format!("RabbitMQ at {shown} did not answer within 3 s")))?
             .map_err(|e| connect_error(&e, &shown))?;
-        self.declare_layout(&connection).await?;
+        // A broker that has just restarted can leave a declaration unanswered (seen with the
+        // reply-event stream queue whose home node was still coming up): the connection is then
+        // dropped and the next caller connects afresh, rather than every caller waiting forever.
+        tokio::time::timeout(LAYOUT_TIMEOUT, self.declare_layout(&connection)).await.map_err(|_| {
+            BusError::Unavailable(format!(
+                "RabbitMQ at {shown} did not finish declaring the layout within {LAYOUT_TIMEOUT:?}"
+            ))
+        })??;
         tracing::info!(event = "bus_connected", broker = %shown, "connected to RabbitMQ");
         Ok(connection)
     }

@@ -244,6 +244,9 @@ impl TestApp {
     }
 
     pub async fn spawn_with(backend: Backend, options: Options) -> TestApp {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("chatfleet_bus=info,chatfleet_worker=info,chatfleet_gateway=info")
+            .try_init(); // DIAG
         let mock = MockLlm::start(&options).await;
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
