@@ -6,6 +6,8 @@
 //!
 //! A dead letter's id is its `x-chatfleet-seq` header, set once per enqueue.
 
+use std::time::Duration;
+
 use lapin::Confirmation;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -83,6 +85,7 @@ async fn get(bus: &AmqpBus, channel: &Channel) -> Result<Option<lapin::message::
 
 pub(super) async fn list(bus: &AmqpBus, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
     let channel = channel(bus).await?;
+    let before = ready(bus, &channel).await?;
     let mut found = Vec::new();
     let result = async {
         while found.len() < limit {
@@ -94,7 +97,32 @@ pub(super) async fn list(bus: &AmqpBus, limit: usize) -> Result<Vec<DeadLetter>,
     .await;
     // Closing returns every message taken, unacknowledged, to its place.
     let _ = channel.close(200, "listed".into()).await;
+    // The broker puts them back after the close has been answered: wait until they are, so that
+    // a replay (or another listing) that follows finds them all.
+    let check = self::channel(bus).await?;
+    let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+    while ready(bus, &check).await? < before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = check.close(200, "listed".into()).await;
     result.map(|()| found)
+}
+
+/// How long a listing waits for the broker to put back the dead letters it read.
+const RETURN_WAIT: Duration = Duration::from_secs(5);
+
+/// Dead letters ready to be read (not held by a reader).
+async fn ready(bus: &AmqpBus, channel: &Channel) -> Result<u32, BusError> {
+    let queue = bus.settings().names.dead_letters();
+    let declared = channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BusError::Unavailable(format!("cannot inspect queue {queue}: {e}")))?;
+    Ok(declared.message_count())
 }
 
 pub(super) async fn replay(bus: &AmqpBus, which: &Replay) -> Result<Vec<DeadLetter>, BusError> {
