@@ -17,6 +17,8 @@
 //! * `[mock:cut=<k>,times=<n>]` — the reply streams `<k>` tokens and then the connection is
 //!   dropped, with no finish chunk and no `[DONE]`.
 //! * `[mock:stall=<ms>,times=<n>]` — the first token comes `<ms>` milliseconds later than usual.
+//! * `[mock:reply=markdown,times=<n>]` — the reply is [`MARKDOWN_SAMPLE`] instead of the echo
+//!   and filler (for the web page's rendering tests), streamed a word at a time as usual.
 //!
 //! `times` is optional and defaults to 1. A directive applies to the first `n` requests whose
 //! last user message is exactly the same text; the count is kept per text in a [`FaultBook`]
@@ -54,6 +56,23 @@ impl Default for MockSettings {
         }
     }
 }
+
+/// The reply `[mock:reply=markdown]` asks for: Markdown with a list, a code block, links (one
+/// of them to a `javascript:` URL) and raw HTML, which a client must show as text.
+pub const MARKDOWN_SAMPLE: &str =
+    "Here is **a list**, some `inline <b>code</b>` and a [link](https://example.com/docs):
+
+- first item
+- second item with *emphasis*
+
+1. one
+2. two
+
+```rust
+fn main() { println!(\"<script>alert(1)</script>\"); }
+```
+
+> A quote with [a bad link](javascript:alert(1)) and <img src=x onerror=alert(2)>.";
 
 /// Words that pad a reply after the echo, cycled in order.
 const FILLER: &str = "This is a stand-in reply, streamed one word at a time so the whole fleet can \
@@ -106,12 +125,17 @@ pub enum FaultDirective {
     Cut { after_tokens: usize, times: u32 },
     /// Delay the first token by this much more.
     Stall { delay: Duration, times: u32 },
+    /// Reply with [`MARKDOWN_SAMPLE`].
+    Markdown { times: u32 },
 }
 
 impl FaultDirective {
     fn times(&self) -> u32 {
         match *self {
-            Self::Status { times, .. } | Self::Cut { times, .. } | Self::Stall { times, .. } => times,
+            Self::Status { times, .. }
+            | Self::Cut { times, .. }
+            | Self::Stall { times, .. }
+            | Self::Markdown { times } => times,
         }
     }
 }
@@ -142,6 +166,7 @@ fn parse_directive_body(body: &str) -> Option<FaultDirective> {
     let mut status = None;
     let mut cut = None;
     let mut stall = None;
+    let mut markdown = false;
     let mut times = 1u32;
     let mut retry_after_ms = None;
     for pair in body.split(',') {
@@ -151,10 +176,15 @@ fn parse_directive_body(body: &str) -> Option<FaultDirective> {
             "status" => status = Some(value.parse::<u16>().ok().filter(|s| (100..600).contains(s))?),
             "cut" => cut = Some(value.parse::<usize>().ok()?),
             "stall" => stall = Some(value.parse::<u64>().ok()?),
+            "reply" if value == "markdown" => markdown = true,
             "times" => times = value.parse::<u32>().ok()?,
             "retry_after_ms" => retry_after_ms = Some(value.parse::<u64>().ok()?),
             _ => return None,
         }
+    }
+    if markdown {
+        return (status.is_none() && cut.is_none() && stall.is_none() && retry_after_ms.is_none())
+            .then_some(FaultDirective::Markdown { times });
     }
     match (status, cut, stall) {
         (Some(status), None, None) => Some(FaultDirective::Status {
@@ -189,6 +219,8 @@ pub struct Faults {
     pub cut_after: Option<usize>,
     /// Extra delay before the first token.
     pub stall: Option<Duration>,
+    /// Reply with [`MARKDOWN_SAMPLE`].
+    pub markdown: bool,
 }
 
 /// Counts, per exact last-user-message text, how many requests have carried it, so that a
@@ -232,6 +264,7 @@ impl FaultBook {
                 FaultDirective::Stall { delay, .. } => {
                     faults.stall.get_or_insert(delay);
                 }
+                FaultDirective::Markdown { .. } => faults.markdown = true,
             }
         }
         faults
@@ -265,7 +298,11 @@ impl ReplyPlan {
         faults: &Faults,
         settings: &MockSettings,
     ) -> Self {
-        let mut tokens = reply_tokens(last_user_text, settings);
+        let mut tokens = if faults.markdown {
+            MARKDOWN_SAMPLE.split_inclusive([' ', '\n']).map(str::to_owned).collect()
+        } else {
+            reply_tokens(last_user_text, settings)
+        };
         let mut finish_reason = FinishReason::Stop;
         if let Some(limit) = max_tokens.map(|m| usize::try_from(m).unwrap_or(usize::MAX))
             && tokens.len() > limit
@@ -418,5 +455,17 @@ mod tests {
         assert_eq!(plan.usage, Usage { prompt_tokens: 9, completion_tokens: 4 });
         assert_eq!(plan.first_token_delay, Duration::from_millis(35));
         assert_eq!(plan.total_delay(), Duration::from_millis(41));
+    }
+
+    #[test]
+    fn a_markdown_directive_makes_the_reply_the_markdown_sample_word_by_word() {
+        let text = "[mock:reply=markdown] show me";
+        let faults = FaultBook::new().record(text);
+
+        let plan = ReplyPlan::new(text, 9, None, &faults, &settings(32, 48));
+
+        assert_eq!(plan.text(), MARKDOWN_SAMPLE);
+        assert!(plan.tokens.len() > 20, "streamed a word at a time: {:?}", plan.tokens);
+        assert_eq!(parse_directives("[mock:reply=markdown,cut=3] [mock:reply=html]"), []);
     }
 }
