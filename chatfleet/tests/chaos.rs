@@ -28,6 +28,7 @@ on_every_broker!(
     sigterm_with_a_grace_shorter_than_the_replies_hands_them_to_the_next_owner,
     restarting_the_broker_mid_run_loses_nothing_and_answers_once,
     a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done,
+    a_reply_cut_by_kill_9_resumes_from_its_last_event_id_on_another_gateway_with_nothing_missing_or_repeated,
 );
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -583,4 +584,74 @@ async fn a_reply_cut_by_a_crash_restarts_elsewhere_with_a_reset_and_one_done(bac
     let history = fleet.app.history(&session).await;
     assert_eq!(history.len(), 2, "{history:#?}");
     println!("a reply cut by kill -9 was restarted and completed {restarted_after:?} after the kill");
+}
+
+/// The resume promise across a worker crash (http-api.md, "Resume"): the client's connection
+/// drops, the worker generating the reply is killed with SIGKILL, and the client resumes from
+/// the last id it saw on another gateway: it gets the rest of the first generation, the `reset`
+/// of the restart and the new reply, with every event once.
+async fn a_reply_cut_by_kill_9_resumes_from_its_last_event_id_on_another_gateway_with_nothing_missing_or_repeated(
+    backend: Backend,
+) {
+    let options = Options { first_token_ms: 20, token_ms: 40, reply_tokens: 80, ..Options::default() };
+    let mut fleet = Fleet::start(backend, 2, options).await;
+    let other_gateway = fleet.app.add_gateway().await;
+    let session = fleet.app.create_session().await;
+    let partition =
+        schemas::PartitionCount::new(PARTITIONS).unwrap().of(&schemas::SessionId::parse(&session.id).unwrap());
+    let status = fleet.bus.status().await.unwrap();
+    let owner = status.partitions[partition.get() as usize].owner.clone().expect("the partition has an owner");
+    let text = "a reply the worker will not finish";
+    let response = fleet
+        .app
+        .http
+        .post(fleet.app.url(&format!("/v1/sessions/{}/messages", session.id)))
+        .bearer_auth(&session.token)
+        .header("Accept", "text/event-stream")
+        .json(&json!({"text": text}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream().eventsource();
+    let mut before = Vec::new();
+    while before.len() < 3 {
+        let e =
+            tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("deltas came").unwrap().unwrap();
+        before.push(support::SseEvent { event: e.event, id: e.id, data: serde_json::from_str(&e.data).unwrap() });
+    }
+    assert!(before.iter().all(|e| e.event == "delta"), "{before:?}");
+
+    drop(stream);
+    let victim = fleet.workers.iter().position(|w| w.id == owner).expect("the owner is one of ours");
+    fleet.take_worker(victim).kill_9();
+    let resumed = fleet
+        .app
+        .http
+        .get(format!("{other_gateway}/v1/sessions/{}/events", session.id))
+        .bearer_auth(&session.token)
+        .header("Last-Event-ID", &before.last().unwrap().id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    let after = support::read_until_terminals(resumed, 1, Duration::from_secs(45)).await;
+
+    let all: Vec<&support::SseEvent> = before.iter().chain(&after).collect();
+    let ids: Vec<&str> = all.iter().map(|e| e.id.as_str()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "every event once, ids increasing: {ids:?}");
+    // Each generation's deltas are 0, 1, 2, ... with no gap and no repeat.
+    let generations: Vec<&[&support::SseEvent]> = all.split(|e| e.event == "reset").collect();
+    assert!(generations.len() >= 2, "the restart shows as a reset: {ids:?}");
+    for generation in &generations {
+        let indexes: Vec<u64> =
+            generation.iter().filter(|e| e.event == "delta").map(|e| e.data["index"].as_u64().unwrap()).collect();
+        assert_eq!(indexes, (0..indexes.len() as u64).collect::<Vec<_>>(), "each delta once: {ids:?}");
+    }
+    let done = all.last().unwrap();
+    assert_eq!(done.event, "done", "{ids:?}");
+    let last: Vec<support::SseEvent> = generations.last().unwrap().iter().map(|e| (*e).clone()).collect();
+    assert_eq!(support::assembled_text(&last), done.data["text"].as_str().unwrap(), "the new reply, whole");
+    assert!(done.data["text"].as_str().unwrap().starts_with(&echo_of(text)));
+    assert_eq!(fleet.app.history(&session).await.len(), 2, "one reply stored");
 }
