@@ -22,6 +22,10 @@
 #   BENCH_SUSTAIN_P99_MS=500           p99 exceeds this; the report names the highest rate within
 #                                      it ("" skips the search)
 #   BENCH_IDLE_STREAMS=2000            idle event streams opened for the memory figure (0: skip)
+#   BENCH_RETENTION_USERS=2000         replies kept for resuming, for the retention's cost (0: skip):
+#   BENCH_RETENTION_SECS=600           dev and fleet with --event-retention-secs at this value and
+#                                      at 1 s, a burst of that many users each, then the retained
+#                                      events' memory, NATS stream size and resume time
 #   BENCH_TARGETS="direct dev fleet"   which targets (ratios need direct)
 #   BENCH_WARMUP=5                     warm-up users before each measured run (0: none)
 #   BENCH_TIMEOUT=120                  loadtest --timeout: longest wait for a reply, seconds
@@ -52,6 +56,10 @@ BENCH_SUSTAIN_RATES="${BENCH_SUSTAIN_RATES-50 100 200 400 800}"
 BENCH_SUSTAIN_SECS="${BENCH_SUSTAIN_SECS:-15}"
 BENCH_SUSTAIN_P99_MS="${BENCH_SUSTAIN_P99_MS:-500}"
 BENCH_IDLE_STREAMS="${BENCH_IDLE_STREAMS:-2000}"
+BENCH_RETENTION_USERS="${BENCH_RETENTION_USERS:-2000}"
+BENCH_RETENTION_SECS="${BENCH_RETENTION_SECS:-600}"
+# Extra arguments of every chatfleet role (the retention runs set --event-retention-secs).
+ROLE_ARGS=()
 BENCH_TARGETS="${BENCH_TARGETS:-direct dev fleet}"
 BENCH_WARMUP="${BENCH_WARMUP:-5}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-120}"
@@ -209,7 +217,7 @@ start_target() { # target logdir
       tmp="$TMP"
       port="$(free_port)"
       start_proc dev "$logs/dev.log" "$CF" dev --listen "127.0.0.1:$port" --store "$tmp/dev.redb" \
-        --llm-base-url "$MOCK_URL" --model "$MODEL"
+        --llm-base-url "$MOCK_URL" --model "$MODEL" "${ROLE_ARGS[@]}"
       wait_until "chatfleet dev" "${PID[dev]}" "$logs/dev.log" 60 http_ok "http://127.0.0.1:$port/readyz"
       TARGET_URL="http://127.0.0.1:$port"
       LT_TARGET=(--target gateway --url "$TARGET_URL")
@@ -218,7 +226,8 @@ start_target() { # target logdir
       new_tmp
       tmp="$TMP"
       nats_port="$(free_port)"
-      start_proc nats "$logs/nats.log" "$NATS_BIN" -js -sd "$tmp/nats" -a 127.0.0.1 -p "$nats_port"
+      NATS_MONITOR_PORT="$(free_port)"
+      start_proc nats "$logs/nats.log" "$NATS_BIN" -js -sd "$tmp/nats" -a 127.0.0.1 -p "$nats_port" -m "$NATS_MONITOR_PORT"
       wait_until nats-server "${PID[nats]}" "$logs/nats.log" 30 tcp_open "$nats_port"
       mongo_port="$(free_port)"
       # An explicit empty config file: otherwise SecantusDB reads whichever secantusd.toml it
@@ -232,11 +241,13 @@ start_target() { # target logdir
       bus="nats://127.0.0.1:$nats_port"
       store="mongodb://127.0.0.1:$mongo_port/chatfleet?directConnection=true&retryWrites=false"
       port="$(free_port)"
-      start_proc gateway "$logs/gateway.log" "$CF" gateway --listen "127.0.0.1:$port" --bus "$bus" --store "$store"
+      start_proc gateway "$logs/gateway.log" "$CF" gateway --listen "127.0.0.1:$port" --bus "$bus" --store "$store" \
+        "${ROLE_ARGS[@]}"
       for i in 1 2; do
         wport="$(free_port)"
         start_proc "worker$i" "$logs/worker$i.log" "$CF" worker --listen "127.0.0.1:$wport" \
-          --bus "$bus" --store "$store" --worker-id "bench-w$i" --llm-base-url "$MOCK_URL" --model "$MODEL"
+          --bus "$bus" --store "$store" --worker-id "bench-w$i" --llm-base-url "$MOCK_URL" --model "$MODEL" \
+          "${ROLE_ARGS[@]}"
         wait_until "worker $i" "${PID[worker$i]}" "$logs/worker$i.log" 60 http_ok "http://127.0.0.1:$wport/readyz"
       done
       wait_until gateway "${PID[gateway]}" "$logs/gateway.log" 60 http_ok "http://127.0.0.1:$port/readyz"
@@ -312,6 +323,34 @@ run_idle() { # target
   stop_procs
 }
 
+# What keeping reply events for resuming costs: a fresh fleet with this retention, a burst of
+# BENCH_RETENTION_USERS replies, then memory, the NATS stream's size and resume times.
+run_retention() { # target retention_secs
+  local target="$1" secs="$2" role roles=() procs=()
+  local name="$target-retention-$secs" logs="$RESULTS/logs/$target-retention-$secs"
+  say "$name: $BENCH_RETENTION_USERS replies kept for $secs s"
+  ROLE_ARGS=(--event-retention-secs "$secs")
+  start_target "$target" "$logs"
+  ROLE_ARGS=()
+  for role in dev gateway worker1 worker2 nats; do
+    if [[ -n "${PID[$role]:-}" ]]; then
+      procs+=("$role=${PID[$role]}")
+      roles+=(--proc "$role=${PID[$role]}")
+    fi
+  done
+  python3 "$HELPER" procs "${procs[@]}" >"$logs/procs-before.json"
+  "$LT" "${LT_TARGET[@]}" --no-progress --timeout "$BENCH_TIMEOUT" --json "$logs/burst.json" \
+    burst --users "$BENCH_RETENTION_USERS" >"$logs/burst.txt" 2>&1 || say "$name: the burst had errors (see $logs/burst.txt)"
+  local monitor=() resumes=20
+  if [[ "$target" == fleet ]]; then monitor=(--nats-monitor "http://127.0.0.1:$NATS_MONITOR_PORT"); fi
+  # A 1 s retention has dropped a reply's events by the time it could be resumed.
+  if ((secs < 5)); then resumes=0; fi
+  python3 "$HELPER" retention --url "$TARGET_URL" "${roles[@]}" --before "$logs/procs-before.json" "${monitor[@]}" \
+    --retention-secs "$secs" --messages "$BENCH_RETENTION_USERS" --resumes "$resumes" --out "$RESULTS/$name.json" >"$logs/retention.txt" 2>&1 ||
+    say "$name: failed (see $logs/retention.txt)"
+  stop_procs
+}
+
 # ---------------------------------------------------------------------------------------------
 # Main.
 
@@ -378,7 +417,7 @@ fi
 python3 "$HELPER" meta \
   "users=$BENCH_USERS" "ramp_rate=$BENCH_RAMP_RATE" "ramp_secs=$BENCH_RAMP_SECS" \
   "targets=$BENCH_TARGETS" "warmup=$BENCH_WARMUP" "timeout=$BENCH_TIMEOUT" \
-  "idle_streams=$BENCH_IDLE_STREAMS" "label=${BENCH_LABEL:-}" "reference=$reference" \
+  "idle_streams=$BENCH_IDLE_STREAMS" "retention_users=$BENCH_RETENTION_USERS" "retention_secs=$BENCH_RETENTION_SECS" "label=${BENCH_LABEL:-}" "reference=$reference" \
   "sustain_rates=$BENCH_SUSTAIN_RATES" "sustain_secs=$BENCH_SUSTAIN_SECS" "sustain_p99_ms=$BENCH_SUSTAIN_P99_MS" \
   "results_dir=${RESULTS#"$ROOT"/}" \
   "mock_args=${MOCK_ARGS[*]}" "nats_version=$nats_version" "mongo_server=$mongo_server" \
@@ -405,6 +444,15 @@ done
 if ((BENCH_IDLE_STREAMS > 0)); then
   for target in dev fleet; do
     if has_target "$target"; then run_idle "$target"; fi
+  done
+fi
+
+if ((BENCH_RETENTION_USERS > 0)); then
+  for target in dev fleet; do
+    if has_target "$target"; then
+      run_retention "$target" "$BENCH_RETENTION_SECS"
+      run_retention "$target" 1
+    fi
   done
 fi
 

@@ -12,6 +12,11 @@ Subcommands (Python 3.11 standard library only):
   idle-streams --url URL --streams K --proc ROLE=PID ... --out PATH
                                creates K sessions, opens K idle event streams and records
                                what they cost the given processes in resident memory
+  retention --url URL --proc ROLE=PID ... --before PATH [--nats-monitor URL] --retention-secs S
+            --messages N --out PATH
+                               what the reply events kept for resuming cost after N replies:
+                               resident memory against the --before snapshot, the NATS stream
+                               CHATFLEET_OUT's size, and how long a resume takes
   report RESULTS_DIR --out PATH [--analysis PATH]
                                the tables of a run, printed and written as Markdown, with the
                                hand-written analysis (docs/benchmarks-analysis.md) pasted in
@@ -289,6 +294,147 @@ def cmd_idle_streams(args: argparse.Namespace) -> None:
     result = asyncio.run(idle_streams(args))
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# retention
+
+
+def nats_out_stream(monitor: str | None) -> dict | None:
+    """The state of the JetStream stream CHATFLEET_OUT, from the server's monitoring port."""
+    if not monitor:
+        return None
+    import urllib.request
+
+    with urllib.request.urlopen(monitor.rstrip("/") + "/jsz?streams=true", timeout=10) as r:
+        jsz = json.load(r)
+    for account in jsz.get("account_details", []):
+        for stream in account.get("stream_detail", []):
+            if stream.get("name") == "CHATFLEET_OUT":
+                state = stream.get("state", {})
+                return {"messages": state.get("messages"), "bytes": state.get("bytes")}
+    return None
+
+
+async def read_until_done(reader: asyncio.StreamReader) -> tuple[str | None, int]:
+    """Reads SSE frames until a `done` or `error` event; the first event id and the event count."""
+    first, count = None, 0
+    while True:
+        line = (await asyncio.wait_for(reader.readline(), timeout=60)).decode().strip()
+        if not line and reader.at_eof():
+            return first, count
+        if line.startswith("id:") and first is None:
+            first = line[3:].strip()
+        if line.startswith("event:"):
+            count += 1
+            if line[6:].strip() in ("done", "error"):
+                return first, count
+
+
+async def resume_timings(url: str, resumes: int) -> dict:
+    """One reply in a fresh session, then `resumes` resumes from its first event id, each read
+    to the reply's `done`: what one resume costs with the retention window as it is."""
+    host, _, port_text = url.removeprefix("http://").rstrip("/").partition(":")
+    port = int(port_text)
+    status, body = await http_call(host, port, "POST", "/v1/sessions", {"Content-Type": "application/json"}, b"{}")
+    if status != 201:
+        raise RuntimeError(f"create session: HTTP {status}")
+    session = json.loads(body)
+    reader, writer = await asyncio.open_connection(host, port)
+    text = json.dumps({"text": "resume me"}).encode()
+    writer.write(
+        (
+            f"POST /v1/sessions/{session['session_id']}/messages HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {session['token']}\r\nAccept: text/event-stream\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(text)}\r\n\r\n"
+        ).encode()
+        + text
+    )
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    first, events = await read_until_done(reader)
+    writer.close()
+    took = []
+    if not resumes:
+        return {"events_per_reply": events, "resumes": 0, "resume_ms_p50": None, "resume_ms_max": None}
+    for _ in range(resumes):
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            (
+                f"GET /v1/sessions/{session['session_id']}/events HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Authorization: Bearer {session['token']}\r\nLast-Event-ID: {first}\r\n\r\n"
+            ).encode()
+        )
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        if int(head.split(b" ", 2)[1]) != 200:
+            raise RuntimeError(f"resume: {head.splitlines()[0].decode()}")
+        await read_until_done(reader)
+        took.append((time.monotonic() - started) * 1000)
+        writer.close()
+    took.sort()
+    return {"events_per_reply": events, "resumes": resumes, "resume_ms_p50": round(took[len(took) // 2], 1), "resume_ms_max": round(took[-1], 1)}
+
+
+def cmd_retention(args: argparse.Namespace) -> None:
+    before = json.loads(Path(args.before).read_text())
+    roles = parse_roles(args.proc)
+    after = {role: proc_snapshot(pid) for role, pid in roles.items()}
+    result = {
+        "retention_secs": args.retention_secs,
+        "messages": args.messages,
+        "stream": nats_out_stream(args.nats_monitor),
+        "processes": {
+            role: {
+                "rss_before_kb": before.get(role, {}).get("rss_kb"),
+                "rss_after_kb": after[role].get("rss_kb"),
+            }
+            for role in roles
+        },
+    }
+    result.update(asyncio.run(resume_timings(args.url, args.resumes)))
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+def retention_table(results: Path) -> list[str]:
+    rows = []
+    for path in sorted(results.glob("*-retention-*.json")):
+        r = load(path)
+        if not r:
+            continue
+        target = path.name.split("-retention-")[0]
+        stream = r.get("stream") or {}
+        per_event = f"{stream['bytes'] / stream['messages']:.0f}" if stream.get("messages") else "—"
+        stream_kib = f"{stream['bytes'] / 1024:.0f}" if stream.get("bytes") is not None else "—"
+        resume = "—" if r["resume_ms_p50"] is None else f"{r['resume_ms_p50']} ({r['resume_ms_max']})"
+        procs = ", ".join(
+            f"{role} {(p.get('rss_before_kb') or 0) / 1024:.1f} → {(p.get('rss_after_kb') or 0) / 1024:.1f}"
+            for role, p in r["processes"].items()
+        )
+        rows.append(
+            f"| {target} | {r['retention_secs']} s | {r['messages']} | "
+            f"{stream.get('messages', '—')} | {stream_kib} | {per_event} | "
+            f"{procs} | {resume} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "## What the retained reply events cost",
+        "",
+        "Reply events are kept for resuming (`Last-Event-ID`) for `--event-retention-secs`. Each row",
+        "is a fresh fleet with that retention, a burst of N users (one reply each), then: the",
+        "JetStream stream `CHATFLEET_OUT` as the NATS server reports it (`/jsz`; `dev` keeps the",
+        "events in its own memory), the resident memory of each process before the burst and",
+        "after it, and how long a resume takes from the first event of a reply to its `done` (p50",
+        "and max of 20). Compare a row with the same target at 1 s: the difference is the retention's.",
+        "",
+        "| target | retention | replies | retained events | stream KiB | bytes per event | RSS MiB (before → after) | resume ms p50 (max) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        *rows,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,6 +801,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             *idle_rows,
         ]
 
+    md += retention_table(results)
     md += goals_table(bursts)
     md += cpu_budget(results, targets, users, bursts, m)
     md += analysis(Path(args.analysis))
@@ -730,6 +877,15 @@ def main() -> None:
     p.add_argument("--hold", type=float, default=3.0, help="seconds the streams stay open before measuring")
     p.add_argument("--settle", type=float, default=1.0)
     p.add_argument("--out", required=True)
+    p = sub.add_parser("retention")
+    p.add_argument("--url", required=True)
+    p.add_argument("--proc", action="append", default=[], metavar="ROLE=PID")
+    p.add_argument("--before", required=True, help="a `procs` snapshot taken before the burst")
+    p.add_argument("--nats-monitor", help="the NATS server's monitoring URL")
+    p.add_argument("--retention-secs", type=int, required=True)
+    p.add_argument("--messages", type=int, required=True)
+    p.add_argument("--resumes", type=int, default=20)
+    p.add_argument("--out", required=True)
     p = sub.add_parser("meets-goal", help="exit 0 if a loadtest report met the TTFT p99 goal with no errors")
     p.add_argument("report")
     p.add_argument("p99_ms", type=float)
@@ -748,6 +904,8 @@ def main() -> None:
         cmd_balanced(args)
     elif args.command == "idle-streams":
         cmd_idle_streams(args)
+    elif args.command == "retention":
+        cmd_retention(args)
     elif args.command == "meets-goal":
         cmd_meets_goal(args)
     elif args.command == "report":
