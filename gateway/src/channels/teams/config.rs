@@ -46,3 +46,29 @@ impl TeamsConfig {
         Ok(Self { app_id: app_id.trim().to_owned(), app_password, openid_metadata_url, token_url })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channels::config::parse;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn a_teams_section_needs_the_app_id_and_password_and_defaults_to_microsofts_urls() {
+        let good = "[teams]\napp_id = \"6c3bf1e4\"\napp_password = \"hunter2-teams\"\n";
+
+        let teams = parse(good, no_env).unwrap().teams.unwrap();
+
+        assert_eq!(teams.openid_metadata_url.as_str(), DEFAULT_OPENID_METADATA_URL);
+        assert_eq!(teams.token_url.as_str(), DEFAULT_TOKEN_URL);
+        assert!(parse("[teams]\napp_id = \"6c3bf1e4\"\n", no_env).unwrap_err().contains("app_password"));
+        let plain = format!("{good}token_url = \"http://login.example.com/token\"\n");
+        assert!(parse(&plain, no_env).unwrap_err().contains("https://"));
+        let local = format!("{good}openid_metadata_url = \"http://127.0.0.1:9/metadata\"\n");
+        assert!(parse(&local, no_env).is_ok());
+        assert!(!format!("{:?}", parse(good, no_env).unwrap()).contains("hunter2"));
+    }
+}
