@@ -13,6 +13,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("this token belongs to another session")]
     Forbidden,
+    /// 403 with its reason: a channel request whose credentials are valid but not for this.
+    #[error("{0}")]
+    Refused(String),
     #[error("no such session")]
     SessionNotFound,
     #[error("{0}")]
@@ -51,7 +54,7 @@ impl ApiError {
     fn status_and_code(&self) -> (StatusCode, ErrorCode) {
         match self {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
-            Self::Forbidden => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            Self::Forbidden | Self::Refused(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
             Self::SessionNotFound => (StatusCode::NOT_FOUND, ErrorCode::SessionNotFound),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),

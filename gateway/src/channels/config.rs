@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::slack::SlackConfig;
+use super::teams::TeamsConfig;
 use super::webhooks::WebhookConfig;
 
 /// A secret from the channels file. It never appears in logs, errors or `Debug` output.
@@ -50,6 +51,8 @@ pub struct ChannelsConfig {
     pub webhooks: BTreeMap<String, WebhookConfig>,
     /// The Slack app (`[slack]`).
     pub slack: Option<SlackConfig>,
+    /// The Teams bot (`[teams]`).
+    pub teams: Option<TeamsConfig>,
     /// How replies are delivered (`[delivery]`).
     pub delivery: DeliverySettings,
 }
@@ -108,14 +111,11 @@ pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Channel
             }
             "delivery" => config.delivery = delivery_settings(value)?,
             "slack" => config.slack = Some(SlackConfig::from_section(value)?),
-            "teams" => {
-                return Err(
-                    "[teams] is not served by this version of chatfleet yet (Slack and signed webhooks are); remove the section"
-                        .into(),
-                );
-            }
+            "teams" => config.teams = Some(TeamsConfig::from_section(value)?),
             other => {
-                return Err(format!("unknown key {other:?} (expected [slack], [webhooks.<name>] or [delivery])"));
+                return Err(format!(
+                    "unknown key {other:?} (expected [slack], [teams], [webhooks.<name>] or [delivery])"
+                ));
             }
         }
     }

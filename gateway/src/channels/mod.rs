@@ -19,6 +19,7 @@ pub mod config;
 pub(crate) mod delivery;
 mod session;
 pub mod slack;
+pub mod teams;
 pub mod webhooks;
 
 use std::collections::HashMap;
@@ -38,13 +39,15 @@ use crate::error::ApiError;
 pub(crate) struct Channels {
     pub(crate) config: ChannelsConfig,
     adapters: HashMap<String, Arc<dyn Deliver>>,
+    /// Teams' signing keys and Connector client, which its endpoint uses too.
+    pub(crate) teams: Option<Arc<teams::Teams>>,
 }
 
 impl Channels {
     pub(crate) fn new(config: ChannelsConfig) -> Self {
         let mut adapters: HashMap<String, Arc<dyn Deliver>> = HashMap::new();
-        if config.webhooks.is_empty() && config.slack.is_none() {
-            return Self { config, adapters };
+        if config.webhooks.is_empty() && config.slack.is_none() && config.teams.is_none() {
+            return Self { config, adapters, teams: None };
         }
         // Deliveries go to the operator's own endpoints and platform APIs: no redirects
         // (a signed delivery must not be forwarded elsewhere), bounded by the attempt timeout.
@@ -62,7 +65,11 @@ impl Channels {
         if let Some(slack) = &config.slack {
             adapters.insert(slack::CHANNEL.to_owned(), Arc::new(slack::Deliverer::new(slack.clone(), http.clone())));
         }
-        Self { config, adapters }
+        let teams = config.teams.clone().map(|teams| Arc::new(teams::Teams::new(teams, http.clone())));
+        if let Some(teams) = &teams {
+            adapters.insert(teams::CHANNEL.to_owned(), teams.deliverer.clone());
+        }
+        Self { config, adapters, teams }
     }
 
     /// Whether any channel is configured (and so whether this gateway delivers replies).
@@ -80,11 +87,7 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/channels/webhooks/{name}", post(webhooks::inbound::receive))
         .route("/v1/channels/slack/events", post(slack::inbound::receive))
-        .route("/v1/channels/teams/messages", post(not_configured))
-}
-
-async fn not_configured() -> ApiError {
-    ApiError::NotFound("this channel is not configured on this gateway".into())
+        .route("/v1/channels/teams/messages", post(teams::inbound::receive))
 }
 
 /// Why an inbound channel request was refused; each is counted by its reason.
@@ -102,6 +105,18 @@ pub(crate) enum Rejection {
     Invalid(String),
     #[error("the request body is too large")]
     TooLarge,
+    #[error("the request has no Authorization: Bearer token")]
+    MissingToken,
+    #[error("the bearer token is not valid: {0}")]
+    BadToken(String),
+    #[error("the bearer token has expired or is not valid yet")]
+    ExpiredToken,
+    #[error("the bearer token is meant for another bot (audience)")]
+    WrongAudience,
+    #[error("the activity's serviceUrl is not the token's serviceurl claim")]
+    ServiceUrlMismatch,
+    #[error("the token's signing key is not endorsed for the activity's channelId")]
+    NotEndorsed,
 }
 
 impl Rejection {
@@ -113,6 +128,12 @@ impl Rejection {
             Self::InvalidJson => "invalid_json",
             Self::Invalid(_) => "invalid",
             Self::TooLarge => "too_large",
+            Self::MissingToken => "missing_token",
+            Self::BadToken(_) => "bad_token",
+            Self::ExpiredToken => "expired_token",
+            Self::WrongAudience => "wrong_audience",
+            Self::ServiceUrlMismatch => "service_url_mismatch",
+            Self::NotEndorsed => "not_endorsed",
         }
     }
 
@@ -121,9 +142,15 @@ impl Rejection {
         crate::telemetry::channel_event_rejected(channel, self.reason());
         tracing::info!(event = "channel_event_rejected", channel, reason = self.reason(), "refused a channel request");
         match self {
-            Self::MissingSignature | Self::BadSignature | Self::StaleTimestamp => {
-                ApiError::Unauthorized(self.to_string())
-            }
+            Self::MissingSignature
+            | Self::BadSignature
+            | Self::StaleTimestamp
+            | Self::MissingToken
+            | Self::BadToken(_)
+            | Self::ExpiredToken
+            | Self::WrongAudience
+            | Self::ServiceUrlMismatch => ApiError::Unauthorized(self.to_string()),
+            Self::NotEndorsed => ApiError::Refused(self.to_string()),
             Self::InvalidJson => ApiError::InvalidJson(self.to_string()),
             Self::Invalid(message) => ApiError::Invalid(message),
             Self::TooLarge => ApiError::PayloadTooLarge(self.to_string()),
