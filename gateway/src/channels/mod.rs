@@ -38,13 +38,15 @@ use crate::error::ApiError;
 pub(crate) struct Channels {
     pub(crate) config: ChannelsConfig,
     adapters: HashMap<String, Arc<dyn Deliver>>,
+    /// The Slack Web API client, shared by replies streamed and delivered (one pace for both).
+    pub(crate) slack: Option<Arc<slack::WebApi>>,
 }
 
 impl Channels {
-    pub(crate) fn new(config: ChannelsConfig) -> Self {
+    pub(crate) fn new(config: ChannelsConfig, store: Arc<dyn store::Store>) -> Self {
         let mut adapters: HashMap<String, Arc<dyn Deliver>> = HashMap::new();
         if config.webhooks.is_empty() && config.slack.is_none() {
-            return Self { config, adapters };
+            return Self { config, adapters, slack: None };
         }
         // Deliveries go to the operator's own endpoints and platform APIs: no redirects
         // (a signed delivery must not be forwarded elsewhere), bounded by the attempt timeout.
@@ -59,10 +61,11 @@ impl Channels {
             let deliverer = webhooks::Deliverer::new(hook.clone(), http.clone());
             adapters.insert(webhooks::channel_name(&hook.name), Arc::new(deliverer));
         }
-        if let Some(slack) = &config.slack {
-            adapters.insert(slack::CHANNEL.to_owned(), Arc::new(slack::Deliverer::new(slack.clone(), http.clone())));
+        let slack = config.slack.as_ref().map(|slack| Arc::new(slack::WebApi::new(slack.clone(), http.clone())));
+        if let Some(api) = &slack {
+            adapters.insert(slack::CHANNEL.to_owned(), Arc::new(slack::Deliverer::new(api.clone(), store)));
         }
-        Self { config, adapters }
+        Self { config, adapters, slack }
     }
 
     /// Whether any channel is configured (and so whether this gateway delivers replies).
