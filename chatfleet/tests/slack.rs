@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Backend, Options, TestApp, echo_of};
+use support::{Backend, Options, TestApp};
 
 on_every_backend!(
     a_signed_mention_gets_one_threaded_reply_at_the_slack_api_as_slack_sdk_would_post_it,
@@ -335,11 +335,15 @@ async fn a_reply_is_streamed_into_one_message_with_throttled_updates_and_ends_as
     };
     let (first, second) = ("tell me a long story", "and another one please");
 
-    let (a, b) = tokio::join!(
-        post_event(&app, &mention(&unique("long"), "C3", "1700000003.000100", first), SIGNING_SECRET, now(), None),
-        post_event(&app, &mention(&unique("other"), "C4", "1700000003.000200", second), SIGNING_SECRET, now(), None),
+    let (long, other) = (
+        mention(&unique("long"), "C3", "1700000003.000100", first),
+        mention(&unique("other"), "C4", "1700000003.000200", second),
     );
-    assert_eq!((a.status(), b.status()), (200, 200));
+    let (a, b) = tokio::join!(
+        post_event(&app, &long, SIGNING_SECRET, now(), None),
+        post_event(&app, &other, SIGNING_SECRET, now(), None),
+    );
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
     fake.wait_for_text("C3", &reply_to(first, &options), Duration::from_secs(30)).await;
     fake.wait_for_text("C4", &reply_to(second, &options), Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
