@@ -26,6 +26,8 @@
 #   BENCH_RETENTION_SECS=600           dev and fleet with --event-retention-secs at this value and
 #                                      at 1 s, a burst of that many users each, then the retained
 #                                      events' memory, NATS stream size and resume time
+#   BENCH_WEBHOOKS="100 1000"          signed webhook conversations driven to their signed
+#                                      deliveries, per run, on dev and fleet ("" skips them)
 #   BENCH_TARGETS="direct dev fleet"   which targets (ratios need direct)
 #   BENCH_WARMUP=5                     warm-up users before each measured run (0: none)
 #   BENCH_TIMEOUT=120                  loadtest --timeout: longest wait for a reply, seconds
@@ -60,6 +62,7 @@ BENCH_RETENTION_USERS="${BENCH_RETENTION_USERS:-2000}"
 BENCH_RETENTION_SECS="${BENCH_RETENTION_SECS:-600}"
 # Extra arguments of every chatfleet role (the retention runs set --event-retention-secs).
 ROLE_ARGS=()
+BENCH_WEBHOOKS="${BENCH_WEBHOOKS-100 1000}"
 BENCH_TARGETS="${BENCH_TARGETS:-direct dev fleet}"
 BENCH_WARMUP="${BENCH_WARMUP:-5}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-120}"
@@ -191,6 +194,7 @@ fleet_balanced() { "$CF" status --bus "$1" --json 2>/dev/null | python3 "$HELPER
 
 MONGO_BIN=""
 MONGO_NAME=""
+CHANNELS_ARGS=() # --channels FILE for the webhooks runs
 NATS_BIN=""
 LT_TARGET=()
 TARGET_URL=""
@@ -217,7 +221,7 @@ start_target() { # target logdir
       tmp="$TMP"
       port="$(free_port)"
       start_proc dev "$logs/dev.log" "$CF" dev --listen "127.0.0.1:$port" --store "$tmp/dev.redb" \
-        --llm-base-url "$MOCK_URL" --model "$MODEL" "${ROLE_ARGS[@]}"
+        --llm-base-url "$MOCK_URL" --model "$MODEL" "${ROLE_ARGS[@]}" "${CHANNELS_ARGS[@]}"
       wait_until "chatfleet dev" "${PID[dev]}" "$logs/dev.log" 60 http_ok "http://127.0.0.1:$port/readyz"
       TARGET_URL="http://127.0.0.1:$port"
       LT_TARGET=(--target gateway --url "$TARGET_URL")
@@ -242,7 +246,7 @@ start_target() { # target logdir
       store="mongodb://127.0.0.1:$mongo_port/chatfleet?directConnection=true&retryWrites=false"
       port="$(free_port)"
       start_proc gateway "$logs/gateway.log" "$CF" gateway --listen "127.0.0.1:$port" --bus "$bus" --store "$store" \
-        "${ROLE_ARGS[@]}"
+        "${ROLE_ARGS[@]}" "${CHANNELS_ARGS[@]}"
       for i in 1 2; do
         wport="$(free_port)"
         start_proc "worker$i" "$logs/worker$i.log" "$CF" worker --listen "127.0.0.1:$wport" \
@@ -351,6 +355,30 @@ run_retention() { # target retention_secs
   stop_procs
 }
 
+# Signed webhooks: N conversations through the gateway's webhook channel to their signed
+# deliveries at the load generator's receiver, which verifies each one.
+run_webhooks() { # target conversations
+  local target="$1" n="$2" name="$1-webhooks-$2" rc=0 receiver secret
+  local logs="$RESULTS/logs/$name"
+  mkdir -p "$logs"
+  receiver="$(free_port)"
+  secret="whsec_$(python3 -c 'import base64,os;print(base64.b64encode(os.urandom(24)).decode())')"
+  printf '[webhooks.loadtest]\nsecret = "%s"\nurl = "http://127.0.0.1:%s/replies"\n' "$secret" "$receiver" \
+    >"$logs/channels.toml"
+  CHANNELS_ARGS=(--channels "$logs/channels.toml")
+  say "$name: starting $target"
+  start_target "$target" "$logs"
+  CHANNELS_ARGS=()
+  say "$name: webhooks --conversations $n"
+  CHATFLEET_LOADTEST_WEBHOOK_SECRET="$secret" "$LT" --url "$TARGET_URL" --no-progress --timeout "$BENCH_TIMEOUT" \
+    --json "$RESULTS/$name.json" webhooks --conversations "$n" --listen "127.0.0.1:$receiver" \
+    >"$RESULTS/$name.txt" 2>"$logs/loadtest.stderr" || rc=$?
+  printf '%s\n' "$rc" >"$RESULTS/$name.rc"
+  ((rc == 0)) || say "$name: not every reply was delivered correctly (see $RESULTS/$name.txt)"
+  sed -n '/^latency/,/^result/p' "$RESULTS/$name.txt" >&2 || true
+  stop_procs
+}
+
 # ---------------------------------------------------------------------------------------------
 # Main.
 
@@ -418,6 +446,7 @@ python3 "$HELPER" meta \
   "users=$BENCH_USERS" "ramp_rate=$BENCH_RAMP_RATE" "ramp_secs=$BENCH_RAMP_SECS" \
   "targets=$BENCH_TARGETS" "warmup=$BENCH_WARMUP" "timeout=$BENCH_TIMEOUT" \
   "idle_streams=$BENCH_IDLE_STREAMS" "retention_users=$BENCH_RETENTION_USERS" "retention_secs=$BENCH_RETENTION_SECS" "label=${BENCH_LABEL:-}" "reference=$reference" \
+  "webhooks=$BENCH_WEBHOOKS" \
   "sustain_rates=$BENCH_SUSTAIN_RATES" "sustain_secs=$BENCH_SUSTAIN_SECS" "sustain_p99_ms=$BENCH_SUSTAIN_P99_MS" \
   "results_dir=${RESULTS#"$ROOT"/}" \
   "mock_args=${MOCK_ARGS[*]}" "nats_version=$nats_version" "mongo_server=$mongo_server" \
@@ -455,6 +484,12 @@ if ((BENCH_RETENTION_USERS > 0)); then
     fi
   done
 fi
+
+for n in $BENCH_WEBHOOKS; do
+  for target in dev fleet; do
+    if has_target "$target"; then run_webhooks "$target" "$n"; fi
+  done
+done
 
 say "report"
 python3 "$HELPER" report "$RESULTS" --out "$BENCH_MD"

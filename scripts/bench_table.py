@@ -841,6 +841,34 @@ def cmd_report(args: argparse.Namespace) -> None:
                 best_cell = f"{best}/s"
             md.append(f"| {t} | {best_cell} | " + " | ".join(cells) + " |")
 
+    webhook_loads = cfg.get("webhooks", "").split()
+    webhook_rows = []
+    for n in webhook_loads:
+        for t in targets:
+            w = load(results / f"{t}-webhooks-{n}.json")
+            if not w:
+                continue
+            c, d = w.get("counts", {}), w.get("delivery_latency", {})
+            webhook_rows.append(
+                f"| {t} | {n} | {c.get('delivered')} | {c.get('missing')} | {c.get('duplicates')} "
+                f"| {c.get('bad_signatures')} | {fmt_ms(d.get('p50_ms'))} | {fmt_ms(d.get('p90_ms'))} "
+                f"| {fmt_ms(d.get('p99_ms'))} | {fmt_ms(d.get('max_ms'))} | {w.get('deliveries_per_s', 0):.1f} |"
+            )
+    if webhook_rows:
+        md += [
+            "",
+            "## Signed webhooks: N conversations to their signed deliveries",
+            "",
+            "`chatfleet-loadtest webhooks --conversations N`: N webhook conversations at once (one message each,",
+            "signed by Standard Webhooks), each reply delivered by the gateway to a receiver the load generator",
+            "runs, which verifies its signature. Latency is from sending a message to receiving its signed reply;",
+            "duplicates are deliveries repeating a `webhook-id`. On freshly started servers, like the runs above.",
+            "",
+            "| target | conversations | delivered | missing | duplicates | badly signed | p50 ms | p90 ms | p99 ms | max ms | deliveries/s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *webhook_rows,
+        ]
+
     problems = []
     for (t, n), f in bursts.items():
         if f and f["error_kinds"]:

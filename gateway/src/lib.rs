@@ -148,7 +148,7 @@ impl Gateway {
                 store.shared_secret(TOKEN_KEY_NAME, &proposed).await?
             }
         };
-        let channels = Arc::new(channels::Channels::new(config.channels.clone()));
+        let channels = Arc::new(channels::Channels::new(config.channels.clone(), store.clone()));
         let state = AppState {
             bus,
             channels,

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::plan::{self, Scenario, Target, TargetKind};
 use crate::runner::{DEFAULT_WORDS, RunConfig};
+use crate::webhooks::WebhookConfig;
 
 /// Load generator for chatfleet: many users chatting at once, through a gateway or straight to
 /// an OpenAI-compatible model for a baseline.
@@ -23,6 +24,7 @@ use crate::runner::{DEFAULT_WORDS, RunConfig};
   chatfleet-loadtest burst --users 1000
   chatfleet-loadtest ramp --rate 50 --duration 60s --svg ramp.svg --json ramp.json
   chatfleet-loadtest conversation --users 200 --turns 5 --think-ms 500
+  chatfleet-loadtest webhooks --conversations 500 --secret whsec_... --listen 127.0.0.1:9900
   chatfleet-loadtest --target openai --url http://127.0.0.1:9000/v1 burst --users 1000")]
 pub struct Cli {
     #[command(subcommand)]
@@ -63,6 +65,24 @@ pub enum ScenarioCommand {
         /// Pause between a reply and the user's next message, in milliseconds.
         #[arg(long, default_value_t = 0)]
         think_ms: u64,
+    },
+    /// N signed webhook conversations at once, one message each, through the gateway's webhook
+    /// channel to their signed deliveries at a receiver this command runs (point the
+    /// integration's `url` in the gateway's channels file at --listen). Reports the delivery
+    /// latency from each message sent to its reply received, and replies missing or repeated.
+    Webhooks {
+        /// How many conversations.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        conversations: u64,
+        /// The integration's name: messages go to /v1/channels/webhooks/<NAME>.
+        #[arg(long, default_value = "loadtest")]
+        integration: String,
+        /// The integration's Standard Webhooks secret (whsec_...): signs messages, verifies replies.
+        #[arg(long, env = "CHATFLEET_LOADTEST_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Where the receiver of the deliveries listens.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -152,6 +172,7 @@ impl Cli {
             ScenarioCommand::Conversation { users, turns, think_ms } => {
                 Scenario::Conversation { users, turns, think: Duration::from_millis(think_ms) }
             }
+            ScenarioCommand::Webhooks { .. } => bail!("the webhooks scenario is run by webhook_config"),
         };
         let run_id = o.run_id.clone().unwrap_or_else(plan::new_run_id);
         plan::validate(&scenario, o.echo_chars, &run_id)?;
@@ -164,6 +185,39 @@ impl Cli {
             timeout,
             progress: terminal && !o.no_progress,
         })
+    }
+}
+
+impl Cli {
+    /// The webhooks run this command line asks for; None for the other scenarios.
+    pub fn webhook_config(&self) -> anyhow::Result<Option<WebhookConfig>> {
+        let ScenarioCommand::Webhooks { conversations, integration, secret, listen } = &self.scenario else {
+            return Ok(None);
+        };
+        let o = &self.options;
+        if o.target != TargetArg::Gateway {
+            bail!("the webhooks scenario needs --target gateway");
+        }
+        if o.svg.is_some() {
+            bail!("the webhooks scenario draws no chart: leave out --svg");
+        }
+        let url = check_url(o.url.as_deref().unwrap_or("http://127.0.0.1:8080"))?;
+        if !(o.timeout.is_finite() && o.timeout > 0.0) {
+            bail!("--timeout must be a positive number of seconds, got {}", o.timeout);
+        }
+        crate::webhooks::signing_key(secret)?;
+        let run_id = o.run_id.clone().unwrap_or_else(plan::new_run_id);
+        plan::validate(&Scenario::Burst { users: *conversations }, o.echo_chars, &run_id)?;
+        Ok(Some(WebhookConfig {
+            url,
+            integration: integration.clone(),
+            secret: secret.clone(),
+            listen: *listen,
+            conversations: *conversations,
+            run_id,
+            words: o.words.clone(),
+            timeout: Duration::try_from_secs_f64(o.timeout).context("--timeout is too large")?,
+        }))
     }
 }
 
@@ -216,6 +270,21 @@ mod tests {
     fn a_ramp_with_no_rate_is_refused() {
         assert!(config(&["lt", "ramp", "--rate", "0", "--duration", "10s"]).is_err());
         assert!(config(&["lt", "ramp", "--rate", "NaN", "--duration", "10s"]).is_err());
+    }
+
+    #[test]
+    fn the_webhooks_scenario_takes_its_secret_and_receiver() {
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let args = ["lt", "webhooks", "--conversations", "5", "--secret", secret, "--listen", "127.0.0.1:0"];
+        let cli = Cli::try_parse_from(args).unwrap();
+
+        let config = cli.webhook_config().unwrap().unwrap();
+
+        assert_eq!((config.conversations, config.integration.as_str()), (5, "loadtest"));
+        let bad = ["lt", "webhooks", "--conversations", "5", "--secret", "not-a-secret"];
+        assert!(Cli::try_parse_from(bad).unwrap().webhook_config().is_err());
+        let burst = Cli::try_parse_from(["lt", "burst", "--users", "1"]).unwrap();
+        assert!(burst.webhook_config().unwrap().is_none());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! [`plan`] decides what a run does, [`runner`] does it with [`client`] and gathers a
 //! [`report::Report`], which prints as the summary table, as JSON and, through [`chart`], as an
-//! SVG chart. [`isolation`] holds the checks that each reply belonged to its user. The binary
+//! SVG chart. [`isolation`] holds the checks that each reply belonged to its user. [`webhooks`]
+//! is the webhooks scenario: signed conversations through a gateway's webhook channel to their
+//! signed deliveries at a receiver it runs, with a report of its own. The binary
 //! only parses the command line and calls [`execute`].
 
 pub mod chart;
@@ -13,6 +15,7 @@ pub mod isolation;
 pub mod plan;
 pub mod report;
 pub mod runner;
+pub mod webhooks;
 
 use std::future::Future;
 use std::io::IsTerminal;
@@ -25,6 +28,15 @@ pub use runner::{RunConfig, run};
 /// Runs the command line's scenario, prints the summary on stdout and writes the files it asks
 /// for. Returns whether the run passed; errors only when it could not run or report.
 pub async fn execute(cli: &cli::Cli, shutdown: impl Future<Output = ()>) -> anyhow::Result<bool> {
+    if let Some(config) = cli.webhook_config()? {
+        let report = webhooks::run(&config, shutdown).await?;
+        print!("{}", report.summary_table());
+        if let Some(path) = &cli.options.json {
+            let json = report.to_json().context("cannot encode the report as JSON")?;
+            std::fs::write(path, json).with_context(|| format!("cannot write the report to {}", path.display()))?;
+        }
+        return Ok(report.passed);
+    }
     let config = cli.run_config(std::io::stderr().is_terminal())?;
     warn_about_open_files(&config);
     let report = run(&config, shutdown).await?;

@@ -253,6 +253,20 @@ pub trait Store: Send + Sync + 'static {
     /// A deployment-wide secret named `name`: the stored one, or `proposed` stored now if
     /// there is none yet. Concurrent callers all get the same value.
     async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError>;
+
+    /// A channel's note about the delivery of one reply (such as the Slack message a reply is
+    /// streamed into), under `key`; None if there is none.
+    async fn delivery_note(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let _ = key;
+        Err(StoreError::Fatal("this store keeps no delivery notes".into()))
+    }
+
+    /// Sets the note `key` to `value` if it is `expected` now (None: if there is no note): a
+    /// compare-and-set, so of two racing writers exactly one succeeds. True if it wrote.
+    async fn swap_delivery_note(&self, key: &str, expected: Option<&str>, value: &str) -> Result<bool, StoreError> {
+        let _ = (key, expected, value);
+        Err(StoreError::Fatal("this store keeps no delivery notes".into()))
+    }
 }
 
 /// `t` as the stores keep it: in UTC, to the millisecond.

@@ -77,6 +77,7 @@ behaviours![
     the_reply_marker_of_an_unknown_session_cannot_be_taken,
     the_reply_marker_leaves_the_session_record_as_created,
     deleting_a_session_removes_its_reply_marker,
+    a_delivery_note_changes_only_from_the_value_its_writer_expects,
 ];
 
 const CREATED: OffsetDateTime = datetime!(2026-03-04 05:06:07.890 UTC);
@@ -524,4 +525,22 @@ async fn deleting_a_session_removes_its_reply_marker(store: &dyn Store) {
     let claim = store.begin_reply(&id, &message_id("s1", 2)).await.unwrap();
 
     assert_eq!(claim, ReplyClaim::Taken);
+}
+
+async fn a_delivery_note_changes_only_from_the_value_its_writer_expects(store: &dyn Store) {
+    let racing = futures::future::join_all(
+        (0..8).map(|i| async move { (i, store.swap_delivery_note("slack/r_1", None, &format!("claim {i}")).await) }),
+    )
+    .await;
+    let winners: Vec<usize> = racing.iter().filter(|(_, won)| *won.as_ref().unwrap()).map(|(i, _)| *i).collect();
+    let stale = store.swap_delivery_note("slack/r_1", Some("claim 99"), "ts:1").await.unwrap();
+    let claimed = store.delivery_note("slack/r_1").await.unwrap();
+    let moved = store.swap_delivery_note("slack/r_1", claimed.as_deref(), "ts:1.5").await.unwrap();
+
+    assert_eq!(winners.len(), 1, "{racing:?}");
+    assert_eq!(claimed, Some(format!("claim {}", winners[0])));
+    assert!(!stale);
+    assert!(moved);
+    assert_eq!(store.delivery_note("slack/r_1").await.unwrap().as_deref(), Some("ts:1.5"));
+    assert_eq!(store.delivery_note("slack/r_2").await.unwrap(), None);
 }

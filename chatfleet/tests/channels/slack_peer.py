@@ -2,11 +2,15 @@
 
     slack_peer.py sign SECRET TIMESTAMP < body    prints X-Slack-Signature (SignatureVerifier)
     slack_peer.py api PORT                        a fake Slack Web API on 127.0.0.1:PORT
-    slack_peer.py client PORT                     sends one chat.postMessage with WebClient to it
+    slack_peer.py client PORT                     sends a chat.postMessage, then a chat.update of
+                                                  that message, with WebClient to it
 
 The fake Web API records every call under /api/<method> (method, headers, JSON or form body)
-and answers {"ok": true, "ts": ...}, except that `POST /control` with {"rate_limit": N} makes
-the next N calls answer 429 with `Retry-After: 1`. `GET /calls` lists the recorded calls.
+and keeps the messages as Slack would: `chat.postMessage` creates one (answering its `ts`),
+`chat.update` replaces its text, `chat.delete` removes it (an unknown `ts` is
+`message_not_found`). `POST /control` with {"rate_limit": N} makes the next N calls answer 429
+with `Retry-After: 1` (or {"retry_after": S} seconds). `GET /calls` lists the recorded calls,
+`GET /messages` the messages.
 """
 
 import json
@@ -26,7 +30,7 @@ def sign(secret, timestamp):
 
 
 def api(port):
-    state = {"calls": [], "rate_limit": 0}
+    state = {"calls": [], "rate_limit": 0, "retry_after": 1, "messages": {}, "clock": 1700000100.0}
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -45,6 +49,8 @@ def api(port):
 
         def do_GET(self):
             with lock:
+                if self.path == "/messages":
+                    return self.reply(200, list(state["messages"].values()))
                 self.reply(200, state["calls"])
 
         def do_POST(self):
@@ -68,8 +74,29 @@ def api(port):
                     "status": 429 if limited else 200,
                 })
             if limited:
-                return self.reply(429, {"ok": False, "error": "ratelimited"}, [("Retry-After", "1")])
-            self.reply(200, {"ok": True, "channel": body.get("channel"), "ts": f"{time.time():.6f}"})
+                return self.reply(429, {"ok": False, "error": "ratelimited"}, [("Retry-After", str(state["retry_after"]))])
+            method = self.path.rsplit("/", 1)[-1]
+            with lock:
+                messages = state["messages"]
+                if method == "chat.postMessage":
+                    state["clock"] += 0.0001
+                    ts = f"{state['clock']:.6f}"
+                    messages[ts] = {"channel": body.get("channel"), "thread_ts": body.get("thread_ts"), "ts": ts,
+                                    "text": body.get("text")}
+                    answer = {"ok": True, "channel": body.get("channel"), "ts": ts}
+                elif method in ("chat.update", "chat.delete"):
+                    ts = body.get("ts")
+                    if ts not in messages or messages[ts]["channel"] != body.get("channel"):
+                        answer = {"ok": False, "error": "message_not_found"}
+                    elif method == "chat.update":
+                        messages[ts]["text"] = body.get("text")
+                        answer = {"ok": True, "channel": body.get("channel"), "ts": ts, "text": body.get("text")}
+                    else:
+                        del messages[ts]
+                        answer = {"ok": True, "channel": body.get("channel"), "ts": ts}
+                else:
+                    answer = {"ok": True}
+            self.reply(200, answer)
 
     server = ThreadingHTTPServer(("127.0.0.1", int(port)), Handler)
     server.daemon_threads = True
@@ -78,7 +105,8 @@ def api(port):
 
 def client(port):
     web = WebClient(token="xoxb-sdk", base_url=f"http://127.0.0.1:{port}/api/")
-    web.chat_postMessage(channel="C-SDK", thread_ts="1.5", text="from the SDK")
+    posted = web.chat_postMessage(channel="C-SDK", thread_ts="1.5", text="from the SDK")
+    web.chat_update(channel="C-SDK", ts=posted["ts"], text="from the SDK, updated")
 
 
 if __name__ == "__main__":

@@ -41,13 +41,15 @@ pub(crate) struct Channels {
     adapters: HashMap<String, Arc<dyn Deliver>>,
     /// Teams' signing keys and Connector client, which its endpoint uses too.
     pub(crate) teams: Option<Arc<teams::Teams>>,
+    /// The Slack Web API client, shared by replies streamed and delivered (one pace for both).
+    pub(crate) slack: Option<Arc<slack::WebApi>>,
 }
 
 impl Channels {
-    pub(crate) fn new(config: ChannelsConfig) -> Self {
+    pub(crate) fn new(config: ChannelsConfig, store: Arc<dyn store::Store>) -> Self {
         let mut adapters: HashMap<String, Arc<dyn Deliver>> = HashMap::new();
         if config.webhooks.is_empty() && config.slack.is_none() && config.teams.is_none() {
-            return Self { config, adapters, teams: None };
+            return Self { config, adapters, teams: None, slack: None };
         }
         // Deliveries go to the operator's own endpoints and platform APIs: no redirects
         // (a signed delivery must not be forwarded elsewhere), bounded by the attempt timeout.
@@ -62,14 +64,15 @@ impl Channels {
             let deliverer = webhooks::Deliverer::new(hook.clone(), http.clone());
             adapters.insert(webhooks::channel_name(&hook.name), Arc::new(deliverer));
         }
-        if let Some(slack) = &config.slack {
-            adapters.insert(slack::CHANNEL.to_owned(), Arc::new(slack::Deliverer::new(slack.clone(), http.clone())));
+        let slack = config.slack.as_ref().map(|slack| Arc::new(slack::WebApi::new(slack.clone(), http.clone())));
+        if let Some(api) = &slack {
+            adapters.insert(slack::CHANNEL.to_owned(), Arc::new(slack::Deliverer::new(api.clone(), store)));
         }
         let teams = config.teams.clone().map(|teams| Arc::new(teams::Teams::new(teams, http.clone())));
         if let Some(teams) = &teams {
             adapters.insert(teams::CHANNEL.to_owned(), teams.deliverer.clone());
         }
-        Self { config, adapters, teams }
+        Self { config, adapters, teams, slack }
     }
 
     /// Whether any channel is configured (and so whether this gateway delivers replies).

@@ -41,6 +41,8 @@ const MESSAGE_IDS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("me
 const REPLY_MARKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("reply_markers");
 /// Secret name → value.
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+/// Channels' notes about the delivery of replies: key to value.
+const DELIVERY_NOTES: TableDefinition<&str, &str> = TableDefinition::new("delivery_notes");
 /// Facts about the file itself; today only its format version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -237,6 +239,7 @@ fn prepare(db: &Database) -> Result<(), StoreError> {
         tx.open_table(MESSAGE_IDS).map_err(fatal)?;
         tx.open_table(REPLY_MARKERS).map_err(fatal)?;
         tx.open_table(SECRETS).map_err(fatal)?;
+        tx.open_table(DELIVERY_NOTES).map_err(fatal)?;
         let mut meta = tx.open_table(META).map_err(fatal)?;
         let version = meta.get("format_version").map_err(fatal)?.map(|v| v.value());
         match version {
@@ -570,6 +573,31 @@ impl Store for EmbeddedStore {
                     Ok(Ok(proposed))
                 }
             }
+        })
+        .await
+    }
+
+    async fn delivery_note(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_owned();
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(fatal)?;
+            let table = tx.open_table(DELIVERY_NOTES).map_err(fatal)?;
+            let value = table.get(key.as_str()).map_err(fatal)?;
+            Ok(value.map(|v| v.value().to_owned()))
+        })
+        .await
+    }
+
+    async fn swap_delivery_note(&self, key: &str, expected: Option<&str>, value: &str) -> Result<bool, StoreError> {
+        let (key, expected, value) = (key.to_owned(), expected.map(str::to_owned), value.to_owned());
+        self.write(move |tx| {
+            let mut notes = tx.open_table(DELIVERY_NOTES).map_err(fatal)?;
+            let current = notes.get(key.as_str()).map_err(fatal)?.map(|v| v.value().to_owned());
+            if current != expected {
+                return Ok(Ok(false));
+            }
+            notes.insert(key.as_str(), value.as_str()).map_err(fatal)?;
+            Ok(Ok(true))
         })
         .await
     }

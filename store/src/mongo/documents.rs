@@ -76,6 +76,14 @@ pub(crate) struct SecretDoc {
     pub value: Binary,
 }
 
+/// A channel's note about the delivery of one reply (`Store::delivery_note`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct NoteDoc {
+    #[serde(rename = "_id")]
+    pub key: String,
+    pub value: String,
+}
+
 /// A time as a BSON datetime, which has millisecond precision; finer digits are dropped.
 pub(crate) fn to_bson_time(t: OffsetDateTime) -> Result<bson::DateTime, StoreError> {
     let millis = t.unix_timestamp_nanos().div_euclid(1_000_000);

@@ -19,7 +19,7 @@ use mongodb::{Client, Collection, Database, IndexModel};
 use schemas::{MessageId, SessionId};
 
 use crate::{Failure, Inserted, MessageAndReply, ReplyClaim, SessionRecord, Store, StoreError, StoredMessage};
-use documents::{MessageDoc, SecretDoc, SessionDoc, from_bson_time, starts_value, to_bson_time};
+use documents::{MessageDoc, NoteDoc, SecretDoc, SessionDoc, from_bson_time, starts_value, to_bson_time};
 use errors::{classify, is_duplicate_key};
 
 /// The database used when the URL names none.
@@ -49,6 +49,7 @@ pub struct MongoStore {
     sessions: Collection<SessionDoc>,
     messages: Collection<MessageDoc>,
     secrets: Collection<SecretDoc>,
+    notes: Collection<NoteDoc>,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -80,6 +81,7 @@ impl MongoStore {
             sessions: db.collection("sessions"),
             messages: db.collection("messages"),
             secrets: db.collection("secrets"),
+            notes: db.collection("delivery_notes"),
             client,
             db,
         };
@@ -368,6 +370,29 @@ impl Store for MongoStore {
         stored
             .map(|s| s.value.bytes)
             .ok_or_else(|| StoreError::Fatal(format!("secret {name} was reported present but cannot be read")))
+    }
+
+    async fn delivery_note(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let note =
+            self.notes.find_one(doc! { "_id": key }).await.map_err(|e| classify(e, "reading a delivery note"))?;
+        Ok(note.map(|n| n.value))
+    }
+
+    async fn swap_delivery_note(&self, key: &str, expected: Option<&str>, value: &str) -> Result<bool, StoreError> {
+        let Some(expected) = expected else {
+            let note = NoteDoc { key: key.to_owned(), value: value.to_owned() };
+            return match self.notes.insert_one(&note).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_duplicate_key(&e) => Ok(false),
+                Err(e) => Err(classify(e, "writing a delivery note")),
+            };
+        };
+        let updated = self
+            .notes
+            .update_one(doc! { "_id": key, "value": expected }, doc! { "$set": { "value": value } })
+            .await
+            .map_err(|e| classify(e, "changing a delivery note"))?;
+        Ok(updated.matched_count == 1)
     }
 }
 

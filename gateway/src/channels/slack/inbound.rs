@@ -2,6 +2,8 @@
 //! enqueue `app_mention`s and direct messages (the outer `event_id` is the idempotency key, so
 //! Slack's retries are never answered twice), answering 200 at once: the model is never waited
 //! for. Messages from bots (this one included), edits and other subtypes get 200 and are ignored.
+//! With streaming on, the gateway listens to the conversation's reply events before enqueueing,
+//! and streams the reply into Slack as it is generated (`stream.rs`).
 
 use axum::Json;
 use axum::body::Body;
@@ -12,6 +14,7 @@ use schemas::ChannelOrigin;
 use serde::Deserialize;
 
 use super::CHANNEL;
+use super::stream::Streamer;
 use crate::channels::{Rejection, session};
 use crate::routes::MAX_TEXT_BYTES;
 use crate::{AppState, error::ApiError, telemetry};
@@ -92,8 +95,24 @@ pub(crate) async fn receive(
         channel: CHANNEL.into(),
         address: serde_json::json!({"channel": target.channel, "thread_ts": target.thread_ts}),
     };
+    // Listen before enqueueing, so that no event of the reply can be missed.
+    let events = match (&state.channels.slack, slack.stream) {
+        (Some(_), true) => match state.bus.subscribe_events(&record.id).await {
+            Ok(events) => Some(events),
+            Err(e) => {
+                tracing::warn!(event = "slack_stream_unavailable", error = %e, "not streaming this reply");
+                None
+            }
+        },
+        _ => None,
+    };
+    let address = origin.address.clone();
     let submitted = session::submit(&state, &record, &event_id, target.text, origin).await?;
     tracing::info!(event = "slack_event_accepted", event_id, retry, duplicate = submitted.duplicate);
+    if let (Some(events), Some(api), false) = (events, &state.channels.slack, submitted.duplicate) {
+        let streamer = Streamer::new(api.clone(), state.store.clone(), address, submitted.message_id);
+        tokio::spawn(tracing::Instrument::in_current_span(streamer.run(events, state.closing.clone())));
+    }
     Ok(StatusCode::OK.into_response())
 }
 
