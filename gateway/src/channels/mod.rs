@@ -102,6 +102,20 @@ pub(crate) enum Rejection {
     Invalid(String),
     #[error("the request body is too large")]
     TooLarge,
+    #[error("the request body took too long to arrive")]
+    TimedOut,
+    #[error("the request body broke off")]
+    Broken,
+}
+
+impl From<crate::body::BodyError> for Rejection {
+    fn from(e: crate::body::BodyError) -> Self {
+        match e {
+            crate::body::BodyError::TooLarge { .. } => Self::TooLarge,
+            crate::body::BodyError::TimedOut(_) => Self::TimedOut,
+            crate::body::BodyError::Broken => Self::Broken,
+        }
+    }
 }
 
 impl Rejection {
@@ -113,6 +127,8 @@ impl Rejection {
             Self::InvalidJson => "invalid_json",
             Self::Invalid(_) => "invalid",
             Self::TooLarge => "too_large",
+            Self::TimedOut => "timed_out",
+            Self::Broken => "broken",
         }
     }
 
@@ -127,6 +143,8 @@ impl Rejection {
             Self::InvalidJson => ApiError::InvalidJson(self.to_string()),
             Self::Invalid(message) => ApiError::Invalid(message),
             Self::TooLarge => ApiError::PayloadTooLarge(self.to_string()),
+            Self::TimedOut => ApiError::RequestTimeout(self.to_string()),
+            Self::Broken => ApiError::InvalidJson(self.to_string()),
         }
     }
 }
