@@ -51,7 +51,6 @@ where
 /// Writes `text` with its control characters (and the Unicode line and paragraph separators)
 /// escaped as Rust escapes them.
 fn write_escaped(out: &mut Writer<'_>, text: &str) -> std::fmt::Result {
-    use std::fmt::Write as _;
     for c in text.chars() {
         if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
             write!(out, "{}", c.escape_default())?;
