@@ -321,6 +321,11 @@ pub struct GatewayTuning {
     #[arg(long = "header-read-timeout-secs", env = "CHATFLEET_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub header_read_timeout_secs: u64,
 
+    /// Seconds a client may take to send a request's body, once the gateway reads it; a client
+    /// that trickles it gets 408 `request_timeout` and the connection closes.
+    #[arg(long = "body-read-timeout-secs", env = "CHATFLEET_BODY_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_read_timeout_secs: u64,
+
     /// Connections the gateway holds open at once (reply streams included); further clients
     /// wait in the listen backlog until one closes. Keep it under the process's open-file limit.
     #[arg(long = "max-connections", env = "CHATFLEET_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

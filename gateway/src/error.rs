@@ -27,6 +27,10 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidJson(String),
     #[error("{0}")]
+    InvalidQuery(String),
+    #[error("{0}")]
+    RequestTimeout(String),
+    #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -60,6 +64,8 @@ impl ApiError {
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
             Self::InvalidJson(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidJson),
+            Self::InvalidQuery(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidQuery),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::RequestTimeout),
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest),
             Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType),
             Self::ReplyInProgress => (StatusCode::CONFLICT, ErrorCode::ReplyInProgress),

@@ -7,9 +7,13 @@
 //! any request; it answers 202 only once the bus has the message.
 
 mod auth;
+mod body;
 pub mod channels;
 mod error;
+mod extract;
 pub mod health;
+#[cfg(test)]
+mod properties;
 mod routes;
 mod server;
 mod session_cache;

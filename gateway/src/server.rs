@@ -28,11 +28,20 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// Connections open at once; beyond it new ones wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// How long a client may take to send a request's body, from when the gateway starts
+    /// reading it (408 `request_timeout` beyond it): the header read timeout ends at the
+    /// headers, and a body trickled a byte at a time would otherwise hold the connection.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for HttpLimits {
     fn default() -> Self {
-        Self { max_header_bytes: 32 * 1024, header_read_timeout: Duration::from_secs(10), max_connections: 16_384 }
+        Self {
+            max_header_bytes: 32 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 16_384,
+            body_read_timeout: Duration::from_secs(30),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The limits a public endpoint needs, seen from raw sockets: oversized headers are refused,
-//! a client that trickles its headers is disconnected, and connections beyond the limit wait
-//! until one closes, while well-behaved clients keep being served throughout.
+//! a client that trickles its headers or its body is disconnected, connections beyond the
+//! limit wait until one closes, while well-behaved clients keep being served throughout; and malformed paths, queries and bodies get the JSON error body.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,4 +143,84 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
 
     assert!(while_full.is_err(), "the third connection was served while both slots were taken");
     assert!(after_one_closed.contains(" 200 "), "{after_one_closed}");
+}
+
+/// Sends `request` on a new connection and returns the whole answer (the gateway closes the
+/// connection after it: every request here says `Connection: close`).
+async fn whole_answer(gateway: &TestGateway, request: &[u8]) -> (String, serde_json::Value) {
+    let mut socket = TcpStream::connect(gateway.address).await.unwrap();
+    socket.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(head.to_lowercase().contains("content-type: application/json"), "{head}");
+    let body = serde_json::from_str(body).unwrap_or_else(|_| panic!("not a JSON body: {text}"));
+    (head.lines().next().unwrap_or_default().to_owned(), body)
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_body_gets_408_as_json_and_loses_the_connection() {
+    let gateway =
+        TestGateway::spawn(HttpLimits { body_read_timeout: Duration::from_secs(1), ..HttpLimits::default() }).await;
+    let mut slow = TcpStream::connect(gateway.address).await.unwrap();
+    slow.write_all(b"POST /v1/sessions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let dripping = async {
+        // One body byte every 200 ms: 100 bytes would take 20 s.
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    };
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gateway.status_of(HEALTH).await
+    };
+
+    let ((), served) = tokio::join!(dripping, meanwhile);
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+
+    assert!(served.contains(" 200 "), "{served}");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5), "the drip ran on for {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn malformed_paths_and_queries_and_oversized_bodies_get_the_json_error_body() {
+    let gateway = TestGateway::spawn(HttpLimits::default()).await;
+    let cases: [(&str, &str, &str); 7] = [
+        ("GET /v1/sessions/%FF%FE/messages HTTP/1.1", " 404 ", "not_found"),
+        ("GET /v1/sessions/a.b/messages HTTP/1.1", " 404 ", "not_found"),
+        ("POST /v1/sessions/s_1/messages/%2A/cancel HTTP/1.1", " 404 ", "not_found"),
+        ("GET /v1/sessions/s_1/messages?access_token=a&access_token=b HTTP/1.1", " 400 ", "invalid_query"),
+        ("GET /v1/sessions/s_1/events?last_event_id=1&last_event_id=2 HTTP/1.1", " 400 ", "invalid_query"),
+        ("GET /no/such/thing HTTP/1.1", " 404 ", "not_found"),
+        ("PUT /v1/sessions HTTP/1.1", " 405 ", "method_not_allowed"),
+    ];
+    for (line, status, code) in cases {
+        let request = format!("{line}\r\nHost: gateway\r\nConnection: close\r\n\r\n");
+
+        let (status_line, body) = whole_answer(&gateway, request.as_bytes()).await;
+
+        assert!(status_line.contains(status), "{line}: {status_line}");
+        assert_eq!(body["error"]["code"], code, "{line}: {body}");
+    }
+    let (status_line, body) = whole_answer(
+        &gateway,
+        b"POST /v1/healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\nContent-Length: 5000000\r\n\r\n",
+    )
+    .await;
+    assert!(status_line.contains(" 413 "), "{status_line}");
+    assert_eq!(body["error"]["code"], "payload_too_large");
 }

@@ -27,6 +27,10 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// 400: the body is not a JSON object.
     InvalidJson,
+    /// 400: the query string cannot be read (a parameter given twice, or not UTF-8).
+    InvalidQuery,
+    /// 408: the client took longer than the body read timeout to send the request's body.
+    RequestTimeout,
     /// 422: a missing, empty or mistyped field.
     InvalidRequest,
     /// 415.
@@ -83,7 +87,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this build knows, for documentation and tests.
-    pub const KNOWN: [ErrorCode; 29] = [
+    pub const KNOWN: [ErrorCode; 31] = [
         Self::Unauthorized,
         Self::Forbidden,
         Self::SessionNotFound,
@@ -91,6 +95,8 @@ impl ErrorCode {
         Self::MethodNotAllowed,
         Self::PayloadTooLarge,
         Self::InvalidJson,
+        Self::InvalidQuery,
+        Self::RequestTimeout,
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::ReplyInProgress,
@@ -134,6 +140,8 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PayloadTooLarge => "payload_too_large",
             Self::InvalidJson => "invalid_json",
+            Self::InvalidQuery => "invalid_query",
+            Self::RequestTimeout => "request_timeout",
             Self::InvalidRequest => "invalid_request",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::ReplyInProgress => "reply_in_progress",

@@ -133,6 +133,8 @@ pub struct Options {
     pub channels: Option<std::path::PathBuf>,
     /// `--event-retention-secs` of every role, if the test sets one.
     pub event_retention_secs: Option<u64>,
+    /// More flags for every gateway (and `dev`), after the ones the kit sets.
+    pub extra_gateway_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -152,6 +154,7 @@ impl Default for Options {
             cluster: false,
             channels: None,
             event_retention_secs: None,
+            extra_gateway_args: Vec::new(),
         }
     }
 }
@@ -360,6 +363,7 @@ impl TestApp {
             args.push(path.display().to_string());
         }
         args.extend(self.retention_args());
+        args.extend(self.options.extra_gateway_args.iter().cloned());
         args
     }
 

@@ -120,6 +120,20 @@ pub(crate) enum Rejection {
     ServiceUrlMismatch,
     #[error("the token's signing key is not endorsed for the activity's channelId")]
     NotEndorsed,
+    #[error("the request body took too long to arrive")]
+    TimedOut,
+    #[error("the request body broke off")]
+    Broken,
+}
+
+impl From<crate::body::BodyError> for Rejection {
+    fn from(e: crate::body::BodyError) -> Self {
+        match e {
+            crate::body::BodyError::TooLarge { .. } => Self::TooLarge,
+            crate::body::BodyError::TimedOut(_) => Self::TimedOut,
+            crate::body::BodyError::Broken => Self::Broken,
+        }
+    }
 }
 
 impl Rejection {
@@ -137,6 +151,8 @@ impl Rejection {
             Self::WrongAudience => "wrong_audience",
             Self::ServiceUrlMismatch => "service_url_mismatch",
             Self::NotEndorsed => "not_endorsed",
+            Self::TimedOut => "timed_out",
+            Self::Broken => "broken",
         }
     }
 
@@ -157,6 +173,8 @@ impl Rejection {
             Self::InvalidJson => ApiError::InvalidJson(self.to_string()),
             Self::Invalid(message) => ApiError::Invalid(message),
             Self::TooLarge => ApiError::PayloadTooLarge(self.to_string()),
+            Self::TimedOut => ApiError::RequestTimeout(self.to_string()),
+            Self::Broken => ApiError::InvalidJson(self.to_string()),
         }
     }
 }

@@ -17,7 +17,7 @@
 use std::convert::Infallible;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 use store::Role;
 
 use super::messages::{TokenQuery, open_session, read_json, send_and_follow, user_message};
+use crate::extract::Path;
 use crate::{AppState, error::ApiError, telemetry};
 
 /// Largest accepted body: `useChat` sends the whole conversation every time.
@@ -61,11 +62,14 @@ impl UiMessage {
 
 #[tracing::instrument(name = "ai_sdk_chat", skip_all, fields(session_id, message_id))]
 pub(crate) async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let request: ChatRequest = read_json(body, MAX_BODY_BYTES, false)
+    let request: ChatRequest = read_json(&state, body, MAX_BODY_BYTES, false)
         .await?
         .ok_or_else(|| ApiError::Invalid("the body must be what DefaultChatTransport sends".into()))?;
-    tracing::Span::current().record("session_id", request.id.as_str());
-    let record = open_session(&state, &request.id, &headers, &TokenQuery { access_token: None }).await?;
+    // The chat id names the session: one that is no session id names nothing.
+    let session = SessionId::parse(request.id.as_str())
+        .map_err(|e| ApiError::NotFound(format!("the chat id names no session: {e}")))?;
+    tracing::Span::current().record("session_id", session.as_str());
+    let record = open_session(&state, &session, &headers, &TokenQuery { access_token: None }).await?;
     if let Some(trigger) = request.trigger.as_deref().filter(|t| *t != "submit-message") {
         return Err(ApiError::Invalid(format!(
             "trigger {trigger:?} is not supported: chatfleet keeps the history, so only new messages (submit-message) are sent"
@@ -89,7 +93,7 @@ pub(crate) async fn chat(State(state): State<AppState>, headers: HeaderMap, body
 #[tracing::instrument(name = "ai_sdk_resume", skip_all, fields(session_id = %session_id))]
 pub(crate) async fn resume(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    Path(session_id): Path<SessionId>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let session = open_session(&state, &session_id, &headers, &TokenQuery { access_token: None }).await?.id;

@@ -8,24 +8,24 @@
 //! `cancelled`, stored and announced with `done` like any reply.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use schemas::{MessageId, UserMessage};
+use schemas::{MessageId, SessionId, UserMessage};
 use store::Outcome;
 
 use super::messages::{TokenQuery, open_session};
+use crate::extract::{Path, Query};
 use crate::{AppState, error::ApiError, telemetry};
 
-#[tracing::instrument(name = "cancel", skip_all, fields(session_id = %session_id, message_id = %message_id))]
+#[tracing::instrument(name = "cancel", skip_all, fields(session_id = %session_id, message_id = %target))]
 pub(crate) async fn cancel(
     State(state): State<AppState>,
-    Path((session_id, message_id)): Path<(String, String)>,
+    Path((session_id, target)): Path<(SessionId, MessageId)>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let session = open_session(&state, &session_id, &headers, &query).await?.id;
-    let target = MessageId::parse(message_id).map_err(|_| ApiError::NotFound("no such message".into()))?;
     match state.store.outcome(&session, &target).await? {
         // Cancelled before: the same answer again.
         Some(Outcome::Replied(reply)) if reply.finish_reason.as_ref().is_some_and(|r| r.is_cancelled()) => {}

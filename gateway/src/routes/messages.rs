@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use store::{ReplyClaim, Role, SessionRecord};
 
-use crate::{AppState, auth, error::ApiError, sse::to_sse, telemetry};
+use crate::extract::{Path, Query};
+use crate::{AppState, auth, body, error::ApiError, sse::to_sse, telemetry};
 
 /// Longest accepted message text, in bytes.
 pub(crate) const MAX_TEXT_BYTES: usize = 16 * 1024;
@@ -42,15 +43,15 @@ struct NewMessage {
     client_message_id: Option<ClientMessageId>,
 }
 
-/// Reads a JSON body of at most `limit` bytes. An empty body is `None` when `optional`.
+/// Reads a JSON body of at most `limit` bytes, within the body read timeout. An empty body is
+/// `None` when `optional`.
 pub(crate) async fn read_json<T: DeserializeOwned>(
-    body: Body,
+    state: &AppState,
+    request_body: Body,
     limit: usize,
     optional: bool,
 ) -> Result<Option<T>, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(format!("the request body is larger than {limit} bytes")))?;
+    let bytes = body::read(request_body, limit, state.config.http.body_read_timeout).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return if optional {
             Ok(None)
@@ -72,12 +73,15 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
 /// just created through another replica is usable at once.
 pub(crate) async fn open_session(
     state: &AppState,
-    session_id: &str,
+    session_id: &SessionId,
     headers: &HeaderMap,
     query: &TokenQuery,
 ) -> Result<SessionRecord, ApiError> {
-    let session =
-        auth::authorize_session(&state.tokens, auth::bearer(headers, query.access_token.as_deref()), session_id)?;
+    let session = auth::authorize_session(
+        &state.tokens,
+        auth::bearer(headers, query.access_token.as_deref()),
+        session_id.as_str(),
+    )?;
     if let Some(record) = state.sessions.get(&session) {
         return Ok(record);
     }
@@ -96,7 +100,7 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
 #[tracing::instrument(name = "post_message", skip_all, fields(otel.kind = "server", session_id = %session_id, message_id, trace_id = tracing::field::Empty))]
 pub(crate) async fn post(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    Path(session_id): Path<SessionId>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
     body: Body,
@@ -104,8 +108,9 @@ pub(crate) async fn post(
     continue_client_trace(&headers);
     let record = open_session(&state, &session_id, &headers, &query).await?;
     let session = record.id.clone();
-    let request: NewMessage =
-        read_json(body, MAX_BODY_BYTES, false).await?.unwrap_or(NewMessage { text: None, client_message_id: None });
+    let request: NewMessage = read_json(&state, body, MAX_BODY_BYTES, false)
+        .await?
+        .unwrap_or(NewMessage { text: None, client_message_id: None });
     let text = request.text.ok_or_else(|| ApiError::Invalid("text is required".into()))?;
     let message = user_message(&record, text, request.client_message_id.as_ref())?;
     let message_id = message.message_id.clone();
@@ -354,7 +359,7 @@ pub(crate) struct EventsQuery {
 #[tracing::instrument(name = "session_events", skip_all, fields(session_id = %session_id))]
 pub(crate) async fn events(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    Path(session_id): Path<SessionId>,
     Query(query): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -375,7 +380,7 @@ pub(crate) async fn events(
 #[tracing::instrument(name = "history", skip_all, fields(session_id = %session_id))]
 pub(crate) async fn history(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    Path(session_id): Path<SessionId>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

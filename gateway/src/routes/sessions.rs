@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use schemas::{DoubleTexting, SessionId};
@@ -12,6 +12,7 @@ use serde::Deserialize;
 use store::SessionRecord;
 
 use super::messages::{TokenQuery, read_json};
+use crate::extract::{Path, Query};
 use crate::{AppState, auth, error::ApiError, telemetry};
 
 /// Longest accepted `user`, in characters.
@@ -38,7 +39,7 @@ pub(crate) async fn create(
     body: Body,
 ) -> Result<Response, ApiError> {
     auth::authorize_api_key(&state.config.api_keys, auth::bearer(&headers, None))?;
-    let request: NewSession = read_json(body, MAX_BODY_BYTES, true).await?.unwrap_or_default();
+    let request: NewSession = read_json(&state, body, MAX_BODY_BYTES, true).await?.unwrap_or_default();
     if let Some(user) = &request.user
         && user.chars().count() > MAX_USER_CHARS
     {
@@ -78,12 +79,15 @@ pub(crate) async fn create(
 #[tracing::instrument(name = "delete_session", skip_all, fields(session_id = %session_id))]
 pub(crate) async fn delete(
     State(state): State<AppState>,
-    Path(session_id): Path<String>,
+    Path(session_id): Path<SessionId>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    let session =
-        auth::authorize_session(&state.tokens, auth::bearer(&headers, query.access_token.as_deref()), &session_id)?;
+    let session = auth::authorize_session(
+        &state.tokens,
+        auth::bearer(&headers, query.access_token.as_deref()),
+        session_id.as_str(),
+    )?;
     let deleted = state.store.delete_session(&session).await;
     // Forget the session whatever the store said: even a failed delete may have been applied,
     // and forgetting costs no more than a store read.

@@ -71,7 +71,9 @@ pub(crate) async fn receive(
         return Err(ApiError::NotFound("Slack is not configured on this gateway".into()));
     };
     telemetry::channel_event_received(CHANNEL);
-    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| Rejection::TooLarge.refuse(CHANNEL))?;
+    let body = crate::body::read(body, MAX_BODY_BYTES, state.config.http.body_read_timeout)
+        .await
+        .map_err(|e| Rejection::from(e).refuse(CHANNEL))?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     super::verify::verify(&slack.signing_secret, &headers, &body, now).map_err(|r| r.refuse(CHANNEL))?;
     let envelope: Envelope = serde_json::from_slice(&body).map_err(|_| Rejection::InvalidJson.refuse(CHANNEL))?;

@@ -11,7 +11,7 @@ mod deliver;
 pub(crate) mod inbound;
 mod note;
 mod stream;
-mod verify;
+pub(crate) mod verify;
 
 pub(crate) use api::WebApi;
 pub use config::SlackConfig;

@@ -18,7 +18,8 @@ pub(crate) fn verify(secret: &Secret, headers: &HeaderMap, body: &[u8], now: i64
         return Err(Rejection::MissingSignature);
     };
     let at: i64 = timestamp.parse().map_err(|_| Rejection::BadSignature)?;
-    if (now - at).abs() > TOLERANCE_SECS {
+    // `abs_diff`: a timestamp near i64::MIN or MAX must not overflow the subtraction.
+    if now.abs_diff(at) > TOLERANCE_SECS.unsigned_abs() {
         return Err(Rejection::StaleTimestamp);
     }
     let expected = signature.strip_prefix("v0=").and_then(decode_hex).ok_or(Rejection::BadSignature)?;

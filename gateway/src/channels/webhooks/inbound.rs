@@ -3,13 +3,14 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use schemas::ChannelOrigin;
 use serde::Deserialize;
 
 use crate::channels::{Rejection, session};
+use crate::extract::Path;
 use crate::routes::MAX_TEXT_BYTES;
 use crate::{AppState, error::ApiError, telemetry};
 
@@ -37,7 +38,9 @@ pub(crate) async fn receive(
     };
     let channel = super::channel_name(&name);
     telemetry::channel_event_received(&channel);
-    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| Rejection::TooLarge.refuse(&channel))?;
+    let body = crate::body::read(body, MAX_BODY_BYTES, state.config.http.body_read_timeout)
+        .await
+        .map_err(|e| Rejection::from(e).refuse(&channel))?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let webhook_id = hook.key.verify(&headers, &body, now).map_err(|r| r.refuse(&channel))?;
     let request = parse(&body).map_err(|r| r.refuse(&channel))?;

@@ -5,7 +5,7 @@
 mod config;
 mod deliver;
 pub(crate) mod inbound;
-mod verify;
+pub(crate) mod verify;
 
 pub use config::WebhookConfig;
 pub(crate) use deliver::Deliverer;

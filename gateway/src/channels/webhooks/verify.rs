@@ -64,7 +64,8 @@ impl SigningKey {
             return Err(Rejection::MissingSignature);
         };
         let at: i64 = timestamp.parse().map_err(|_| Rejection::BadSignature)?;
-        if (now - at).abs() > TOLERANCE_SECS {
+        // `abs_diff`: a timestamp near i64::MIN or MAX must not overflow the subtraction.
+        if now.abs_diff(at) > TOLERANCE_SECS.unsigned_abs() {
             return Err(Rejection::StaleTimestamp);
         }
         let mac = self.mac(id, timestamp, body);
