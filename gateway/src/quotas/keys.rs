@@ -102,6 +102,8 @@ pub struct KeyRing {
     /// The keys given as flags, kept across reloads of the file.
     flag_keys: Arc<Vec<ApiKey>>,
     file: Option<PathBuf>,
+    /// The file's content when it was loaded: [`KeyRing::watch`] takes any other as a change.
+    loaded: Arc<Vec<u8>>,
 }
 
 impl KeyRing {
@@ -110,12 +112,19 @@ impl KeyRing {
     pub fn load(flag_keys: &[String], file: Option<&Path>) -> Result<Self, KeysError> {
         let flag_keys: Arc<Vec<ApiKey>> = Arc::new(flag_keys.iter().map(|k| flag_key(k)).collect());
         let mut keys = (*flag_keys).clone();
+        let mut loaded = Vec::new();
         if let Some(path) = file {
-            keys.extend(read_file(path)?);
+            loaded = std::fs::read(path).map_err(|error| KeysError::Read { path: path.to_path_buf(), error })?;
+            keys.extend(parse(path, &loaded)?);
         }
         check_unique(&keys)
             .map_err(|message| KeysError::Invalid { path: file.map(Path::to_path_buf).unwrap_or_default(), message })?;
-        Ok(Self { keys: Arc::new(RwLock::new(Arc::new(keys))), flag_keys, file: file.map(Path::to_path_buf) })
+        Ok(Self {
+            keys: Arc::new(RwLock::new(Arc::new(keys))),
+            flag_keys,
+            file: file.map(Path::to_path_buf),
+            loaded: Arc::new(loaded),
+        })
     }
 
     /// Whether any key is configured: without one, anyone may create sessions (and nothing is
@@ -150,7 +159,7 @@ impl KeyRing {
     /// Re-reads the keys file whenever its content changes, until `closing`.
     pub async fn watch(self, closing: CancellationToken) {
         let Some(path) = self.file.clone() else { return };
-        let mut last = std::fs::read(&path).ok();
+        let mut last = Some((*self.loaded).clone());
         loop {
             tokio::select! {
                 () = closing.cancelled() => return,
@@ -191,11 +200,6 @@ fn flag_key(value: &str) -> ApiKey {
     let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
     let name = format!("key-{}", hex(&digest[..4]));
     ApiKey { name, digest, limits: Limits::default(), per_user: Limits::default(), session_messages_per_minute: None }
-}
-
-fn read_file(path: &Path) -> Result<Vec<ApiKey>, KeysError> {
-    let content = std::fs::read(path).map_err(|error| KeysError::Read { path: path.to_path_buf(), error })?;
-    parse(path, &content)
 }
 
 fn parse(path: &Path, content: &[u8]) -> Result<Vec<ApiKey>, KeysError> {
