@@ -279,10 +279,31 @@ pub struct GatewayTuning {
     #[arg(long = "api-key", env = "CHATFLEET_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
 
+    /// A TOML file of API keys (by their SHA-256, never in the clear) with each key's limits:
+    /// messages per minute, open reply streams, sessions and model tokens per day, for the key
+    /// and for each end user of it, and a session's own messages per minute (README,
+    /// "API keys and limits"). Read again within a second or two of every change, so keys are
+    /// added, revoked and limits changed without a restart. Limits hold across every gateway
+    /// sharing the store.
+    #[arg(long, env = "CHATFLEET_API_KEYS_FILE", value_name = "PATH")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+
     /// The key that signs session tokens, shared by every gateway. Default: a key kept in the
     /// store, created by the first gateway.
     #[arg(long, env = "CHATFLEET_TOKEN_KEY", hide_env_values = true)]
     pub token_key: Option<String>,
+
+    /// A former token key whose tokens stay valid until a deadline, as KEY@RFC3339-TIME
+    /// (repeatable; for rotating --token-key without logging everyone out at once: new tokens
+    /// are signed with --token-key only).
+    #[arg(
+        long = "previous-token-key",
+        env = "CHATFLEET_PREVIOUS_TOKEN_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "KEY@DEADLINE"
+    )]
+    pub previous_token_keys: Vec<String>,
 
     /// Seconds between keep-alive comments on an idle reply stream.
     #[arg(long, env = "CHATFLEET_SSE_KEEP_ALIVE", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=15))]

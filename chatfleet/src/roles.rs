@@ -77,9 +77,25 @@ fn gateway_config(tuning: &GatewayTuning) -> anyhow::Result<GatewayConfig> {
         }
         None => gateway::channels::ChannelsConfig::default(),
     };
+    let flag_keys: Vec<String> =
+        tuning.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect();
+    let api_keys = gateway::KeyRing::load(&flag_keys, tuning.api_keys_file.as_deref())
+        .map_err(|e| anyhow::anyhow!("--api-keys-file / CHATFLEET_API_KEYS_FILE: {e}"))?;
+    let previous_token_keys = tuning
+        .previous_token_keys
+        .iter()
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| parse_previous_token_key(k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !previous_token_keys.is_empty() && tuning.token_key.is_none() {
+        anyhow::bail!(
+            "--previous-token-key / CHATFLEET_PREVIOUS_TOKEN_KEYS needs --token-key (the key that replaces them)"
+        );
+    }
     Ok(GatewayConfig {
-        api_keys: tuning.api_keys.iter().map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).collect(),
+        api_keys,
         token_key: tuning.token_key.as_ref().map(|k| k.as_bytes().to_vec()),
+        previous_token_keys,
         keep_alive: Duration::from_secs(tuning.sse_keep_alive),
         double_texting: tuning.double_texting,
         session_cache_ttl: Duration::from_millis(tuning.session_cache_ms),
@@ -93,6 +109,23 @@ fn gateway_config(tuning: &GatewayTuning) -> anyhow::Result<GatewayConfig> {
         channels,
         ..GatewayConfig::default()
     })
+}
+
+/// A `--previous-token-key`: KEY@DEADLINE, the deadline in RFC 3339. The error never shows
+/// the key.
+fn parse_previous_token_key(value: &str) -> anyhow::Result<(Vec<u8>, time::OffsetDateTime)> {
+    let (key, deadline) = value.trim().rsplit_once('@').ok_or_else(|| {
+        anyhow::anyhow!(
+            "--previous-token-key / CHATFLEET_PREVIOUS_TOKEN_KEYS: expected KEY@DEADLINE (RFC 3339), got no '@'"
+        )
+    })?;
+    let deadline = time::OffsetDateTime::parse(deadline, &time::format_description::well_known::Rfc3339).map_err(|e| {
+        anyhow::anyhow!("--previous-token-key / CHATFLEET_PREVIOUS_TOKEN_KEYS: the deadline {deadline:?} is not an RFC 3339 time ({e})")
+    })?;
+    if key.is_empty() {
+        anyhow::bail!("--previous-token-key / CHATFLEET_PREVIOUS_TOKEN_KEYS: the key before '@' is empty");
+    }
+    Ok((key.as_bytes().to_vec(), deadline))
 }
 
 /// This worker's default id: the host name (in the characters an id may hold) and the process id.

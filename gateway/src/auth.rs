@@ -13,6 +13,7 @@ use schemas::SessionId;
 use sha2::Sha256;
 
 use crate::error::ApiError;
+use crate::quotas::{ApiKey, KeyRing};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -23,6 +24,8 @@ const TOKEN_CONTEXT: &[u8] = b"chatfleet session token v1\0";
 #[derive(Clone)]
 pub struct TokenKey {
     key: Vec<u8>,
+    /// Former keys and the time until which their tokens are still accepted.
+    previous: Vec<(Vec<u8>, time::OffsetDateTime)>,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -33,14 +36,18 @@ impl std::fmt::Debug for TokenKey {
 
 impl TokenKey {
     pub fn new(key: Vec<u8>) -> Self {
-        Self { key }
+        Self { key, previous: Vec::new() }
+    }
+
+    /// Also accepts the tokens of each former key until its deadline (key rotation); new
+    /// tokens are signed with the current key only.
+    pub fn with_previous(mut self, previous: Vec<(Vec<u8>, time::OffsetDateTime)>) -> Self {
+        self.previous = previous;
+        self
     }
 
     fn mac(&self, session: &str) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes keys of any length");
-        mac.update(TOKEN_CONTEXT);
-        mac.update(session.as_bytes());
-        mac
+        mac_with(&self.key, session)
     }
 
     pub fn issue(&self, session: &SessionId) -> String {
@@ -48,15 +55,32 @@ impl TokenKey {
         format!("v1.{}.{}", session, URL_SAFE_NO_PAD.encode(signature))
     }
 
-    /// The session a token was issued for, if it is genuine.
+    /// The session a token was issued for, if it is genuine: signed by the current key, or by
+    /// a former one before its deadline.
     pub fn verify(&self, token: &str) -> Option<SessionId> {
         let rest = token.strip_prefix("v1.")?;
         let (session, signature) = rest.rsplit_once('.')?;
         let signature = URL_SAFE_NO_PAD.decode(signature).ok()?;
-        // Constant-time comparison.
-        self.mac(session).verify_slice(&signature).ok()?;
+        // Constant-time comparisons.
+        let genuine = self.mac(session).verify_slice(&signature).is_ok() || {
+            let now = time::OffsetDateTime::now_utc();
+            self.previous
+                .iter()
+                .filter(|(_, deadline)| now < *deadline)
+                .any(|(key, _)| mac_with(key, session).verify_slice(&signature).is_ok())
+        };
+        if !genuine {
+            return None;
+        }
         SessionId::parse(session).ok()
     }
+}
+
+fn mac_with(key: &[u8], session: &str) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(TOKEN_CONTEXT);
+    mac.update(session.as_bytes());
+    mac
 }
 
 /// The bearer credential of a request: the `Authorization: Bearer` header, else the
@@ -84,24 +108,15 @@ pub fn authorize_session(key: &TokenKey, token: Option<String>, session: &str) -
     Ok(owner)
 }
 
-/// Checks the API key of a session-creating request, when keys are configured.
-pub fn authorize_api_key(keys: &[String], token: Option<String>) -> Result<(), ApiError> {
-    if keys.is_empty() {
-        return Ok(());
+/// Checks the API key of a session-creating request, when keys are configured, and returns it.
+pub fn authorize_api_key(keys: &KeyRing, token: Option<String>) -> Result<Option<ApiKey>, ApiError> {
+    if !keys.enforced() {
+        return Ok(None);
     }
     let token = token.ok_or_else(|| {
         ApiError::Unauthorized("creating a session needs an API key, as 'Authorization: Bearer <api key>'".into())
     })?;
-    // Compare every key in full so that timing does not reveal how much of a key matched.
-    let matched = keys.iter().fold(false, |found, key| found | constant_time_eq(key.as_bytes(), token.as_bytes()));
-    if matched { Ok(()) } else { Err(ApiError::Unauthorized("the API key is not valid".into())) }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    keys.find(&token).map(Some).ok_or_else(|| ApiError::Unauthorized("the API key is not valid".into()))
 }
 
 #[cfg(test)]
@@ -129,11 +144,29 @@ mod tests {
     }
 
     #[test]
+    fn tokens_of_a_previous_key_are_accepted_until_its_deadline_only() {
+        let session = SessionId::parse("abc").unwrap();
+        let old_token = TokenKey::new(b"old".to_vec()).issue(&session);
+        let now = time::OffsetDateTime::now_utc();
+
+        let rotating =
+            TokenKey::new(b"new".to_vec()).with_previous(vec![(b"old".to_vec(), now + time::Duration::hours(1))]);
+        let past_deadline =
+            TokenKey::new(b"new".to_vec()).with_previous(vec![(b"old".to_vec(), now - time::Duration::seconds(1))]);
+
+        assert_eq!(rotating.verify(&old_token), Some(session.clone()));
+        assert_eq!(past_deadline.verify(&old_token), None);
+        let new_token = rotating.issue(&session);
+        assert_ne!(new_token, old_token, "new tokens must be signed with the new key");
+        assert_eq!(TokenKey::new(b"new".to_vec()).verify(&new_token), Some(session));
+    }
+
+    #[test]
     fn api_keys_are_enforced_only_when_configured() {
-        assert!(authorize_api_key(&[], None).is_ok());
-        let keys = vec!["secret-1".to_owned()];
+        assert!(authorize_api_key(&KeyRing::default(), None).unwrap().is_none());
+        let keys = KeyRing::load(&["secret-1".to_owned()], None).unwrap();
         assert!(authorize_api_key(&keys, None).is_err());
         assert!(authorize_api_key(&keys, Some("secret-2".into())).is_err());
-        assert!(authorize_api_key(&keys, Some("secret-1".into())).is_ok());
+        assert!(authorize_api_key(&keys, Some("secret-1".into())).unwrap().is_some());
     }
 }

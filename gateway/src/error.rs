@@ -50,8 +50,29 @@ pub enum ApiError {
     BusUnavailable,
     #[error("the conversation store is unavailable; try again shortly")]
     StoreUnavailable,
+    #[error("the API key this session was created with has been revoked")]
+    ApiKeyRevoked,
+    #[error("{}", limit_message(.0))]
+    LimitExceeded(crate::quotas::Exceeded),
     #[error("internal error")]
     Internal(String),
+}
+
+fn limit_message(exceeded: &crate::quotas::Exceeded) -> String {
+    use schemas::ErrorCode;
+    let crate::quotas::Exceeded { code, scope, limit, retry_after, .. } = exceeded;
+    let what = match code {
+        ErrorCode::MessagesPerMinuteExceeded | ErrorCode::SessionMessagesPerMinuteExceeded => {
+            format!("{scope} may send at most {limit} messages per minute")
+        }
+        ErrorCode::OpenStreamsExceeded => format!("{scope} may have at most {limit} reply streams open at once"),
+        ErrorCode::SessionsExceeded => {
+            return format!("{scope} may have at most {limit} sessions; delete one to create another");
+        }
+        ErrorCode::TokensPerDayExceeded => format!("{scope} has used its {limit} model tokens of the day (UTC)"),
+        other => format!("{scope} reached a limit ({other}) of {limit}"),
+    };
+    format!("{what}; try again in {} s", retry_after.as_secs())
 }
 
 impl ApiError {
@@ -73,6 +94,8 @@ impl ApiError {
             Self::CursorExpired => (StatusCode::GONE, ErrorCode::CursorExpired),
             Self::BusUnavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::BusUnavailable),
             Self::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable),
+            Self::ApiKeyRevoked => (StatusCode::UNAUTHORIZED, ErrorCode::ApiKeyRevoked),
+            Self::LimitExceeded(exceeded) => (StatusCode::TOO_MANY_REQUESTS, exceeded.code.clone()),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
         }
     }
@@ -107,6 +130,12 @@ impl IntoResponse for ApiError {
         }
         crate::telemetry::request_failed(&code);
         let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Self::LimitExceeded(exceeded) = &self
+            && !exceeded.retry_after.is_zero()
+        {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, exceeded.retry_after.as_secs().into());
+        }
+        response
     }
 }

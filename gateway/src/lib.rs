@@ -14,6 +14,7 @@ mod extract;
 pub mod health;
 #[cfg(test)]
 mod properties;
+pub mod quotas;
 mod routes;
 mod server;
 mod session_cache;
@@ -35,16 +36,19 @@ use tokio_util::sync::CancellationToken;
 
 pub use auth::TokenKey;
 pub use error::ApiError;
+pub use quotas::{KeyRing, KeysError};
 pub use server::HttpLimits;
 
 /// How the gateway behaves.
 #[derive(Clone)]
 pub struct GatewayConfig {
-    /// Keys allowed to create sessions; empty means anyone may.
-    pub api_keys: Vec<String>,
+    /// Keys allowed to create sessions, with their limits; none means anyone may, unlimited.
+    pub api_keys: KeyRing,
     /// The key session tokens are signed with. None: use the deployment's key kept in the
     /// store (created by the first gateway), so every replica agrees without configuration.
     pub token_key: Option<Vec<u8>>,
+    /// Former token keys, each accepted until its deadline (rotation of `token_key`).
+    pub previous_token_keys: Vec<(Vec<u8>, time::OffsetDateTime)>,
     /// How long an idle reply stream waits between keep-alive comments.
     pub keep_alive: Duration,
     /// How long a readiness probe waits for the bus and the store.
@@ -73,8 +77,9 @@ pub struct GatewayConfig {
 impl std::fmt::Debug for GatewayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GatewayConfig")
-            .field("api_keys", &format!("{} configured", self.api_keys.len()))
+            .field("api_keys", &if self.api_keys.enforced() { "configured" } else { "none" })
             .field("token_key", &self.token_key.as_ref().map(|_| "***"))
+            .field("previous_token_keys", &self.previous_token_keys.len())
             .field("keep_alive", &self.keep_alive)
             .field("readiness_timeout", &self.readiness_timeout)
             .field("double_texting", &self.double_texting)
@@ -89,8 +94,9 @@ impl std::fmt::Debug for GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            api_keys: Vec::new(),
+            api_keys: KeyRing::default(),
             token_key: None,
+            previous_token_keys: Vec::new(),
             keep_alive: Duration::from_secs(15),
             readiness_timeout: Duration::from_secs(1),
             double_texting: DoubleTexting::Enqueue,
@@ -118,6 +124,8 @@ pub(crate) struct AppState {
     pub(crate) closing: CancellationToken,
     /// The channels served, and their delivery adapters.
     pub(crate) channels: Arc<channels::Channels>,
+    /// API keys and the limits on what each may use.
+    pub(crate) quotas: Arc<quotas::Quotas>,
 }
 
 /// Name of the store-held token key.
@@ -153,11 +161,14 @@ impl Gateway {
             }
         };
         let channels = Arc::new(channels::Channels::new(config.channels.clone(), store.clone()));
+        let quotas = Arc::new(quotas::Quotas::new(config.api_keys.clone(), store.clone()));
+        let tokens = TokenKey::new(key).with_previous(config.previous_token_keys.clone());
         let state = AppState {
             bus,
             channels,
+            quotas,
             store,
-            tokens: TokenKey::new(key),
+            tokens,
             sessions: SessionCache::new(config.session_cache_ttl),
             config: Arc::new(config),
             metrics,
@@ -183,6 +194,8 @@ impl Gateway {
             shutdown.await;
             closing.cancel();
         });
+        tokio::spawn(self.state.quotas.keys.clone().watch(self.state.closing.clone()));
+        tokio::spawn(Arc::clone(&self.state.quotas).renew_stream_reports(self.state.closing.clone()));
         if self.state.channels.any() {
             tokio::spawn(channels::delivery::run(self.state.clone(), self.state.closing.clone()));
         }

@@ -121,6 +121,7 @@ mod tests {
             metadata: BTreeMap::from([("plan".to_owned(), "pro".to_owned())]),
             created_at: time::OffsetDateTime::now_utc().truncate_to_millisecond(),
             double_texting: DoubleTexting::Reject,
+            api_key: None,
         }
     }
 

@@ -20,6 +20,31 @@ pub const CONNECTIONS_AT_LIMIT: &str = "chatfleet_gateway_connections_at_limit_t
 /// Connections the listener failed to accept (out of files, reset before accepted).
 pub const ACCEPT_ERRORS: &str = "chatfleet_gateway_accept_errors_total";
 
+/// Requests refused by a quota or rate limit, by error code and scope (`key`, `user`, `session`).
+pub const LIMITS_EXCEEDED: &str = "chatfleet_gateway_limits_exceeded_total";
+/// Times the API keys file was read again after a change (`outcome` = `loaded` or `refused`).
+pub const API_KEYS_RELOADS: &str = "chatfleet_gateway_api_keys_reloads_total";
+
+pub fn limit_exceeded(exceeded: &crate::quotas::Exceeded) {
+    let code = exceeded.code.known_name().unwrap_or("other");
+    tracing::info!(event = "limit_exceeded", code, scope = exceeded.kind, limit = exceeded.limit, "refused by a limit");
+    counter!(LIMITS_EXCEEDED, "code" => code, "scope" => exceeded.kind).increment(1);
+}
+
+pub fn api_keys_reloaded(keys: usize) {
+    tracing::info!(event = "api_keys_reloaded", keys, "the API keys file changed; its keys are in force");
+    counter!(API_KEYS_RELOADS, "outcome" => "loaded").increment(1);
+}
+
+pub fn api_keys_reload_failed(error: &str) {
+    tracing::error!(
+        event = "api_keys_reload_failed",
+        error,
+        "the API keys file was refused; the keys before it stay in force"
+    );
+    counter!(API_KEYS_RELOADS, "outcome" => "refused").increment(1);
+}
+
 pub fn connections_at_limit(limit: usize) {
     tracing::warn!(event = "connections_at_limit", limit, "every connection slot is taken; new connections wait");
     counter!(CONNECTIONS_AT_LIMIT).increment(1);

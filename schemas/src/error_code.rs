@@ -47,6 +47,18 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// 500.
     Internal,
+    /// 401: the API key that created the session was revoked.
+    ApiKeyRevoked,
+    /// 429: an API key's or an end user's messages per minute.
+    MessagesPerMinuteExceeded,
+    /// 429: one session's messages per minute.
+    SessionMessagesPerMinuteExceeded,
+    /// 429: an API key's or an end user's reply streams open at once.
+    OpenStreamsExceeded,
+    /// 429: an API key's or an end user's sessions.
+    SessionsExceeded,
+    /// 429: an API key's or an end user's model tokens of the day (UTC).
+    TokensPerDayExceeded,
 
     // A reply's `error` event.
     /// The model kept failing transiently and the worker gave up after its attempts.
@@ -87,7 +99,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this build knows, for documentation and tests.
-    pub const KNOWN: [ErrorCode; 31] = [
+    pub const KNOWN: [ErrorCode; 37] = [
         Self::Unauthorized,
         Self::Forbidden,
         Self::SessionNotFound,
@@ -105,6 +117,12 @@ impl ErrorCode {
         Self::BusUnavailable,
         Self::StoreUnavailable,
         Self::Internal,
+        Self::ApiKeyRevoked,
+        Self::MessagesPerMinuteExceeded,
+        Self::SessionMessagesPerMinuteExceeded,
+        Self::OpenStreamsExceeded,
+        Self::SessionsExceeded,
+        Self::TokensPerDayExceeded,
         Self::ModelUnavailable,
         Self::StoreFailed,
         Self::ModelMisconfigured,
@@ -150,6 +168,12 @@ impl ErrorCode {
             Self::BusUnavailable => "bus_unavailable",
             Self::StoreUnavailable => "store_unavailable",
             Self::Internal => "internal",
+            Self::ApiKeyRevoked => "api_key_revoked",
+            Self::MessagesPerMinuteExceeded => "messages_per_minute_exceeded",
+            Self::SessionMessagesPerMinuteExceeded => "session_messages_per_minute_exceeded",
+            Self::OpenStreamsExceeded => "open_streams_exceeded",
+            Self::SessionsExceeded => "sessions_exceeded",
+            Self::TokensPerDayExceeded => "tokens_per_day_exceeded",
             Self::ModelUnavailable => "model_unavailable",
             Self::StoreFailed => "store_failed",
             Self::ModelMisconfigured => "model_misconfigured",

@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 
 pub mod embedded;
 pub mod mongo;
+pub mod quota;
 
 pub use embedded::EmbeddedStore;
 pub use mongo::MongoStore;
@@ -35,6 +36,10 @@ pub struct SessionRecord {
     /// sessions recorded before the policy existed read as enqueue, which is what they did.
     #[serde(default)]
     pub double_texting: DoubleTexting,
+    /// The name of the API key that created the session, when the gateway has keys: its
+    /// quotas count the session's use, and revoking the key ends the session's access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
 }
 
 /// Where a session's reply-in-progress marker stands after [`Store::begin_reply`].
@@ -266,6 +271,51 @@ pub trait Store: Send + Sync + 'static {
     async fn swap_delivery_note(&self, key: &str, expected: Option<&str>, value: &str) -> Result<bool, StoreError> {
         let _ = (key, expected, value);
         Err(StoreError::Fatal("this store keeps no delivery notes".into()))
+    }
+
+    /// Adds `delta` to `counter` (which starts at 0) and returns its new value, in one atomic
+    /// step across every process sharing the store: of two racing callers, each sees the
+    /// other's delta or neither's, never half. The counter may be dropped once `expires_at` is
+    /// past (a later expiry given here extends it); callers name their counters so that none is
+    /// added to after its expiry (a window's number, a day, a process instance in the name).
+    async fn add_to_counter(
+        &self,
+        counter: &Counter,
+        delta: i64,
+        expires_at: OffsetDateTime,
+    ) -> Result<i64, StoreError>;
+
+    /// Sets `counter` to `value` (a member reporting its own count of a group) until `expires_at`.
+    async fn set_counter(&self, counter: &Counter, value: i64, expires_at: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// The sum of the counters of `group` that expire after `now`: every member's, so one
+    /// counter's value when the group has a single member.
+    async fn counter_total(&self, group: &str, now: OffsetDateTime) -> Result<i64, StoreError>;
+}
+
+/// A counter of the store ([`Store::add_to_counter`]): one member's count within a group whose
+/// members' counts add up ([`Store::counter_total`]). A counter that stands alone is the only
+/// member of its group, named `""`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Counter {
+    pub group: String,
+    pub member: String,
+}
+
+impl Counter {
+    /// The counter that is its group's only member.
+    pub fn single(group: impl Into<String>) -> Self {
+        Self { group: group.into(), member: String::new() }
+    }
+
+    pub fn member(group: impl Into<String>, member: impl Into<String>) -> Self {
+        Self { group: group.into(), member: member.into() }
+    }
+
+    /// One string naming the counter, unambiguously whatever the names hold: the group's
+    /// length in bytes, `:`, the group, then the member.
+    pub(crate) fn key(&self) -> String {
+        format!("{}:{}{}", self.group.len(), self.group, self.member)
     }
 }
 

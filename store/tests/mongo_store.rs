@@ -18,6 +18,7 @@ fn session() -> SessionRecord {
         metadata: BTreeMap::new(),
         created_at: datetime!(2026-01-01 00:00:00 UTC),
         double_texting: DoubleTexting::Reject,
+        api_key: None,
     }
 }
 

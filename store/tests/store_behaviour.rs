@@ -5,7 +5,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 
 use chatfleet_store::{
-    EmbeddedStore, Failure, Inserted, MongoStore, Outcome, ReplyClaim, Role, SessionRecord, Store, StoreError,
+    Counter, EmbeddedStore, Failure, Inserted, MongoStore, Outcome, ReplyClaim, Role, SessionRecord, Store, StoreError,
     StoredMessage,
 };
 use schemas::{DoubleTexting, FinishReason, MessageId, ReplyId, SessionId, Usage};
@@ -78,6 +78,9 @@ behaviours![
     the_reply_marker_leaves_the_session_record_as_created,
     deleting_a_session_removes_its_reply_marker,
     a_delivery_note_changes_only_from_the_value_its_writer_expects,
+    racing_additions_to_a_counter_each_see_a_distinct_total,
+    a_counter_total_adds_up_its_group_s_unexpired_members_only,
+    a_set_counter_replaces_its_value,
 ];
 
 const CREATED: OffsetDateTime = datetime!(2026-03-04 05:06:07.890 UTC);
@@ -93,6 +96,7 @@ fn session(name: &str) -> SessionRecord {
         metadata: BTreeMap::from([("plan".to_owned(), "free".to_owned())]),
         created_at: CREATED,
         double_texting: DoubleTexting::Enqueue,
+        api_key: None,
     }
 }
 
@@ -543,4 +547,46 @@ async fn a_delivery_note_changes_only_from_the_value_its_writer_expects(store: &
     assert!(moved);
     assert_eq!(store.delivery_note("slack/r_1").await.unwrap().as_deref(), Some("ts:1.5"));
     assert_eq!(store.delivery_note("slack/r_2").await.unwrap(), None);
+}
+
+async fn racing_additions_to_a_counter_each_see_a_distinct_total(store: &dyn Store) {
+    let counter = Counter::single("messages:key:acme:29400000");
+    let expires = OffsetDateTime::now_utc() + time::Duration::minutes(5);
+
+    let racing = futures::future::join_all((0..20).map(|_| store.add_to_counter(&counter, 1, expires))).await;
+
+    let mut totals: Vec<i64> = racing.into_iter().map(Result::unwrap).collect();
+    totals.sort_unstable();
+    assert_eq!(totals, (1..=20).collect::<Vec<i64>>());
+    assert_eq!(store.add_to_counter(&counter, -5, expires).await.unwrap(), 15);
+    assert_eq!(store.counter_total(&counter.group, OffsetDateTime::now_utc()).await.unwrap(), 15);
+}
+
+async fn a_counter_total_adds_up_its_group_s_unexpired_members_only(store: &dyn Store) {
+    let now = OffsetDateTime::now_utc();
+    let live = now + time::Duration::minutes(5);
+    store.set_counter(&Counter::member("streams:key:acme", "gateway-a"), 3, live).await.unwrap();
+    store.add_to_counter(&Counter::member("streams:key:acme", "gateway-b"), 4, live).await.unwrap();
+    // A gateway that stopped reporting: its count no longer holds anyone's streams.
+    store
+        .set_counter(&Counter::member("streams:key:acme", "gateway-c"), 50, now - time::Duration::seconds(1))
+        .await
+        .unwrap();
+    // Another group, whose name extends this one's.
+    store.set_counter(&Counter::member("streams:key:acme2", "gateway-a"), 7, live).await.unwrap();
+    store.set_counter(&Counter::single("streams:key:acm"), 9, live).await.unwrap();
+
+    assert_eq!(store.counter_total("streams:key:acme", now).await.unwrap(), 7);
+    assert_eq!(store.counter_total("streams:key:acme2", now).await.unwrap(), 7);
+    assert_eq!(store.counter_total("streams:key:nobody", now).await.unwrap(), 0);
+}
+
+async fn a_set_counter_replaces_its_value(store: &dyn Store) {
+    let counter = Counter::member("streams:user:u1", "gateway-a");
+    let live = OffsetDateTime::now_utc() + time::Duration::minutes(5);
+    store.set_counter(&counter, 5, live).await.unwrap();
+
+    store.set_counter(&counter, 2, live).await.unwrap();
+
+    assert_eq!(store.counter_total("streams:user:u1", OffsetDateTime::now_utc()).await.unwrap(), 2);
 }

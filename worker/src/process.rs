@@ -24,7 +24,7 @@ use llm::{ChatChunk, ChatRequest, LlmError};
 use schemas::{
     DoubleTexting, ErrorCode, EventId, FinishReason, ReplyEvent, ReplyEventKind, ReplyId, SessionId, Usage, UserMessage,
 };
-use store::{Failure, Inserted, Outcome as StoredOutcome, Role, StoreError, StoredMessage};
+use store::{Failure, Inserted, Outcome as StoredOutcome, Role, SessionRecord, StoreError, StoredMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -200,9 +200,9 @@ impl Handler<'_> {
     async fn try_answer(&self) -> Result<Decision, Halt> {
         let store = &self.worker.store;
         let (session, message_id) = (self.session(), &self.message.message_id);
-        if self.store_call(|| store.session(session)).await?.is_none() {
+        let Some(record) = self.store_call(|| store.session(session)).await? else {
             return Ok(self.session_gone().await);
-        }
+        };
         // One read for both the outcome and whether an earlier delivery recorded the message.
         let stored = self.store_call(|| store.message_and_reply(session, message_id)).await?;
         if let Some(outcome) = stored.outcome() {
@@ -232,8 +232,28 @@ impl Handler<'_> {
                 .await;
         }
         match self.generate(request, &mut events).await {
-            Ok(reply) => self.store_reply(reply, turn, &mut history, &mut events).await,
+            Ok(reply) => self.store_reply(reply, turn, &record, &mut history, &mut events).await,
             Err(error) => self.store_failure(&error, history, &mut events).await,
+        }
+    }
+
+    /// Adds the reply's model tokens to its API key's and end user's counters of the day, which
+    /// the gateway checks against their `tokens_per_day` limits. Only for a reply this worker
+    /// stored (so each reply counts once), and only for sessions created with an API key. A
+    /// failure is logged, not retried: the reply matters more than its count.
+    async fn count_tokens(&self, record: &SessionRecord, usage: Option<&Usage>) {
+        let (Some(key), Some(usage)) = (record.api_key.as_deref(), usage) else { return };
+        let tokens = i64::from(usage.prompt_tokens).saturating_add(i64::from(usage.completion_tokens));
+        let day = store::quota::day(time::OffsetDateTime::now_utc());
+        let mut scopes = vec![store::quota::Scope::Key(key)];
+        if let Some(user) = record.user.as_deref() {
+            scopes.push(store::quota::Scope::User { key, user });
+        }
+        for scope in scopes {
+            let counter = store::quota::tokens(scope, day);
+            if let Err(e) = self.worker.store.add_to_counter(&counter, tokens, store::quota::tokens_expiry(day)).await {
+                tracing::warn!(event = "tokens_not_counted", error = %e, tokens, "the reply's tokens are not counted");
+            }
         }
     }
 
@@ -292,6 +312,7 @@ impl Handler<'_> {
         &self,
         reply: Reply,
         turn: u64,
+        record: &SessionRecord,
         history: &mut Vec<StoredMessage>,
         events: &mut EventWriter<'_>,
     ) -> Result<Decision, Halt> {
@@ -331,6 +352,7 @@ impl Handler<'_> {
             return Ok(Decision::Ack(Outcome::Duplicate));
         }
         self.cache_with(history, &stored);
+        self.count_tokens(record, reply.usage.as_ref()).await;
         self.end_reply().await?;
         let (interrupted, cancelled) = (reply.finish_reason.is_interrupted(), reply.finish_reason.is_cancelled());
         let Reply { text, finish_reason, usage } = reply;

@@ -93,6 +93,28 @@ impl Store for CountingStore {
     async fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>, StoreError> {
         self.inner.shared_secret(name, proposed).await
     }
+
+    async fn add_to_counter(
+        &self,
+        counter: &store::Counter,
+        delta: i64,
+        expires_at: time::OffsetDateTime,
+    ) -> Result<i64, StoreError> {
+        self.inner.add_to_counter(counter, delta, expires_at).await
+    }
+
+    async fn set_counter(
+        &self,
+        counter: &store::Counter,
+        value: i64,
+        expires_at: time::OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.inner.set_counter(counter, value, expires_at).await
+    }
+
+    async fn counter_total(&self, group: &str, now: time::OffsetDateTime) -> Result<i64, StoreError> {
+        self.inner.counter_total(group, now).await
+    }
 }
 
 /// How many messages the worker reads for context.

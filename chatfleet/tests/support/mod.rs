@@ -112,6 +112,8 @@ impl Broker {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub api_keys: Vec<String>,
+    /// The gateway's API keys file (`--api-keys-file`).
+    pub api_keys_file: Option<std::path::PathBuf>,
     pub workers: usize,
     pub llm_max_attempts: u32,
     pub keep_alive_secs: u64,
@@ -141,6 +143,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             api_keys: Vec::new(),
+            api_keys_file: None,
             workers: 1,
             llm_max_attempts: 3,
             keep_alive_secs: 15,
@@ -353,6 +356,10 @@ impl TestApp {
         for key in &self.options.api_keys {
             args.push(s("--api-key"));
             args.push(key.clone());
+        }
+        if let Some(path) = &self.options.api_keys_file {
+            args.push(s("--api-keys-file"));
+            args.push(path.display().to_string());
         }
         if let Some(policy) = self.options.double_texting {
             args.push(s("--double-texting"));

@@ -50,6 +50,7 @@ pub(crate) async fn open(
         created_at: time::OffsetDateTime::now_utc().truncate_to_millisecond(),
         // A platform cannot show a 409: every message of a conversation is answered in turn.
         double_texting: DoubleTexting::Enqueue,
+        api_key: None,
     };
     match state.store.create_session(&record).await {
         Ok(()) => {

@@ -29,6 +29,7 @@ use store::Role;
 
 use super::messages::{TokenQuery, open_session, read_json, send_and_follow, user_message};
 use crate::extract::Path;
+use crate::quotas::StreamSlot;
 use crate::{AppState, error::ApiError, telemetry};
 
 /// Largest accepted body: `useChat` sends the whole conversation every time.
@@ -86,8 +87,10 @@ pub(crate) async fn chat(State(state): State<AppState>, headers: HeaderMap, body
     let key = last.id.clone().and_then(|id| ClientMessageId::parse(id).ok());
     let message = user_message(&record, last.text(), key.as_ref())?;
     tracing::Span::current().record("message_id", tracing::field::display(&message.message_id));
+    state.quotas.admit_message(&record).await?;
+    let slot = state.quotas.open_stream(&record).await?;
     let reply = send_and_follow(&state, &message, key.is_some()).await?;
-    Ok(ui_response(&state, ui_chunks(reply)))
+    Ok(ui_response(&state, slot, ui_chunks(reply)))
 }
 
 #[tracing::instrument(name = "ai_sdk_resume", skip_all, fields(session_id = %session_id))]
@@ -96,7 +99,8 @@ pub(crate) async fn resume(
     Path(session_id): Path<SessionId>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let session = open_session(&state, &session_id, &headers, &TokenQuery { access_token: None }).await?.id;
+    let record = open_session(&state, &session_id, &headers, &TokenQuery { access_token: None }).await?;
+    let session = record.id.clone();
     let bus::Resumed { retained, live } = state.bus.resume_events(&session).await?;
     let Some(message) = in_progress(&state, &session, &retained).await? else {
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -107,7 +111,8 @@ pub(crate) async fn resume(
     let live = super::resume::after(cursor, live).filter(move |e| futures::future::ready(e.message_id == wanted));
     let reply = through_terminal(futures::stream::iter(replay).chain(live).boxed());
     telemetry::stream_resumed(0);
-    Ok(ui_response(&state, ui_chunks(reply)))
+    let slot = state.quotas.open_stream(&record).await?;
+    Ok(ui_response(&state, slot, ui_chunks(reply)))
 }
 
 /// The events up to and including the first terminal one; the stream ends right after it,
@@ -240,12 +245,12 @@ fn ui_finish_reason(reason: &FinishReason) -> &'static str {
     }
 }
 
-fn ui_response(state: &AppState, chunks: impl Stream<Item = String> + Send + 'static) -> Response {
+fn ui_response(state: &AppState, slot: StreamSlot, chunks: impl Stream<Item = String> + Send + 'static) -> Response {
     let events = chunks.map(|data| Ok::<_, Infallible>(Event::default().data(data)));
     let events = events.take_until(state.closing.clone().cancelled_owned());
     let guard = telemetry::StreamGuard::open();
     let events = events.map(move |e| {
-        let _ = &guard;
+        let _ = (&guard, &slot);
         e
     });
     let mut response = Sse::new(events)

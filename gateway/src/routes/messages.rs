@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use store::{ReplyClaim, Role, SessionRecord};
 
 use crate::extract::{Path, Query};
+use crate::quotas::StreamSlot;
 use crate::{AppState, auth, body, error::ApiError, sse::to_sse, telemetry};
 
 /// Longest accepted message text, in bytes.
@@ -82,11 +83,16 @@ pub(crate) async fn open_session(
         auth::bearer(headers, query.access_token.as_deref()),
         session_id.as_str(),
     )?;
-    if let Some(record) = state.sessions.get(&session) {
-        return Ok(record);
-    }
-    let record = state.store.session(&session).await?.ok_or(ApiError::SessionNotFound)?;
-    state.sessions.insert(record.clone());
+    let record = match state.sessions.get(&session) {
+        Some(record) => record,
+        None => {
+            let record = state.store.session(&session).await?.ok_or(ApiError::SessionNotFound)?;
+            state.sessions.insert(record.clone());
+            record
+        }
+    };
+    // A session whose API key was revoked is closed to its token too.
+    state.quotas.check_session(&record)?;
     Ok(record)
 }
 
@@ -116,6 +122,7 @@ pub(crate) async fn post(
     let message_id = message.message_id.clone();
     tracing::Span::current().record("message_id", tracing::field::display(&message_id));
     let repeatable = request.client_message_id.is_some();
+    state.quotas.admit_message(&record).await?;
 
     if !wants_event_stream(&headers) {
         let admission = admit(&state, &message, repeatable).await?;
@@ -124,8 +131,9 @@ pub(crate) async fn post(
         return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
     }
 
+    let slot = state.quotas.open_stream(&record).await?;
     let reply = send_and_follow(&state, &message, repeatable).await?;
-    Ok(sse_response(&state, reply.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+    Ok(sse_response(&state, slot, reply.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
 }
 
 /// The envelope of a new message of `record`'s session, its id from the client's idempotency
@@ -321,14 +329,17 @@ async fn stored_outcome(state: &AppState, session: &SessionId, message_id: &Mess
     }
 }
 
+/// A reply stream as Server-Sent Events, holding `slot` (its place within the open-stream
+/// limits) for as long as the client listens.
 pub(crate) fn sse_response(
     state: &AppState,
+    slot: StreamSlot,
     events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
 ) -> Response {
     let guard = telemetry::StreamGuard::open();
     let events = events
         .map(move |e| {
-            let _ = &guard;
+            let _ = (&guard, &slot);
             e
         })
         .take_until(state.closing.clone().cancelled_owned());
@@ -364,15 +375,18 @@ pub(crate) async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let token = TokenQuery { access_token: query.access_token };
-    let session = open_session(&state, &session_id, &headers, &token).await?.id;
-    match super::resume::cursor(&headers, query.last_event_id.as_deref())? {
+    let record = open_session(&state, &session_id, &headers, &token).await?;
+    let session = record.id.clone();
+    let cursor = super::resume::cursor(&headers, query.last_event_id.as_deref())?;
+    let slot = state.quotas.open_stream(&record).await?;
+    match cursor {
         None => {
             let events = state.bus.subscribe_events(&session).await?;
-            Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+            Ok(sse_response(&state, slot, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
         }
         Some(cursor) => {
             let events = super::resume::events_after(&state, &session, cursor).await?;
-            Ok(sse_response(&state, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
+            Ok(sse_response(&state, slot, events.map(|e| Ok::<_, Infallible>(to_sse(&e)))))
         }
     }
 }

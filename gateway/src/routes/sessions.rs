@@ -38,7 +38,7 @@ pub(crate) async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    auth::authorize_api_key(&state.config.api_keys, auth::bearer(&headers, None))?;
+    let key = auth::authorize_api_key(&state.quotas.keys, auth::bearer(&headers, None))?;
     let request: NewSession = read_json(&state, body, MAX_BODY_BYTES, true).await?.unwrap_or_default();
     if let Some(user) = &request.user
         && user.chars().count() > MAX_USER_CHARS
@@ -64,9 +64,19 @@ pub(crate) async fn create(
         // to the store is the record it hands back, and can be cached as it is.
         created_at: time::OffsetDateTime::now_utc().truncate_to_millisecond(),
         double_texting,
+        api_key: key.as_ref().map(|k| k.name.clone()),
     };
     tracing::Span::current().record("session_id", tracing::field::display(&session.id));
-    state.store.create_session(&session).await?;
+    if let Some(key) = &key {
+        state.quotas.admit_session(key, session.user.as_deref()).await?;
+    }
+    if let Err(e) = state.store.create_session(&session).await {
+        // Not created (or not known to be): uncounted, so that a store outage does not use up
+        // the key's sessions. A create that did land is then counted one short, which errs on
+        // the user's side.
+        state.quotas.session_deleted(&session).await;
+        return Err(e.into());
+    }
     // The client's first message usually follows at once; spare it the store read.
     state.sessions.insert(session.clone());
     telemetry::session_created();
@@ -88,12 +98,20 @@ pub(crate) async fn delete(
         auth::bearer(&headers, query.access_token.as_deref()),
         session_id.as_str(),
     )?;
+    // The record says which key and user the session counts against.
+    let record = match state.sessions.get(&session) {
+        Some(record) => Some(record),
+        None => state.store.session(&session).await?,
+    };
     let deleted = state.store.delete_session(&session).await;
     // Forget the session whatever the store said: even a failed delete may have been applied,
     // and forgetting costs no more than a store read.
     state.sessions.remove(&session);
     if !deleted? {
         return Err(ApiError::SessionNotFound);
+    }
+    if let Some(record) = &record {
+        state.quotas.session_deleted(record).await;
     }
     tracing::info!(event = "session_deleted", "session deleted");
     Ok(StatusCode::NO_CONTENT)

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::{
-    Failure, Inserted, MessageAndReply, ReplyClaim, Role, SessionRecord, Store, StoreError, StoredMessage,
+    Counter, Failure, Inserted, MessageAndReply, ReplyClaim, Role, SessionRecord, Store, StoreError, StoredMessage,
     to_stored_time,
 };
 
@@ -43,6 +43,9 @@ const REPLY_MARKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("reply_
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 /// Channels' notes about the delivery of replies: key to value.
 const DELIVERY_NOTES: TableDefinition<&str, &str> = TableDefinition::new("delivery_notes");
+/// (group, member) → (value, expiry in Unix milliseconds) of the [`Counter`]s. Expired ones are
+/// read as absent and dropped when the file is opened.
+const COUNTERS: TableDefinition<(&str, &str), (i64, i64)> = TableDefinition::new("counters");
 /// Facts about the file itself; today only its format version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -240,6 +243,7 @@ fn prepare(db: &Database) -> Result<(), StoreError> {
         tx.open_table(REPLY_MARKERS).map_err(fatal)?;
         tx.open_table(SECRETS).map_err(fatal)?;
         tx.open_table(DELIVERY_NOTES).map_err(fatal)?;
+        purge_expired_counters(&tx, unix_millis(OffsetDateTime::now_utc()))?;
         let mut meta = tx.open_table(META).map_err(fatal)?;
         let version = meta.get("format_version").map_err(fatal)?.map(|v| v.value());
         match version {
@@ -255,6 +259,16 @@ fn prepare(db: &Database) -> Result<(), StoreError> {
         }
     }
     tx.commit().map_err(fatal)
+}
+
+/// Drops the counters that expired before `now` (Unix milliseconds).
+fn purge_expired_counters(tx: &WriteTransaction, now: i64) -> Result<(), StoreError> {
+    let mut counters = tx.open_table(COUNTERS).map_err(fatal)?;
+    counters.retain(|_, (_, expires)| expires > now).map_err(fatal)
+}
+
+fn unix_millis(t: OffsetDateTime) -> i64 {
+    i64::try_from(t.unix_timestamp_nanos().div_euclid(1_000_000)).unwrap_or(i64::MAX)
 }
 
 /// A session's reply-in-progress marker ([`Store::begin_reply`]).
@@ -598,6 +612,61 @@ impl Store for EmbeddedStore {
             }
             notes.insert(key.as_str(), value.as_str()).map_err(fatal)?;
             Ok(Ok(true))
+        })
+        .await
+    }
+
+    async fn add_to_counter(
+        &self,
+        counter: &Counter,
+        delta: i64,
+        expires_at: OffsetDateTime,
+    ) -> Result<i64, StoreError> {
+        let counter = counter.clone();
+        let (now, expires_at) = (unix_millis(OffsetDateTime::now_utc()), unix_millis(expires_at));
+        self.write(move |tx| {
+            let mut counters = tx.open_table(COUNTERS).map_err(fatal)?;
+            let key = (counter.group.as_str(), counter.member.as_str());
+            let (value, expires) = match counters.get(key).map_err(fatal)?.map(|v| v.value()) {
+                Some((value, expires)) if expires > now => (value, expires),
+                _ => (0, expires_at),
+            };
+            let value = value.saturating_add(delta);
+            counters.insert(key, (value, expires.max(expires_at))).map_err(fatal)?;
+            Ok(Ok(value))
+        })
+        .await
+    }
+
+    async fn set_counter(&self, counter: &Counter, value: i64, expires_at: OffsetDateTime) -> Result<(), StoreError> {
+        let counter = counter.clone();
+        let expires_at = unix_millis(expires_at);
+        self.write(move |tx| {
+            let mut counters = tx.open_table(COUNTERS).map_err(fatal)?;
+            counters.insert((counter.group.as_str(), counter.member.as_str()), (value, expires_at)).map_err(fatal)?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
+    async fn counter_total(&self, group: &str, now: OffsetDateTime) -> Result<i64, StoreError> {
+        let group = group.to_owned();
+        let now = unix_millis(now);
+        self.run(move |db| {
+            let tx = db.begin_read().map_err(fatal)?;
+            let counters = tx.open_table(COUNTERS).map_err(fatal)?;
+            let mut total = 0_i64;
+            for entry in counters.range((group.as_str(), "")..).map_err(fatal)? {
+                let (key, value) = entry.map_err(fatal)?;
+                if key.value().0 != group {
+                    break;
+                }
+                let (value, expires) = value.value();
+                if expires > now {
+                    total = total.saturating_add(value);
+                }
+            }
+            Ok(total)
         })
         .await
     }

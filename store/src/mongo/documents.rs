@@ -25,6 +25,8 @@ pub(crate) struct SessionDoc {
     /// Missing on sessions written before the policy existed, which read as enqueue.
     #[serde(default)]
     pub double_texting: DoubleTexting,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
     /// The reply-in-progress marker (`Store::begin_reply`): the message it names and when it was
     /// set. Set and cleared by conditional updates, never by writing the whole document, and not
     /// part of the [`SessionRecord`].
@@ -84,6 +86,17 @@ pub(crate) struct NoteDoc {
     pub value: String,
 }
 
+/// A [`crate::Counter`]: `_id` names it unambiguously ([`crate::Counter::key`]), `group` is what
+/// [`crate::Store::counter_total`] selects by. A TTL index drops it once `expires_at` is past.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct CounterDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub group: String,
+    pub n: i64,
+    pub expires_at: bson::DateTime,
+}
+
 /// A time as a BSON datetime, which has millisecond precision; finer digits are dropped.
 pub(crate) fn to_bson_time(t: OffsetDateTime) -> Result<bson::DateTime, StoreError> {
     let millis = t.unix_timestamp_nanos().div_euclid(1_000_000);
@@ -126,6 +139,7 @@ impl SessionDoc {
                 .collect(),
             created_at: to_bson_time(record.created_at)?,
             double_texting: record.double_texting,
+            api_key: record.api_key.clone(),
             busy: None,
             busy_since: None,
         })
@@ -138,6 +152,7 @@ impl SessionDoc {
             metadata: self.metadata.into_iter().map(|e| (e.key, e.value)).collect::<BTreeMap<_, _>>(),
             created_at: from_bson_time(self.created_at)?,
             double_texting: self.double_texting,
+            api_key: self.api_key,
         })
     }
 }

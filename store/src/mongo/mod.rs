@@ -18,8 +18,8 @@ use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
 use schemas::{MessageId, SessionId};
 
-use crate::{Failure, Inserted, MessageAndReply, ReplyClaim, SessionRecord, Store, StoreError, StoredMessage};
-use documents::{MessageDoc, NoteDoc, SecretDoc, SessionDoc, from_bson_time, starts_value, to_bson_time};
+use crate::{Counter, Failure, Inserted, MessageAndReply, ReplyClaim, SessionRecord, Store, StoreError, StoredMessage};
+use documents::{CounterDoc, MessageDoc, NoteDoc, SecretDoc, SessionDoc, from_bson_time, starts_value, to_bson_time};
 use errors::{classify, is_duplicate_key};
 
 /// The database used when the URL names none.
@@ -50,6 +50,7 @@ pub struct MongoStore {
     messages: Collection<MessageDoc>,
     secrets: Collection<SecretDoc>,
     notes: Collection<NoteDoc>,
+    counters: Collection<CounterDoc>,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -82,6 +83,7 @@ impl MongoStore {
             messages: db.collection("messages"),
             secrets: db.collection("secrets"),
             notes: db.collection("delivery_notes"),
+            counters: db.collection("counters"),
             client,
             db,
         };
@@ -114,6 +116,14 @@ impl MongoStore {
             .options(IndexOptions::builder().unique(true).name(SESSION_POSITION_INDEX.to_owned()).build())
             .build();
         self.messages.create_index(index).await.map_err(|e| classify(e, "creating the messages index"))?;
+        // Counters are read by group, and dropped by the server once expired.
+        let by_group = IndexModel::builder().keys(doc! { "group": 1 }).build();
+        self.counters.create_index(by_group).await.map_err(|e| classify(e, "creating the counters index"))?;
+        let expiry = IndexModel::builder()
+            .keys(doc! { "expires_at": 1 })
+            .options(IndexOptions::builder().expire_after(Duration::ZERO).build())
+            .build();
+        self.counters.create_index(expiry).await.map_err(|e| classify(e, "creating the counters' expiry index"))?;
         Ok(())
     }
 
@@ -393,6 +403,76 @@ impl Store for MongoStore {
             .await
             .map_err(|e| classify(e, "changing a delivery note"))?;
         Ok(updated.matched_count == 1)
+    }
+
+    async fn add_to_counter(
+        &self,
+        counter: &Counter,
+        delta: i64,
+        expires_at: time::OffsetDateTime,
+    ) -> Result<i64, StoreError> {
+        // One upserting `$inc` on one document, which the server applies atomically. Two
+        // upserts racing to create the same counter can collide on `_id`; the loser's retry
+        // then finds the document and increments it.
+        let expires_at = to_bson_time(expires_at)?;
+        for _ in 0..2 {
+            let updated = self
+                .counters
+                .find_one_and_update(
+                    doc! { "_id": counter.key() },
+                    doc! {
+                        "$inc": { "n": delta },
+                        "$max": { "expires_at": expires_at },
+                        "$setOnInsert": { "group": counter.group.as_str() },
+                    },
+                )
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .await;
+            match updated {
+                Ok(Some(doc)) => return Ok(doc.n),
+                Ok(None) => {
+                    return Err(StoreError::Fatal(format!("counter {} was not returned by its upsert", counter.group)));
+                }
+                Err(e) if is_duplicate_key(&e) => continue,
+                Err(e) => return Err(classify(e, "adding to a counter")),
+            }
+        }
+        Err(StoreError::Unavailable(format!("counter {} kept changing under its update", counter.group)))
+    }
+
+    async fn set_counter(
+        &self,
+        counter: &Counter,
+        value: i64,
+        expires_at: time::OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let doc = CounterDoc {
+            id: counter.key(),
+            group: counter.group.clone(),
+            n: value,
+            expires_at: to_bson_time(expires_at)?,
+        };
+        self.counters
+            .replace_one(doc! { "_id": counter.key() }, &doc)
+            .upsert(true)
+            .await
+            .map(drop)
+            .map_err(|e| classify(e, "setting a counter"))
+    }
+
+    async fn counter_total(&self, group: &str, now: time::OffsetDateTime) -> Result<i64, StoreError> {
+        // A group has a member per gateway at most: few documents, summed here rather than by
+        // an aggregation.
+        let docs: Vec<CounterDoc> = self
+            .counters
+            .find(doc! { "group": group, "expires_at": { "$gt": to_bson_time(now)? } })
+            .await
+            .map_err(|e| classify(e, "reading counters"))?
+            .try_collect()
+            .await
+            .map_err(|e| classify(e, "reading counters"))?;
+        Ok(docs.iter().fold(0_i64, |total, doc| total.saturating_add(doc.n)))
     }
 }
 

@@ -14,6 +14,7 @@ pub async fn create_session(store: &dyn Store) -> SessionId {
         metadata: BTreeMap::new(),
         created_at: time::OffsetDateTime::now_utc(),
         double_texting: DoubleTexting::Enqueue,
+        api_key: None,
     };
     store.create_session(&record).await.unwrap();
     session
