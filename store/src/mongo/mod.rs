@@ -411,31 +411,30 @@ impl Store for MongoStore {
         delta: i64,
         expires_at: time::OffsetDateTime,
     ) -> Result<i64, StoreError> {
-        // One upserting `$inc` on one document, which the server applies atomically. Two
-        // upserts racing to create the same counter can collide on `_id`; the loser's retry
-        // then finds the document and increments it.
+        // An `$inc` on the existing document, which the server applies atomically; if there is
+        // none yet, an insert of the first value, and if another caller inserted it first (a
+        // duplicate `_id`), the `$inc` again. Exactly one of them applies this call's delta.
+        // (Not an upsert: two upserts racing to create a document can fail or, on some servers,
+        // answer without the document, and then whether the delta was applied is unknown.)
         let expires_at = to_bson_time(expires_at)?;
-        for _ in 0..2 {
+        for _ in 0..3 {
             let updated = self
                 .counters
                 .find_one_and_update(
                     doc! { "_id": counter.key() },
-                    doc! {
-                        "$inc": { "n": delta },
-                        "$max": { "expires_at": expires_at },
-                        "$setOnInsert": { "group": counter.group.as_str() },
-                    },
+                    doc! { "$inc": { "n": delta }, "$max": { "expires_at": expires_at } },
                 )
-                .upsert(true)
                 .return_document(ReturnDocument::After)
-                .await;
-            match updated {
-                Ok(Some(doc)) => return Ok(doc.n),
-                Ok(None) => {
-                    return Err(StoreError::Fatal(format!("counter {} was not returned by its upsert", counter.group)));
-                }
+                .await
+                .map_err(|e| classify(e, "adding to a counter"))?;
+            if let Some(doc) = updated {
+                return Ok(doc.n);
+            }
+            let first = CounterDoc { id: counter.key(), group: counter.group.clone(), n: delta, expires_at };
+            match self.counters.insert_one(&first).await {
+                Ok(_) => return Ok(delta),
                 Err(e) if is_duplicate_key(&e) => continue,
-                Err(e) => return Err(classify(e, "adding to a counter")),
+                Err(e) => return Err(classify(e, "creating a counter")),
             }
         }
         Err(StoreError::Unavailable(format!("counter {} kept changing under its update", counter.group)))
