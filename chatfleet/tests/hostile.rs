@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use support::{Backend, Options, Session, TestApp, collect_events, s};
+use support::{Backend, Options, Session, TestApp, s};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 on_every_backend!(
@@ -271,7 +271,7 @@ async fn another_sessions_data_is_out_of_reach_by_every_route(backend: Backend) 
     assert!([200, 410].contains(&resumed.status().as_u16()), "{}", resumed.status());
     let ai_sdk_resume =
         http.get(app.url(&format!("/v1/ai-sdk/chat/{}/stream", intruder.id))).bearer_auth(&intruder.token);
-    let (seen, ()) = tokio::join!(collect_events(resumed, Duration::from_secs(2)), async {
+    let (seen, ()) = tokio::join!(events_for(resumed, Duration::from_secs(2)), async {
         let _ = app.send_streaming(&victim, json!({"text": "another secret"})).await;
     });
     let ai_sdk_resume = ai_sdk_resume.send().await.unwrap();
@@ -279,6 +279,22 @@ async fn another_sessions_data_is_out_of_reach_by_every_route(backend: Backend) 
     assert!(!seen.iter().any(|e| e.data.to_string().contains("secret")), "{seen:#?}");
     assert!([200, 204].contains(&ai_sdk_resume.status().as_u16()));
     assert!(!ai_sdk_resume.text().await.unwrap().contains("secret"));
+}
+
+/// The events an endless stream (`GET …/events`) carries within `within`; the stream is then
+/// dropped.
+async fn events_for(response: reqwest::Response, within: Duration) -> Vec<support::SseEvent> {
+    use eventsource_stream::Eventsource;
+    let mut stream = response.bytes_stream().eventsource();
+    let mut events = Vec::new();
+    let _ = tokio::time::timeout(within, async {
+        while let Some(Ok(e)) = stream.next().await {
+            let data = serde_json::from_str(&e.data).unwrap_or(Value::String(e.data.clone()));
+            events.push(support::SseEvent { event: e.event, id: e.id, data });
+        }
+    })
+    .await;
+    events
 }
 
 /// Collects the subjects published on the fleet's NATS server under the deployment's prefix.
