@@ -42,20 +42,41 @@ async fn input_stream(bus: &NatsBus) -> Result<jetstream::stream::Stream, BusErr
 
 /// Replaces a partition's consumer with a fresh one, which delivers every message the
 /// previous owner left unacknowledged again, at once and in stream order.
+///
+/// A consumer that never delivered anything already is what a fresh one would be: it is updated
+/// to this process's settings (the process that created it may have had others) and kept, so
+/// that it never vanishes from view. Replacing it would leave a moment in which the consumer
+/// does not exist, and KEDA's `nats-jetstream` scaler, polling then, would read the whole stream
+/// as this partition's lag. Should another puller take a delivery from it after this check, the
+/// new owner's pull sees a hole in the consumer sequence and replaces it then
+/// ([`GaplessPull`]).
 pub(super) async fn reset_consumer(bus: &NatsBus, partition: Partition) -> Result<(), BusError> {
     let stream = input_stream(bus).await?;
     let durable = bus.settings.names.partition_consumer(partition);
-    if stream.consumer_info(&durable).await.is_ok() {
-        stream
-            .delete_consumer(&durable)
-            .await
-            .map_err(|e| BusError::Unavailable(format!("cannot delete consumer {durable}: {e}")))?;
+    match stream.consumer_info(&durable).await {
+        Ok(info) if info.delivered.consumer_sequence == 0 => {
+            match stream.update_consumer(consumer_config(bus, partition)).await {
+                Ok(_) => return Ok(()),
+                Err(e) => tracing::debug!(event = "consumer_update_failed", partition = partition.get(), error = %e),
+            }
+            delete_consumer(&stream, &durable).await?;
+        }
+        Ok(_) => delete_consumer(&stream, &durable).await?,
+        Err(_) => {}
     }
     stream
         .create_consumer(consumer_config(bus, partition))
         .await
         .map_err(|e| BusError::Failed(format!("cannot create consumer {durable}: {e}")))?;
     Ok(())
+}
+
+async fn delete_consumer(stream: &jetstream::stream::Stream, durable: &str) -> Result<(), BusError> {
+    stream
+        .delete_consumer(durable)
+        .await
+        .map(drop)
+        .map_err(|e| BusError::Unavailable(format!("cannot delete consumer {durable}: {e}")))
 }
 
 /// Creates each partition's consumer that does not exist yet, with the configuration its owner
