@@ -347,6 +347,13 @@ pub struct GatewayTuning {
     #[arg(long = "body-read-timeout-secs", env = "CHATFLEET_BODY_READ_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub body_read_timeout_secs: u64,
 
+    /// Seconds a connection may go with no request in progress and no byte either way before
+    /// the gateway closes it: a client that connects and sends nothing, or keeps a connection
+    /// alive and idle after its last answer. Reply streams are requests in progress and are
+    /// never closed by it. Keep it above the idle timeout of a load balancer in front.
+    #[arg(long = "idle-connection-timeout-secs", env = "CHATFLEET_IDLE_CONNECTION_TIMEOUT_SECS", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle_connection_timeout_secs: u64,
+
     /// Connections the gateway holds open at once (reply streams included); further clients
     /// wait in the listen backlog until one closes. Keep it under the process's open-file limit.
     #[arg(long = "max-connections", env = "CHATFLEET_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

@@ -103,6 +103,7 @@ fn gateway_config(tuning: &GatewayTuning) -> anyhow::Result<GatewayConfig> {
         http: HttpLimits {
             max_header_bytes: tuning.max_header_bytes as usize,
             header_read_timeout: Duration::from_secs(tuning.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(tuning.idle_connection_timeout_secs),
             max_connections: tuning.max_connections as usize,
             body_read_timeout: Duration::from_secs(tuning.body_read_timeout_secs),
         },

@@ -19,6 +19,8 @@ pub const TERMINAL_EVENTS_RECOVERED: &str = "chatfleet_gateway_terminal_events_r
 pub const CONNECTIONS_AT_LIMIT: &str = "chatfleet_gateway_connections_at_limit_total";
 /// Connections the listener failed to accept (out of files, reset before accepted).
 pub const ACCEPT_ERRORS: &str = "chatfleet_gateway_accept_errors_total";
+/// Connections closed because they carried no request and no byte for the idle timeout.
+pub const IDLE_CONNECTIONS_CLOSED: &str = "chatfleet_gateway_idle_connections_closed_total";
 
 /// Requests refused by a quota or rate limit, by error code and scope (`key`, `user`, `session`).
 pub const LIMITS_EXCEEDED: &str = "chatfleet_gateway_limits_exceeded_total";
@@ -48,6 +50,11 @@ pub fn api_keys_reload_failed(error: &str) {
 pub fn connections_at_limit(limit: usize) {
     tracing::warn!(event = "connections_at_limit", limit, "every connection slot is taken; new connections wait");
     counter!(CONNECTIONS_AT_LIMIT).increment(1);
+}
+
+pub fn idle_connection_closed() {
+    tracing::debug!(event = "idle_connection_closed", "closed a connection that stayed idle");
+    counter!(IDLE_CONNECTIONS_CLOSED).increment(1);
 }
 
 pub fn accept_failed(error: &std::io::Error) {

@@ -1,6 +1,6 @@
 //! The limits a public endpoint needs, seen from raw sockets: oversized headers are refused,
-//! a client that trickles its headers or its body is disconnected, connections beyond the
-//! limit wait until one closes, while well-behaved clients keep being served throughout; and malformed paths, queries and bodies get the JSON error body.
+//! a client that trickles its headers or its body is disconnected, connections left idle are
+//! closed (reply streams are not), connections beyond the limit wait until one closes, while well-behaved clients keep being served throughout; and malformed paths, queries and bodies get the JSON error body.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,10 +22,13 @@ struct TestGateway {
 
 impl TestGateway {
     async fn spawn(http: HttpLimits) -> TestGateway {
+        Self::spawn_with(GatewayConfig { http, ..GatewayConfig::default() }).await
+    }
+
+    async fn spawn_with(config: GatewayConfig) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
         let bus = Arc::new(MemoryBus::new(PartitionCount::new(4).unwrap()));
-        let config = GatewayConfig { http, ..GatewayConfig::default() };
         let gateway = Gateway::build(bus, store, config, None).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -143,6 +146,52 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
 
     assert!(while_full.is_err(), "the third connection was served while both slots were taken");
     assert!(after_one_closed.contains(" 200 "), "{after_one_closed}");
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_while_a_quiet_reply_stream_stays_open() {
+    // No keep-alive comments within the test: the stream sends nothing at all.
+    let gateway = TestGateway::spawn_with(GatewayConfig {
+        http: HttpLimits { idle_timeout: Duration::from_secs(1), ..HttpLimits::default() },
+        keep_alive: Duration::from_secs(3600),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let (_, session) = whole_answer(
+        &gateway,
+        b"POST /v1/sessions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await;
+    let (id, token) = (session["session_id"].as_str().unwrap(), session["token"].as_str().unwrap());
+    let mut stream = TcpStream::connect(gateway.address).await.unwrap();
+    stream
+        .write_all(
+            format!("GET /v1/sessions/{id}/events HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let stream_status = read_status_line(&mut stream).await;
+    // One connection that never sends a byte, one kept alive after its answer.
+    let mut silent = TcpStream::connect(gateway.address).await.unwrap();
+    let mut kept = TcpStream::connect(gateway.address).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n").await.unwrap();
+    let kept_status = read_status_line(&mut kept).await;
+
+    let (silent_closed, kept_closed) = tokio::join!(
+        time_until_closed(&mut silent, Duration::from_secs(10)),
+        time_until_closed(&mut kept, Duration::from_secs(10)),
+    );
+    // By now the stream has been quiet for more than the idle timeout too.
+    let mut buffer = [0u8; 1024];
+    let stream_after = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buffer)).await;
+
+    assert!(stream_status.contains(" 200 "), "{stream_status}");
+    assert!(kept_status.contains(" 200 "), "{kept_status}");
+    assert!(silent_closed >= Duration::from_millis(800), "closed before the idle timeout: {silent_closed:?}");
+    assert!(kept_closed >= Duration::from_millis(800), "closed before the idle timeout: {kept_closed:?}");
+    assert!(stream_after.is_err(), "the quiet reply stream did not stay open: {stream_after:?}");
+    assert!(gateway.status_of(HEALTH).await.contains(" 200 "));
 }
 
 /// Sends `request` on a new connection and returns the whole answer (the gateway closes the
