@@ -336,15 +336,19 @@ async fn a_reply_failing_its_last_attempt_is_kept_as_undeliverable_and_counted(b
     app.shutdown().await;
 }
 
-/// A private broker restarted while a reply waits for its receiver. On NATS only: on RabbitMQ
-/// the reply waiting in a retry queue was not delivered within 40 s of the restart in the
-/// integrated suite, an open fault (ARCHITECTURE.md, "Channels").
+/// A private broker restarted while a reply waits for its receiver (on RabbitMQ, in a wait
+/// queue: ARCHITECTURE.md, "Channels").
 mod broker_restart {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn nats_mongo() {
         a_reply_waiting_for_its_receiver_survives_a_broker_restart(Backend::NatsMongo).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rabbit_mongo() {
+        a_reply_waiting_for_its_receiver_survives_a_broker_restart(Backend::RabbitMongo).await
     }
 }
 
@@ -356,6 +360,9 @@ async fn a_reply_waiting_for_its_receiver_survives_a_broker_restart(backend: Bac
     let channels = channels_file(&dir, &receiver.url(), schedule, "3s");
     let options = Options { channels: Some(channels), private_broker: true, ..Options::default() };
     let mut app = TestApp::spawn_with(backend, options).await;
+    // RabbitMQ 3.10 loses a quorum queue declared less than half a second before a crash
+    // (testkit's `RabbitMqServer`); a fleet's queues are declared long before any broker crash.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let accepted =
         post_webhook(&app, &unique_id("restart"), &json!({"conversation_id": "c-r", "text": "outlive the broker"}))

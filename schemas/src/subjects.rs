@@ -18,7 +18,7 @@
 //! RabbitMQ layout ([`AmqpNames`]): exchanges `chatfleet.in`, `chatfleet.out`,
 //! `chatfleet.members`, `chatfleet.dead`; queues `chatfleet.in.<partition>` and `chatfleet.dead`;
 //! channel deliveries in the quorum queue `chatfleet.deliveries`, waiting out retry delays in
-//! `chatfleet.deliveries.retry.<ms>`, given up on in `chatfleet.undeliverable`;
+//! the quorum queues `chatfleet.deliveries.wait.<ms>`, given up on in `chatfleet.undeliverable`;
 //! each user message carries the header [`SEQUENCE_HEADER`].
 
 use crate::{Partition, SessionId};
@@ -232,10 +232,10 @@ impl AmqpNames {
         format!("{}.deliveries", self.prefix)
     }
 
-    /// The queue where a delivery waits `delay_ms` before it dead-letters back to
-    /// [`AmqpNames::deliveries_queue`] for its next attempt.
-    pub fn delivery_retry_queue(&self, delay_ms: u64) -> String {
-        format!("{}.deliveries.retry.{delay_ms}", self.prefix)
+    /// The quorum queue where a delivery waits `delay_ms` before it dead-letters back to
+    /// [`AmqpNames::deliveries_queue`] (a retry's delay is made of one or more such waits).
+    pub fn delivery_wait_queue(&self, delay_ms: u64) -> String {
+        format!("{}.deliveries.wait.{delay_ms}", self.prefix)
     }
 
     /// The quorum queue of channel deliveries given up on, kept for operators.

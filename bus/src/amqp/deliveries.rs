@@ -3,12 +3,17 @@
 //! acknowledgements). A gateway that dies mid-attempt closes its channel with it, and the broker
 //! hands the delivery to another gateway.
 //!
-//! RabbitMQ has no delayed redelivery, so a retry is a copy published (with a publisher
-//! confirm) to a retry queue `<prefix>.deliveries.retry.<ms>` whose every message waits the same
-//! `x-message-ttl` and then dead-letters back to the deliveries queue, and only then is the
-//! original acknowledged: a crash in between leaves two copies, which the receiver's dedupe on
-//! the reply id absorbs. One queue per delay keeps expiry in order (a queue's TTL applies at its
-//! head); unused retry queues expire. The attempt travels in the header
+//! RabbitMQ has no delayed redelivery, so a retry waits in quorum queues of fixed delays,
+//! `<prefix>.deliveries.wait.<ms>` for 250 ms × 4^k (250 ms to about 18 hours), declared by every
+//! gateway that consumes deliveries when it starts to: each holds its messages for its `x-message-ttl`, then dead-letters them back to the
+//! deliveries queue, at least once (`x-dead-letter-strategy: at-least-once`: the wait queue keeps
+//! a message until the deliveries queue has confirmed it, so a broker restart or a deliveries
+//! queue without a leader delays it but never drops it). A retry is a copy published (with a
+//! publisher confirm) to the longest wait that fits the delay, carrying the time it is due in
+//! [`DUE_HEADER`]; only then is the original acknowledged (a crash in between leaves two
+//! copies, which the receiver's dedupe on the reply id absorbs). A copy that comes back before
+//! it is due waits again, in the longest wait that fits what is left, before any gateway sees
+//! it; so a delay of any length takes a few hops. The attempt travels in the header
 //! [`ATTEMPT_HEADER`]. Deliveries given up on are copied to the quorum queue
 //! `<prefix>.undeliverable` before the original is acknowledged.
 
@@ -30,8 +35,32 @@ pub const ATTEMPT_HEADER: &str = "x-chatfleet-attempt";
 const REASON_HEADER: &str = "x-chatfleet-undeliverable-reason";
 /// How many deliveries one gateway attempts at once.
 const PREFETCH: u16 = 64;
-/// How long an unused retry queue lives beyond its delay.
-const RETRY_QUEUE_IDLE: Duration = Duration::from_secs(10 * 60);
+/// The header carrying when a waiting delivery is due, in milliseconds since the Unix epoch.
+pub const DUE_HEADER: &str = "x-chatfleet-due";
+/// The shortest wait queue's delay; each next one is four times longer.
+const SHORTEST_WAIT_MS: u64 = 250;
+/// How many wait queues there are: the longest holds 250 ms × 4^9, about 18 hours.
+const WAIT_LEVELS: u32 = 10;
+
+/// The delays of the wait queues, shortest first.
+fn wait_levels() -> impl Iterator<Item = u64> {
+    (0..WAIT_LEVELS).map(|k| SHORTEST_WAIT_MS << (2 * k))
+}
+
+/// The wait queue for a delivery due in `remaining_ms`: the longest that fits, or the shortest.
+fn wait_level(remaining_ms: u64) -> u64 {
+    wait_levels().take_while(|&level| level <= remaining_ms).last().unwrap_or(SHORTEST_WAIT_MS)
+}
+
+/// Whether a delivery due in `remaining_ms` must wait again rather than be handed out now:
+/// handed out at most half the shortest wait early, it is never late by a whole one.
+fn must_wait(remaining_ms: u64) -> bool {
+    remaining_ms >= SHORTEST_WAIT_MS / 2
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
 
 /// Declares the deliveries and undeliverable queues; part of the layout every process declares.
 pub(super) async fn declare(channel: &Channel, bus: &AmqpBus) -> Result<(), BusError> {
@@ -44,6 +73,43 @@ pub(super) async fn declare(channel: &Channel, bus: &AmqpBus) -> Result<(), BusE
             .map_err(super::layout_error(&queue))?;
     }
     Ok(())
+}
+
+/// Declares the wait queues. Only processes that deliver need them: a gateway with channels
+/// declares them when it starts consuming deliveries, long before a retry needs them (RabbitMQ
+/// 3.10 can lose a quorum queue declared within half a second of a crash).
+async fn declare_waits(channel: &Channel, bus: &AmqpBus) -> Result<(), BusError> {
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    for level in wait_levels() {
+        let queue = bus.settings().names.delivery_wait_queue(level);
+        channel
+            .queue_declare(queue.as_str().into(), durable, wait_queue_arguments(bus, level))
+            .await
+            .map_err(super::layout_error(&queue))?;
+    }
+    Ok(())
+}
+
+fn wait_queue_arguments(bus: &AmqpBus, level_ms: u64) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(level_ms as i64));
+    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(bus.settings().names.deliveries_queue().as_str().into()),
+    );
+    // At least once needs the queue to refuse publishes beyond a limit rather than drop its head.
+    arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    quorum(arguments)
+}
+
+/// Publishes a delivery to the wait queue that fits the time left until `due_ms`.
+async fn wait(bus: &AmqpBus, payload: &[u8], attempt: u64, due_ms: u64) -> Result<(), BusError> {
+    let queue = bus.settings().names.delivery_wait_queue(wait_level(due_ms.saturating_sub(now_ms())));
+    let mut headers = attempt_headers(attempt);
+    headers.insert(DUE_HEADER.into(), AMQPValue::LongLongInt(due_ms as i64));
+    publish_to(bus, &queue, payload, headers).await
 }
 
 /// Publishes to the default exchange (routing key = queue name) and waits for the confirm.
@@ -97,6 +163,7 @@ pub(super) async fn consume(bus: &AmqpBus) -> Result<PendingDeliveries, BusError
     let queue = bus.settings().names.deliveries_queue();
     let connection = bus.connection().await?;
     let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
+    declare_waits(&channel, bus).await?;
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await.map_err(unavailable("set the prefetch"))?;
     let consumer = channel
         .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
@@ -114,20 +181,54 @@ pub(super) async fn consume(bus: &AmqpBus) -> Result<PendingDeliveries, BusError
             // The channel lives as long as the stream and every acker: closing it would return
             // the deliveries in hand.
             let (bus, channel) = (bus.clone(), channel.clone());
-            futures::future::ready(item.ok().map(|d| to_pending(bus, channel, d)))
+            async move {
+                let delivery = item.ok()?;
+                match not_due(&delivery) {
+                    Some(due_ms) => wait_again(bus, channel, delivery, due_ms).await,
+                    None => Some(to_pending(bus, channel, delivery)),
+                }
+            }
         });
     Ok(stream.boxed())
 }
 
+fn header_u64(delivery: &lapin::message::Delivery, name: &str) -> Option<u64> {
+    delivery.properties.headers().as_ref().and_then(|h| h.inner().get(name)).and_then(super::consume::as_u64)
+}
+
+/// When a delivery back from a wait queue is due, if that is still too far off to hand it out.
+fn not_due(delivery: &lapin::message::Delivery) -> Option<u64> {
+    let due_ms = header_u64(delivery, DUE_HEADER)?;
+    must_wait(due_ms.saturating_sub(now_ms())).then_some(due_ms)
+}
+
+/// Puts a delivery that came back early into the wait queue that fits what is left, then
+/// acknowledges it; a delivery that cannot be put back is handed out now rather than held.
+async fn wait_again(
+    bus: AmqpBus,
+    channel: Channel,
+    delivery: lapin::message::Delivery,
+    due_ms: u64,
+) -> Option<PendingDelivery> {
+    let attempt = header_u64(&delivery, ATTEMPT_HEADER).unwrap_or(1).max(1);
+    match wait(&bus, &delivery.data, attempt, due_ms).await {
+        Ok(()) => {
+            if let Err(e) = delivery.acker.ack(Default::default()).await {
+                // Unacknowledged, it comes back when the channel closes: a copy too many, which
+                // the receiver's dedupe absorbs.
+                tracing::warn!(event = "delivery_wait_ack_failed", error = %e);
+            }
+            None
+        }
+        Err(e) => {
+            tracing::warn!(event = "delivery_wait_failed", error = %e, "handing out a delivery before it is due");
+            Some(to_pending(bus, channel, delivery))
+        }
+    }
+}
+
 fn to_pending(bus: AmqpBus, channel: Channel, delivery: lapin::message::Delivery) -> PendingDelivery {
-    let attempt = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(ATTEMPT_HEADER))
-        .and_then(super::consume::as_u64)
-        .unwrap_or(1)
-        .max(1);
+    let attempt = header_u64(&delivery, ATTEMPT_HEADER).unwrap_or(1).max(1);
     let parsed = serde_json::from_slice(&delivery.data).map_err(|e| format!("unreadable channel delivery: {e}"));
     let acker = DeliveryAcker { bus, _channel: channel, acker: delivery.acker, payload: delivery.data, attempt };
     PendingDelivery { delivery: parsed, attempt, acker: Box::new(acker) }
@@ -151,32 +252,6 @@ impl DeliveryAcker {
             Err(e) => Err(BusError::Unavailable(format!("cannot acknowledge a delivery: {e}"))),
         }
     }
-
-    async fn declare_retry_queue(&self, delay_ms: u64) -> Result<String, BusError> {
-        let names = &self.bus.settings().names;
-        let queue = names.delivery_retry_queue(delay_ms);
-        let mut arguments = FieldTable::default();
-        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay_ms as i64));
-        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-        arguments.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(names.deliveries_queue().as_str().into()),
-        );
-        let idle = delay_ms + RETRY_QUEUE_IDLE.as_millis() as u64;
-        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(idle as i64));
-        let connection = self.bus.connection().await?;
-        let channel = connection.create_channel().await.map_err(unavailable("open a channel"))?;
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions { durable: true, ..Default::default() },
-                arguments,
-            )
-            .await
-            .map_err(|e| BusError::Unavailable(format!("cannot declare {queue}: {e}")));
-        let _ = channel.close(200, "declared".into()).await;
-        declared.map(|_| queue)
-    }
 }
 
 #[async_trait]
@@ -186,10 +261,8 @@ impl Acker for DeliveryAcker {
     }
 
     async fn retry_after(&self, delay: Duration) -> Result<(), BusError> {
-        // Whole milliseconds, at least one: a TTL of zero would expire nothing.
-        let delay_ms = (delay.as_millis() as u64).max(1);
-        let queue = self.declare_retry_queue(delay_ms).await?;
-        publish_to(&self.bus, &queue, &self.payload, attempt_headers(self.attempt + 1)).await?;
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        wait(&self.bus, &self.payload, self.attempt + 1, now_ms().saturating_add(delay_ms)).await?;
         self.ack_original().await
     }
 
@@ -225,4 +298,29 @@ pub(super) async fn status(bus: &AmqpBus) -> Result<DeliveryQueueStatus, BusErro
         counts[i] = u64::from(declared?.message_count());
     }
     Ok(DeliveryQueueStatus { pending: counts[0], undeliverable: counts[1] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_waits_in_the_longest_queue_that_fits_or_the_shortest() {
+        assert_eq!(wait_levels().collect::<Vec<_>>().last(), Some(&(250 << 18)));
+        assert_eq!(wait_level(0), 250);
+        assert_eq!(wait_level(249), 250);
+        assert_eq!(wait_level(250), 250);
+        assert_eq!(wait_level(999), 250);
+        assert_eq!(wait_level(1000), 1000);
+        assert_eq!(wait_level(17_000), 16_000);
+        assert_eq!(wait_level(u64::MAX), 250 << 18);
+    }
+
+    #[test]
+    fn a_delivery_due_within_half_the_shortest_wait_is_handed_out() {
+        assert!(!must_wait(0));
+        assert!(!must_wait(124));
+        assert!(must_wait(125));
+        assert!(must_wait(10_000));
+    }
 }
