@@ -573,7 +573,10 @@ fn generate(rng: &mut StdRng, victim: &Session, intruder: &Session) -> Generated
     }
     bytes.extend(b"\r\n");
     let victims_id = victim.id.as_bytes();
-    let targets_victim = path.contains(&victim.id)
+    // The victim's id where a path names the session (`a`). As a message id (`b`), in a path of
+    // the intruder's own session, it names nothing of the victim's: cancelling an unknown message
+    // id of one's own session is `202` and does nothing (docs/http-api.md).
+    let targets_victim = (a == victim.id && path.contains(&a))
         || (path.ends_with("/v1/ai-sdk/chat") && body.windows(victims_id.len()).any(|w| w == victims_id));
     bytes.extend(body);
     Generated { bytes, head: method == "HEAD", bad_version, targets_victim, readiness: path == "/readyz" }
