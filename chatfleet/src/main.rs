@@ -7,8 +7,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = chatfleet::cli::Cli::parse();
-    // reqwest and the model client are built without a default TLS provider; every role needs one.
-    llm::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

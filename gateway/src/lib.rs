@@ -152,9 +152,6 @@ impl Gateway {
         config: GatewayConfig,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, store::StoreError> {
-        // reqwest (the channels' platform clients, webhook deliveries) is built without a
-        // default TLS provider; building a client without one installed panics.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let key = match &config.token_key {
             Some(key) => key.clone(),
             None => {

@@ -207,7 +207,7 @@ where
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
         let in_flight = InFlight::begin(self.activity.clone());
-        let answer = tower_service::Service::call(&mut self.router, request.map(Body::new));
+        let answer = tower_service::Service::call(&mut self.router, request);
         Box::pin(async move {
             let response = answer.await?;
             Ok(response.map(|body| Body::new(Finishing { body, _in_flight: in_flight })))

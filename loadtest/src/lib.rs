@@ -28,8 +28,6 @@ pub use runner::{RunConfig, run};
 /// Runs the command line's scenario, prints the summary on stdout and writes the files it asks
 /// for. Returns whether the run passed; errors only when it could not run or report.
 pub async fn execute(cli: &cli::Cli, shutdown: impl Future<Output = ()>) -> anyhow::Result<bool> {
-    // reqwest is built without a default TLS provider: every client of every scenario needs one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Some(config) = cli.webhook_config()? {
         let report = webhooks::run(&config, shutdown).await?;
         print!("{}", report.summary_table());

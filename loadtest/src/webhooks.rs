@@ -279,6 +279,8 @@ pub async fn run(config: &WebhookConfig, shutdown: impl Future<Output = ()>) -> 
     let receiver = listener.local_addr()?;
     let app = Router::new().fallback(axum::routing::post(receive)).with_state(book.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    // reqwest is built without a default TLS provider (as in `client.rs`).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder().timeout(config.timeout).build()?;
 
     let started = Instant::now();
