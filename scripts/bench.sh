@@ -28,6 +28,12 @@
 #                                      events' memory, NATS stream size and resume time
 #   BENCH_WEBHOOKS="100 1000"          signed webhook conversations driven to their signed
 #                                      deliveries, per run, on dev and fleet ("" skips them)
+#   BENCH_PROFILE_USERS=1000           a burst of this many users on dev and on the fleet, sampled
+#   BENCH_PROFILE_HZ=999               by `perf record` at this rate: a flame graph per target and
+#   BENCH_PERF_DIR=docs/perf           the CPU budget per step of a message, from the samples and the
+#                                      CPU time of the unprofiled burst of the same size (0 skips;
+#                                      perf from Debian's linux-perf, inferno from crates.io, both
+#                                      installed on first use); the SVGs are written to BENCH_PERF_DIR
 #   BENCH_TARGETS="direct dev fleet"   which targets (ratios need direct)
 #   BENCH_WARMUP=5                     warm-up users before each measured run (0: none)
 #   BENCH_TIMEOUT=120                  loadtest --timeout: longest wait for a reply, seconds
@@ -63,6 +69,9 @@ BENCH_RETENTION_SECS="${BENCH_RETENTION_SECS:-600}"
 # Extra arguments of every chatfleet role (the retention runs set --event-retention-secs).
 ROLE_ARGS=()
 BENCH_WEBHOOKS="${BENCH_WEBHOOKS-100 1000}"
+BENCH_PROFILE_USERS="${BENCH_PROFILE_USERS:-1000}"
+BENCH_PROFILE_HZ="${BENCH_PROFILE_HZ:-999}"
+BENCH_PERF_DIR="${BENCH_PERF_DIR:-docs/perf}"
 BENCH_TARGETS="${BENCH_TARGETS:-direct dev fleet}"
 BENCH_WARMUP="${BENCH_WARMUP:-5}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-120}"
@@ -75,6 +84,8 @@ readonly MOCK_ARGS=(--first-token-ms 200 --token-ms 20 --reply-tokens 32)
 readonly MODEL=chatfleet-mock
 # The MongoDB-wire server the fleet runs on (see below).
 readonly SECANTUS_RS_VERSION=0.5.3-beta.196
+# The flame graph tools (inferno-collapse-perf, inferno-flamegraph) of the profiled bursts.
+readonly INFERNO_VERSION=0.12.8
 
 readonly CF="$ROOT/target/release/chatfleet"
 readonly LT="$ROOT/target/release/chatfleet-loadtest"
@@ -379,6 +390,60 @@ run_webhooks() { # target conversations
   stop_procs
 }
 
+# A burst sampled by perf: which functions each chatfleet process spends its CPU in. perf attaches
+# after the warm-up and is stopped when the burst is over; its samples are folded into one stack
+# per line (inferno-collapse-perf), named by role, and drawn as a flame graph. The helper's
+# `budget` command sorts the samples into the steps of a message.
+run_profile() { # target
+  local target="$1" n="$BENCH_PROFILE_USERS" role pids=() roles=() perf_pid
+  local name="$1-profile-$BENCH_PROFILE_USERS" logs="$RESULTS/logs/$1-profile-$BENCH_PROFILE_USERS"
+  say "$name: a burst of $n users sampled by perf at $BENCH_PROFILE_HZ Hz"
+  start_target "$target" "$logs"
+  if ((BENCH_WARMUP > 0)); then
+    "$LT" "${LT_TARGET[@]}" --no-progress --timeout 30 burst --users "$BENCH_WARMUP" >"$logs/warmup.txt" 2>&1 ||
+      say "$name: warm-up had errors (see $logs/warmup.txt)"
+  fi
+  for role in dev gateway worker1 worker2; do
+    if [[ -n "${PID[$role]:-}" ]]; then
+      pids+=("${PID[$role]}")
+      roles+=("$role=${PID[$role]}")
+    fi
+  done
+  python3 "$HELPER" procs "${roles[@]}" >"$RESULTS/$name.procs-before.json"
+  # DWARF unwinding: the release build keeps line tables and unwind tables, not frame pointers.
+  perf record -F "$BENCH_PROFILE_HZ" --call-graph dwarf,16384 -o "$logs/perf.data" \
+    -p "$(IFS=,; echo "${pids[*]}")" >"$logs/perf-record.txt" 2>&1 &
+  perf_pid=$!
+  sleep 1 # (perf attaches to every thread of each process)
+  "$LT" "${LT_TARGET[@]}" --no-progress --timeout "$BENCH_TIMEOUT" --json "$RESULTS/$name.json" \
+    burst --users "$n" >"$RESULTS/$name.txt" 2>"$logs/loadtest.stderr" || say "$name: the burst had errors (see $RESULTS/$name.txt)"
+  python3 "$HELPER" procs "${roles[@]}" >"$RESULTS/$name.procs-after.json"
+  kill -INT "$perf_pid" 2>/dev/null || true
+  wait "$perf_pid" || say "$name: perf record failed (see $logs/perf-record.txt)"
+  stop_procs
+  perf script -F comm,pid,tid,time,period,event,ip,sym,dso -i "$logs/perf.data" 2>"$logs/perf-script.stderr" |
+    inferno-collapse-perf --pid >"$logs/folded.txt" ||
+    { say "$name: cannot fold perf's samples (see $logs/perf-script.stderr)"; return 0; }
+  python3 "$HELPER" fold-roles "$logs/folded.txt" "${roles[@]}" >"$RESULTS/$name.folded"
+  inferno-flamegraph --title "chatfleet $target: a burst of $n users ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
+    --width 1600 --minwidth 0.2 <"$RESULTS/$name.folded" >"$PERF_DIR/$target-burst-$n.svg" ||
+    say "$name: cannot draw the flame graph"
+}
+
+# perf (Debian's linux-perf) and inferno (crates.io), for the profiled bursts.
+profile_tools() {
+  command -v perf >/dev/null || apt_install linux-perf
+  perf --version >/dev/null 2>&1 || die "perf is installed but does not run (its package must match the kernel's tools)"
+  local cargo_bin="${CARGO_HOME:-$HOME/.cargo}/bin"
+  if ! command -v inferno-flamegraph >/dev/null; then
+    [[ -x "$cargo_bin/inferno-flamegraph" ]] || {
+      say "installing inferno $INFERNO_VERSION (cargo install inferno, once)"
+      cargo install inferno --locked --version "$INFERNO_VERSION" >&2 || die "cannot install inferno"
+    }
+    PATH="$PATH:$cargo_bin"
+  fi
+}
+
 # ---------------------------------------------------------------------------------------------
 # Main.
 
@@ -431,7 +496,14 @@ if has_target fleet; then
   say "fleet: $nats_version; MongoDB-wire server: $mongo_server"
 fi
 
+if ((BENCH_PROFILE_USERS > 0)); then profile_tools; fi
+
 mkdir -p "$BENCH_OUT/logs"
+PERF_DIR=""
+if ((BENCH_PROFILE_USERS > 0)); then
+  mkdir -p "$BENCH_PERF_DIR"
+  PERF_DIR="$(cd "$BENCH_PERF_DIR" && pwd)"
+fi
 RESULTS="$(cd "$BENCH_OUT" && pwd)" # absolute: some servers run in their own directory
 say "results in $RESULTS"
 
@@ -446,7 +518,8 @@ python3 "$HELPER" meta \
   "users=$BENCH_USERS" "ramp_rate=$BENCH_RAMP_RATE" "ramp_secs=$BENCH_RAMP_SECS" \
   "targets=$BENCH_TARGETS" "warmup=$BENCH_WARMUP" "timeout=$BENCH_TIMEOUT" \
   "idle_streams=$BENCH_IDLE_STREAMS" "retention_users=$BENCH_RETENTION_USERS" "retention_secs=$BENCH_RETENTION_SECS" "label=${BENCH_LABEL:-}" "reference=$reference" \
-  "webhooks=$BENCH_WEBHOOKS" \
+  "webhooks=$BENCH_WEBHOOKS" "profile_users=$BENCH_PROFILE_USERS" "profile_hz=$BENCH_PROFILE_HZ" \
+  "perf_dir=$BENCH_PERF_DIR" \
   "sustain_rates=$BENCH_SUSTAIN_RATES" "sustain_secs=$BENCH_SUSTAIN_SECS" "sustain_p99_ms=$BENCH_SUSTAIN_P99_MS" \
   "results_dir=${RESULTS#"$ROOT"/}" \
   "mock_args=${MOCK_ARGS[*]}" "nats_version=$nats_version" "mongo_server=$mongo_server" \
@@ -490,6 +563,12 @@ for n in $BENCH_WEBHOOKS; do
     if has_target "$target"; then run_webhooks "$target" "$n"; fi
   done
 done
+
+if ((BENCH_PROFILE_USERS > 0)); then
+  for target in dev fleet; do
+    if has_target "$target"; then run_profile "$target"; fi
+  done
+fi
 
 say "report"
 python3 "$HELPER" report "$RESULTS" --out "$BENCH_MD"
