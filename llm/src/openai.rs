@@ -1,39 +1,35 @@
-//! [`OpenAiModel`]: a [`ChatModel`] over any OpenAI-compatible chat completions endpoint, built
-//! on async-openai, streaming with usage reported at the end.
+//! [`OpenAiModel`]: a [`ChatModel`] over any OpenAI-compatible chat completions endpoint,
+//! streaming with usage reported at the end.
 //!
-//! Two things are done below async-openai's client, in a small HTTP service of our own:
+//! The request is async-openai's `CreateChatCompletionRequest`, sent with reqwest; the answer's
+//! Server-Sent Events are read in place, in the task that consumes the reply (eventsource-stream
+//! over the response body), and each chunk is parsed into a small borrowed view of the fields
+//! chatfleet uses. No task or channel per reply, no copy of the fields it ignores. What this
+//! keeps that a general-purpose client would not:
 //!
-//! * async-openai's default transport retries 429s, 5xxs and connection errors by itself. Here
-//!   retrying is the worker's decision, so the default transport is replaced by one that sends
-//!   each request exactly once.
-//! * async-openai drops the response headers of a failed request and hides whether a stream
-//!   ended with `data: [DONE]` or just stopped. The service keeps `Retry-After` for the error,
-//!   and watches the body for the `[DONE]` line, so a reply whose connection was cut is not
-//!   mistaken for a finished one.
+//! * each request is sent exactly once: retrying is the worker's decision;
+//! * a failed request's `Retry-After` and error body are kept for the error;
+//! * a stream that ends without `data: [DONE]` (and without a finish reason) is a reply whose
+//!   connection was cut, not a finished one.
 
 use schemas::redact_url;
+use std::borrow::Cow;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_openai::Client;
-use async_openai::config::OpenAIConfig;
-use async_openai::error::{ApiError, OpenAIError, WrappedError};
-use async_openai::middleware::HttpRequestFactory;
+use async_openai::error::{ApiError, WrappedError};
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestAssistantMessageContent, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestSystemMessageContent, ChatCompletionRequestUserMessage,
-    ChatCompletionRequestUserMessageContent, ChatCompletionResponseStream, ChatCompletionStreamOptions,
-    CreateChatCompletionRequest, FinishReason as OpenAiFinishReason,
+    ChatCompletionRequestUserMessageContent, ChatCompletionStreamOptions, CreateChatCompletionRequest,
 };
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures::future::BoxFuture;
-use futures::{Stream, StreamExt};
-use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER};
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use schemas::{ErrorCode, FinishReason, Usage};
+use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::{ChatChunk, ChatMessage, ChatModel, ChatRequest, ChatRole, ChunkStream, LlmError};
@@ -78,9 +74,11 @@ impl fmt::Debug for OpenAiSettings {
 /// A chat model behind an OpenAI-compatible HTTP endpoint. Holds one pooled HTTP client, shared
 /// by every request it makes.
 pub struct OpenAiModel {
-    client: Client<OpenAIConfig>,
     http: reqwest::Client,
-    send_key: bool,
+    /// `<base_url>/chat/completions`.
+    url: reqwest::Url,
+    /// `Bearer <key>`, marked sensitive; no header at all without a key.
+    authorization: Option<HeaderValue>,
     model: String,
     /// The base URL with any user name and password removed, for logs.
     shown_url: String,
@@ -118,14 +116,20 @@ impl OpenAiModel {
         if settings.model.trim().is_empty() {
             return Err(misconfigured("the model name is empty".into()));
         }
-        // A key read from a file often ends in a newline; async-openai would panic building the
-        // header from it, so it is trimmed, and a key that still cannot be a header is refused.
-        let api_key = settings.api_key.as_deref().map(str::trim);
-        if let Some(key) = api_key
-            && reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).is_err()
-        {
-            return Err(misconfigured("the API key has characters not allowed in a header".into()));
-        }
+        // A key read from a file often ends in a newline, so it is trimmed; a key that still
+        // cannot be a header is refused.
+        let authorization = match settings.api_key.as_deref().map(str::trim) {
+            None => None,
+            Some(key) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| misconfigured("the API key has characters not allowed in a header".into()))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        let url = reqwest::Url::parse(&format!("{base_url}/chat/completions")).map_err(|error| {
+            misconfigured(format!("model base URL {:?} is not a URL: {error}", redact_url(&base_url)))
+        })?;
 
         let http = reqwest::Client::builder()
             .user_agent(concat!("chatfleet/", env!("CARGO_PKG_VERSION")))
@@ -133,20 +137,10 @@ impl OpenAiModel {
             .build()
             .map_err(|error| misconfigured(format!("cannot build the HTTP client: {error}")))?;
 
-        // Every field is set explicitly: `OpenAIConfig::new()` would otherwise pick up
-        // OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_ORG_ID and OPENAI_PROJECT_ID from the
-        // environment, and the settings are meant to be the whole truth.
-        let config = OpenAIConfig::new()
-            .with_api_base(base_url.clone())
-            .with_api_key(api_key.unwrap_or_default())
-            .with_org_id("")
-            .with_project_id("");
-        let client = Client::build(http.clone(), config);
-
         Ok(Self {
-            client,
             http,
-            send_key: api_key.is_some(),
+            url,
+            authorization,
             model: settings.model,
             shown_url: redact_url(&base_url),
             first_token_timeout: settings.first_token_timeout,
@@ -175,30 +169,29 @@ impl OpenAiModel {
 impl ChatModel for OpenAiModel {
     async fn stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
         let first_chunk_deadline = Instant::now() + self.first_token_timeout;
-        let body = self.completion_request(&request);
-
-        // A client per request costs a few clones (the HTTP pool is shared); it lets this
-        // request's transport report whether its own stream saw `[DONE]`.
-        let saw_done = Arc::new(AtomicBool::new(false));
-        let client = self.client.clone().with_http_service(SendOnce {
-            http: self.http.clone(),
-            send_key: self.send_key,
-            saw_done: Some(Arc::clone(&saw_done)),
-        });
-        let opened = tokio::time::timeout_at(first_chunk_deadline, client.chat().create_stream(body))
+        let mut post = self.http.post(self.url.clone()).json(&self.completion_request(&request));
+        if let Some(authorization) = &self.authorization {
+            post = post.header(AUTHORIZATION, authorization.clone());
+        }
+        let opened = async {
+            let response = post.send().await.map_err(|error| request_failed(&error))?;
+            if !response.status().is_success() {
+                return Err(failure(response).await);
+            }
+            Ok(response)
+        };
+        let response = tokio::time::timeout_at(first_chunk_deadline, opened)
             .await
-            .map_err(|_| first_chunk_timeout(self.first_token_timeout))?
-            .map_err(|error| classify(&error))?;
+            .map_err(|_| first_chunk_timeout(self.first_token_timeout))??;
 
         let progress = Progress {
-            inner: opened,
+            events: response.bytes_stream().eventsource().boxed(),
             first_chunk_deadline,
             first_token_timeout: self.first_token_timeout,
             idle_timeout: self.idle_timeout,
             seen_chunk: false,
             finish_reason: None,
             usage: None,
-            saw_done,
             ended: false,
         };
         Ok(futures::stream::unfold(progress, |mut progress| async move {
@@ -231,9 +224,12 @@ fn openai_message(message: &ChatMessage) -> ChatCompletionRequestMessage {
     }
 }
 
+/// The server-sent events of one reply, read straight from the response body.
+type SseEvents = BoxStream<'static, Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>>;
+
 /// The state of one streamed reply as it is turned into [`ChatChunk`]s.
 struct Progress {
-    inner: ChatCompletionResponseStream,
+    events: SseEvents,
     first_chunk_deadline: Instant,
     first_token_timeout: Duration,
     idle_timeout: Duration,
@@ -242,7 +238,6 @@ struct Progress {
     /// which normally first brings the usage chunk.
     finish_reason: Option<FinishReason>,
     usage: Option<Usage>,
-    saw_done: Arc<AtomicBool>,
     ended: bool,
 }
 
@@ -253,17 +248,17 @@ impl Progress {
         }
         loop {
             let next = if self.seen_chunk {
-                tokio::time::timeout(self.idle_timeout, self.inner.next()).await
+                tokio::time::timeout(self.idle_timeout, self.events.next()).await
             } else {
-                tokio::time::timeout_at(self.first_chunk_deadline, self.inner.next()).await
+                tokio::time::timeout_at(self.first_chunk_deadline, self.events.next()).await
             };
             let event = match next {
-                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Ok(event))) => event,
                 Ok(None) => {
                     self.ended = true;
                     // Without a finish reason only `[DONE]` tells a complete reply from one
                     // whose connection closed early.
-                    if self.finish_reason.is_none() && !self.saw_done.load(Ordering::Acquire) {
+                    if self.finish_reason.is_none() {
                         return Some(Err(LlmError::Transient {
                             message: "the model's stream ended before the reply was finished".into(),
                             retry_after: None,
@@ -278,7 +273,7 @@ impl Progress {
                     if self.finish_reason.is_some() {
                         return Some(Ok(self.finished()));
                     }
-                    return Some(Err(classify(&error)));
+                    return Some(Err(transient(format!("model stream failed: {error}"))));
                 }
                 Err(_elapsed) => {
                     self.ended = true;
@@ -294,21 +289,44 @@ impl Progress {
                     }));
                 }
             };
+            if event.data == "[DONE]" {
+                self.ended = true;
+                return Some(Ok(self.finished()));
+            }
+            if event.event == "keepalive" {
+                continue;
+            }
 
             self.seen_chunk = true;
-            if let Some(usage) = event.usage {
+            let chunk = match serde_json::from_str::<StreamChunk<'_>>(&event.data) {
+                Ok(chunk) => chunk,
+                Err(error) => {
+                    self.ended = true;
+                    return Some(Err(LlmError::Permanent {
+                        code: ErrorCode::ModelBadResponse,
+                        message: format!("the model sent something that is not a chat chunk: {error}"),
+                    }));
+                }
+            };
+            // OpenAI reports failures that happen mid-stream as an error object in place of a
+            // chunk; those are the server's trouble and worth another try.
+            if let Some(error) = chunk.error {
+                self.ended = true;
+                return Some(Err(transient(format!("model failed mid-reply: {}", error.message))));
+            }
+            if let Some(usage) = chunk.usage {
                 self.usage =
                     Some(Usage { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens });
             }
             // One reply is asked for, so only the first choice matters.
-            if let Some(choice) = event.choices.into_iter().find(|choice| choice.index == 0) {
+            if let Some(choice) = chunk.choices.into_iter().find(|choice| choice.index == 0) {
                 if let Some(reason) = choice.finish_reason {
-                    self.finish_reason = Some(finish_reason(reason));
+                    self.finish_reason = Some(finish_reason(&reason));
                 }
-                if let Some(text) = choice.delta.content
+                if let Some(text) = choice.delta.and_then(|delta| delta.content)
                     && !text.is_empty()
                 {
-                    return Some(Ok(ChatChunk::Delta(text)));
+                    return Some(Ok(ChatChunk::Delta(text.into_owned())));
                 }
             }
         }
@@ -322,13 +340,54 @@ impl Progress {
     }
 }
 
-fn finish_reason(reason: OpenAiFinishReason) -> FinishReason {
+/// The fields of a `chat.completion.chunk` that chatfleet reads, borrowed from the event's
+/// text where it has no escapes. Everything else in a chunk is skipped, not copied.
+#[derive(Deserialize)]
+struct StreamChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<StreamChoice<'a>>,
+    #[serde(default)]
+    usage: Option<StreamUsage>,
+    /// An error object sent in place of a chunk.
+    #[serde(default)]
+    error: Option<StreamFailure>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(default, borrow)]
+    delta: Option<StreamDelta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct StreamDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct StreamUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+#[derive(Deserialize)]
+struct StreamFailure {
+    #[serde(default)]
+    message: String,
+}
+
+/// The finish reason as chatfleet names it; a reason it does not know is kept as it is.
+fn finish_reason(reason: &str) -> FinishReason {
     match reason {
-        OpenAiFinishReason::Stop => FinishReason::Stop,
-        OpenAiFinishReason::Length => FinishReason::Length,
-        OpenAiFinishReason::ContentFilter => FinishReason::ContentFilter,
-        OpenAiFinishReason::ToolCalls => FinishReason::Other("tool_calls".into()),
-        OpenAiFinishReason::FunctionCall => FinishReason::Other("function_call".into()),
+        "stop" => FinishReason::Stop,
+        "length" => FinishReason::Length,
+        "content_filter" => FinishReason::ContentFilter,
+        other => FinishReason::Other(other.to_owned()),
     }
 }
 
@@ -339,45 +398,16 @@ fn first_chunk_timeout(limit: Duration) -> LlmError {
     }
 }
 
-/// Sorts an async-openai error into what the caller should do next.
-fn classify(error: &OpenAIError) -> LlmError {
-    match error {
-        OpenAIError::Boxed(inner) => match inner.downcast_ref::<HttpFailure>() {
-            Some(failure) => {
-                error_for_status(failure.status, &failure.detail, failure.api_code.as_deref(), failure.retry_after)
-            }
-            None => transient(format!("model request failed: {inner}")),
-        },
-        // Our transport turns every non-2xx answer into `HttpFailure`, so this only happens if
-        // async-openai itself starts reporting statuses in a new place.
-        OpenAIError::ApiError(response) => error_for_status(
-            response.status_code.as_u16(),
-            &response.api_error.message,
-            api_code(&response.api_error),
-            None,
-        ),
-        OpenAIError::Reqwest(error) if error.is_builder() => LlmError::Permanent {
+/// A request that got no answer: one that could not be built is a misconfiguration, anything
+/// else (refused, reset, timed out) is worth another try.
+fn request_failed(error: &reqwest::Error) -> LlmError {
+    if error.is_builder() {
+        return LlmError::Permanent {
             code: ErrorCode::ModelMisconfigured,
             message: format!("cannot build the model request: {error}"),
-        },
-        OpenAIError::Reqwest(error) => transient(format!("model connection failed: {error}")),
-        OpenAIError::StreamError(error) => transient(format!("model stream failed: {error}")),
-        OpenAIError::JSONDeserialize(error, content) => {
-            // OpenAI reports failures that happen mid-stream as an error object in place of a
-            // chunk; those are the server's trouble and worth another try.
-            if let Ok(wrapped) = serde_json::from_str::<WrappedError>(content) {
-                return transient(format!("model failed mid-reply: {}", wrapped.error.message));
-            }
-            LlmError::Permanent {
-                code: ErrorCode::ModelBadResponse,
-                message: format!("the model sent something that is not a chat chunk: {error}"),
-            }
-        }
-        OpenAIError::InvalidArgument(message) => {
-            LlmError::Permanent { code: ErrorCode::ModelBadRequest, message: message.clone() }
-        }
-        other => LlmError::Permanent { code: ErrorCode::ModelClientError, message: other.to_string() },
+        };
     }
+    transient(format!("model connection failed: {error}"))
 }
 
 fn transient(message: String) -> LlmError {
@@ -424,60 +454,9 @@ pub(crate) fn error_for_status(
     LlmError::Permanent { code, message }
 }
 
-/// A non-2xx answer, with what async-openai would otherwise drop.
-#[derive(Debug, thiserror::Error)]
-#[error("HTTP {status}: {detail}")]
-struct HttpFailure {
-    status: u16,
-    retry_after: Option<Duration>,
-    /// The error message from the body, or the start of the body.
-    detail: String,
-    api_code: Option<String>,
-}
-
-/// The transport under async-openai: sends each request once, with no retries, keeps failures'
-/// headers, and marks `saw_done` when the body carries the `[DONE]` line.
-#[derive(Clone)]
-struct SendOnce {
-    http: reqwest::Client,
-    send_key: bool,
-    saw_done: Option<Arc<AtomicBool>>,
-}
-
-impl tower::Service<HttpRequestFactory> for SendOnce {
-    type Response = reqwest::Response;
-    type Error = OpenAIError;
-    type Future = BoxFuture<'static, Result<reqwest::Response, OpenAIError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, factory: HttpRequestFactory) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let mut request = factory.build().await?;
-            if !this.send_key {
-                request.headers_mut().remove(AUTHORIZATION);
-            }
-            let response = this.http.execute(request).await?;
-            let status = response.status();
-            if !status.is_success() {
-                return Err(OpenAIError::Boxed(Box::new(read_failure(response).await)));
-            }
-            let Some(saw_done) = this.saw_done else {
-                return Ok(response);
-            };
-
-            let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
-            let chunks = reqwest::Response::from(http::Response::new(body)).bytes_stream();
-            let watched = watch_for_done(chunks, saw_done);
-            Ok(reqwest::Response::from(http::Response::from_parts(parts, reqwest::Body::wrap_stream(watched))))
-        })
-    }
-}
-
-async fn read_failure(response: reqwest::Response) -> HttpFailure {
+/// The error for a non-2xx answer: its status, the error message from its body (or the start of
+/// the body), the API's error code, and the wait it asked for.
+async fn failure(response: reqwest::Response) -> LlmError {
     const MAX_DETAIL_CHARS: usize = 500;
     let status = response.status().as_u16();
     let retry_after = retry_after(response.headers());
@@ -490,8 +469,8 @@ async fn read_failure(response: reqwest::Response) -> HttpFailure {
         }
         Err(_) => (String::from_utf8_lossy(&body).trim().to_owned(), None),
     };
-    let detail = detail.chars().take(MAX_DETAIL_CHARS).collect();
-    HttpFailure { status, retry_after, detail, api_code }
+    let detail: String = detail.chars().take(MAX_DETAIL_CHARS).collect();
+    error_for_status(status, &detail, api_code.as_deref(), retry_after)
 }
 
 /// The wait a failure asks for: `retry-after-ms` (OpenAI and Azure send it), else
@@ -505,74 +484,9 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     from_ms.or_else(|| number(RETRY_AFTER).and_then(|s| Duration::try_from_secs_f64(s).ok()))
 }
 
-/// Passes the body through unchanged, setting `flag` once a line reading `data: [DONE]` goes by.
-fn watch_for_done(
-    body: impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
-    flag: Arc<AtomicBool>,
-) -> impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static {
-    let mut lines = DoneLine::default();
-    body.inspect(move |chunk| {
-        if let Ok(bytes) = chunk
-            && lines.feed(bytes)
-        {
-            flag.store(true, Ordering::Release);
-        }
-    })
-}
-
-/// Finds `data: [DONE]` lines in a byte stream cut at arbitrary places, keeping only the start
-/// of the current line.
-#[derive(Default)]
-struct DoneLine {
-    line: Vec<u8>,
-    too_long: bool,
-}
-
-impl DoneLine {
-    const LONGEST: usize = 16;
-
-    /// Feeds more bytes; true if a `[DONE]` line ended among them.
-    fn feed(&mut self, bytes: &[u8]) -> bool {
-        let mut found = false;
-        for &byte in bytes {
-            if byte == b'\n' || byte == b'\r' {
-                let line = self.line.trim_ascii();
-                found |= !self.too_long && (line == b"data: [DONE]" || line == b"data:[DONE]");
-                self.line.clear();
-                self.too_long = false;
-            } else if self.line.len() < Self::LONGEST {
-                self.line.push(byte);
-            } else {
-                self.too_long = true;
-            }
-        }
-        found
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn done_lines_are_found_even_when_split_across_chunks() {
-        let mut lines = DoneLine::default();
-
-        let first = lines.feed(b"data: {\"x\":1}\n\ndata: [DO");
-        let second = lines.feed(b"NE]\n\n");
-
-        assert!(!first);
-        assert!(second);
-    }
-
-    #[test]
-    fn done_inside_content_is_not_taken_for_the_end_of_the_stream() {
-        let mut lines = DoneLine::default();
-
-        let found = lines.feed(b"data: {\"content\":\"data: [DONE]\"}\n\n");
-
-        assert!(!found);
-    }
 
     #[test]
     fn retry_after_prefers_milliseconds_over_seconds() {
