@@ -236,13 +236,47 @@ impl ReplyEvent {
     /// The SSE `data:` payload of this event as http-api.md defines it: the session and
     /// message ids plus the event's own fields, without the bus-only `v`, `event_id`, `type`.
     pub fn client_payload(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(&self.kind).unwrap_or_default();
-        if let Some(map) = value.as_object_mut() {
-            map.remove("type");
-            map.insert("session_id".into(), self.session_id.as_str().into());
-            map.insert("message_id".into(), self.message_id.as_str().into());
+        serde_json::to_value(ClientPayload(self)).unwrap_or_default()
+    }
+
+    /// [`Self::client_payload`] as JSON text, written straight from the event (no intermediate
+    /// value): what a gateway sends for every event of every reply.
+    pub fn client_payload_json(&self) -> String {
+        serde_json::to_string(&ClientPayload(self)).unwrap_or_default()
+    }
+}
+
+/// The client's view of a reply event (see [`ReplyEvent::client_payload`]). Every variant's
+/// fields are named here, so a field added to one fails to compile until it is placed.
+struct ClientPayload<'a>(&'a ReplyEvent);
+
+impl Serialize for ClientPayload<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let event = self.0;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("session_id", &event.session_id)?;
+        map.serialize_entry("message_id", &event.message_id)?;
+        match &event.kind {
+            ReplyEventKind::Delta { index, text } => {
+                map.serialize_entry("index", index)?;
+                map.serialize_entry("text", text)?;
+            }
+            ReplyEventKind::Reset { reason } => map.serialize_entry("reason", reason)?,
+            ReplyEventKind::Done { reply_id, text, finish_reason, usage } => {
+                map.serialize_entry("reply_id", reply_id)?;
+                map.serialize_entry("text", text)?;
+                map.serialize_entry("finish_reason", finish_reason)?;
+                if let Some(usage) = usage {
+                    map.serialize_entry("usage", usage)?;
+                }
+            }
+            ReplyEventKind::Error { code, message } => {
+                map.serialize_entry("code", code)?;
+                map.serialize_entry("message", message)?;
+            }
         }
-        value
+        map.end()
     }
 }
 
@@ -344,6 +378,37 @@ mod tests {
         assert_eq!(keys, ["index", "message_id", "session_id", "text"]);
         assert_eq!(payload["index"], 4);
         assert_eq!(e.kind.name(), "delta");
+    }
+
+    #[test]
+    fn the_client_payload_is_the_kind_without_its_tag_plus_the_ids_for_every_kind() {
+        let kinds = [
+            ReplyEventKind::Delta { index: 4, text: "a \"quoted\"\nline".into() },
+            ReplyEventKind::Reset { reason: "model_unavailable".into() },
+            ReplyEventKind::Done {
+                reply_id: ReplyId::for_message(&MessageId::parse("m1").unwrap()),
+                text: "whole".into(),
+                finish_reason: FinishReason::interrupted(),
+                usage: Some(Usage { prompt_tokens: 3, completion_tokens: 5 }),
+            },
+            ReplyEventKind::Done {
+                reply_id: ReplyId::for_message(&MessageId::parse("m2").unwrap()),
+                text: String::new(),
+                finish_reason: FinishReason::Stop,
+                usage: None,
+            },
+            ReplyEventKind::Error { code: ErrorCode::ModelUnavailable, message: "down".into() },
+        ];
+        for kind in kinds {
+            let e = event(kind.clone());
+            let mut expected = serde_json::to_value(&kind).unwrap();
+            let map = expected.as_object_mut().unwrap();
+            map.remove("type");
+            map.insert("session_id".into(), e.session_id.as_str().into());
+            map.insert("message_id".into(), e.message_id.as_str().into());
+            assert_eq!(e.client_payload(), expected);
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&e.client_payload_json()).unwrap(), expected);
+        }
     }
 
     fn user_message(json: &str) -> UserMessage {

@@ -290,27 +290,35 @@ fn reply_stream(
 ) -> impl Stream<Item = ReplyEvent> + Send {
     let wanted = message_id.clone();
     let mine = events.filter(move |e| futures::future::ready(e.message_id == wanted)).boxed();
-    futures::stream::unfold((mine, false), move |(mut events, finished)| {
-        let (state, session, message_id) = (state.clone(), session.clone(), message_id.clone());
-        async move {
-            if finished {
-                return None;
-            }
-            let event = loop {
-                match tokio::time::timeout(state.config.reply_check, events.next()).await {
-                    Ok(event) => break event?,
-                    Err(_quiet) => {
-                        if let Some(event) = stored_outcome(&state, &session, &message_id).await {
-                            break event;
-                        }
+    // Everything the stream needs travels through it by move: nothing is cloned per event.
+    let follow = Follow { state, session, message_id, events: mine, finished: false };
+    futures::stream::unfold(follow, |mut follow| async move {
+        if follow.finished {
+            return None;
+        }
+        let event = loop {
+            match tokio::time::timeout(follow.state.config.reply_check, follow.events.next()).await {
+                Ok(event) => break event?,
+                Err(_quiet) => {
+                    if let Some(event) = stored_outcome(&follow.state, &follow.session, &follow.message_id).await {
+                        break event;
                     }
                 }
-            };
-            // End right after the terminal event rather than when the next event arrives.
-            let finished = event.kind.is_terminal();
-            Some((event, (events, finished)))
-        }
+            }
+        };
+        // End right after the terminal event rather than when the next event arrives.
+        follow.finished = event.kind.is_terminal();
+        Some((event, follow))
     })
+}
+
+/// The state of one [`reply_stream`] between its events.
+struct Follow {
+    state: AppState,
+    session: SessionId,
+    message_id: MessageId,
+    events: futures::stream::BoxStream<'static, ReplyEvent>,
+    finished: bool,
 }
 
 /// The terminal event of a message whose outcome is stored, if it is.
