@@ -1,5 +1,5 @@
 //! The language model: one [`ChatModel`] trait over any OpenAI-compatible endpoint
-//! (`openai.rs`, built on async-openai) and the built-in stand-in model (`stand_in.rs`), plus
+//! (`openai.rs`: reqwest, eventsource-stream and async-openai's request types) and the built-in stand-in model (`stand_in.rs`), plus
 //! `chatfleet mock-llm`, a local OpenAI-compatible server (`mock_server.rs`). The stand-in and
 //! the mock server share one reply generator (`mock_reply.rs`), so they answer alike.
 //!
