@@ -1007,6 +1007,9 @@ STEPS: list[tuple[str, str]] = [
         r"|chatfleet_store::embedded::(commit_batch|spawn_writer)|redb::",
     ),
     ("bus client I/O (NATS, AMQP connections)", r"^async_nats::|^<async_nats::|^lapin::|^<lapin::|amq_protocol"),
+    # The MongoDB driver runs each operation in a task of its own, so on the fleet most of the
+    # store's reads and writes show here rather than under the steps above.
+    ("the MongoDB driver (reads and writes, in its own tasks)", r"mongodb::|bson::"),
     (
         "logs, traces and metrics",
         r"tracing_subscriber::|tracing_core::|tracing::span::|tracing_opentelemetry|opentelemetry|chatfleet_\w+::telemetry|metrics_exporter|metrics::",
