@@ -30,6 +30,16 @@ pub const MIN_SERVER_VERSION: semver::Version = semver::Version::new(2, 11, 0);
 /// How long creating or changing a stream may take: a cluster places every replica first.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long start-up goes on trying a layout whose requests time out (see [`NatsBus::connect`]).
+const LAYOUT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Whether a layout step failed because a JetStream request got no answer in time. The
+/// client's errors differ in type from one API to the next (streams, consumers, buckets), and
+/// the layout steps keep only their text; each says a timeout the same way.
+fn timed_out(error: &BusError) -> bool {
+    error.to_string().contains("timed out")
+}
+
 /// How the NATS bus is set up.
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
@@ -154,19 +164,37 @@ impl NatsBus {
         // Placing a replicated stream takes a cluster longer than a publish may.
         let mut admin = bus.clone();
         admin.js.set_timeout(ADMIN_TIMEOUT);
-        admin.ensure_stream().await?;
+        // A cluster that is still electing a stream's leader (one just started, or one whose
+        // servers are starved of CPU) leaves requests about that stream unanswered: a request
+        // that timed out is tried again, the whole layout being idempotent, until
+        // LAYOUT_DEADLINE. Anything else the server refuses stops start-up at once.
+        let deadline = tokio::time::Instant::now() + LAYOUT_DEADLINE;
+        loop {
+            match admin.lay_out().await {
+                Ok(()) => return Ok(bus),
+                Err(e) if timed_out(&e) && tokio::time::Instant::now() + ADMIN_TIMEOUT < deadline => {
+                    tracing::warn!(event = "bus_layout_retry", error = %e, "a JetStream request of the start-up layout timed out; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Creates, or checks and updates, every stream, consumer and bucket chatfleet uses.
+    async fn lay_out(&self) -> Result<(), BusError> {
+        self.ensure_stream().await?;
         // The partition consumers exist from the first process on, workers or not, so that the
         // backlog is visible to autoscalers (deploy/, KEDA) before any worker runs.
-        consume::ensure_consumers(&admin).await?;
-        let bucket_stream = format!("KV_{}", admin.settings.names.ownership_bucket());
-        replicas::reconcile(&admin.js, &bucket_stream, admin.settings.replicas, admin.replicas).await?;
+        consume::ensure_consumers(self).await?;
+        let bucket_stream = format!("KV_{}", self.settings.names.ownership_bucket());
+        replicas::reconcile(&self.js, &bucket_stream, self.settings.replicas, self.replicas).await?;
         // Created here rather than on first use, so that a replica count the cluster cannot
         // hold stops start-up.
-        ownership::bucket(&admin).await?;
-        dead_letters::ensure_stream(&admin).await?;
-        deliveries::ensure(&admin).await?;
-        replies::ensure_stream(&admin).await?;
-        Ok(bus)
+        ownership::bucket(self).await?;
+        dead_letters::ensure_stream(self).await?;
+        deliveries::ensure(self).await?;
+        replies::ensure_stream(self).await
     }
 
     /// Returns once the server has processed everything this connection sent before: a
