@@ -431,7 +431,7 @@ run_profile() { # target
     { say "$name: cannot fold perf's samples (see $logs/perf-script.stderr)"; return 0; }
   python3 "$HELPER" fold-roles "$logs/folded.txt" "${roles[@]}" >"$RESULTS/$name.folded"
   inferno-flamegraph --title "chatfleet $target: a burst of $n users ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
-    --width 1600 --minwidth 0.2 <"$RESULTS/$name.folded" >"$PERF_DIR/$target-burst-$n.svg" ||
+    --countname "ns of CPU" --width 1600 --minwidth 0.2 <"$RESULTS/$name.folded" >"$PERF_DIR/$target-burst-$n.svg" ||
     say "$name: cannot draw the flame graph"
 }
 
