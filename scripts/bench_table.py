@@ -1120,11 +1120,11 @@ def profile_table(results: Path, cfg: dict) -> list[str]:
         "| step | " + " | ".join(title for title, *_ in columns) + " |",
         "| --- | " + " | ".join("---:" for _ in columns) + " |",
     ]
+    totals = [sum(per_step.values()) or 1.0 for _, per_step, _, _ in columns]
     for step in steps:
         cells = []
-        for _, per_step, _, _ in columns:
+        for (_, per_step, _, _), total in zip(columns, totals):
             us = per_step.get(step, 0.0)
-            total = sum(per_step.values()) or 1.0
             cells.append(f"{us:.0f} µs ({100 * us / total:.0f}%)")
         md.append(f"| {step} | " + " | ".join(cells) + " |")
     md.append("| **CPU per message** | " + " | ".join(f"**{sum(c[1].values()):.0f} µs**" for c in columns) + " |")
