@@ -4,6 +4,7 @@
 //! Both targets yield the same [`Reply`], so the runner and the report need not know which one
 //! answered.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -362,13 +363,14 @@ impl Client {
                 reply.total = origin.elapsed();
                 return Ok(reply);
             }
-            let chunk: Value = parse_event(&event.data)?;
-            if let Some(error) = chunk.get("error") {
+            let chunk: CompletionChunk = parse_event(&event.data)?;
+            if let Some(error) = &chunk.error {
                 return Err(ErrorKind::Event { code: openai_error_code(error).unwrap_or_else(|| "unknown".into()) });
             }
             // The opening role chunk, the finish chunk and the usage chunk carry no text.
-            let content = chunk.pointer("/choices/0/delta/content").and_then(Value::as_str).unwrap_or("");
-            if !content.is_empty() {
+            let content =
+                chunk.choices.first().and_then(|choice| choice.delta.as_ref()).and_then(|d| d.content.as_deref());
+            if let Some(content) = content.filter(|content| !content.is_empty()) {
                 clock.token(&mut reply);
                 reply.text.push_str(content);
             }
@@ -411,34 +413,68 @@ fn note_message_id(reply: &mut Reply, message_id: &str) {
     }
 }
 
+// The reply events and chunks are read as views borrowed from the event's text (copied only where
+// a string holds escapes): the load generator reads every event of every reply, and what it
+// spends per event is spent on the cores it shares with the target.
+
 #[derive(Deserialize)]
-struct DeltaEvent {
-    session_id: String,
-    message_id: String,
+struct DeltaEvent<'a> {
+    #[serde(borrow)]
+    session_id: Cow<'a, str>,
+    #[serde(borrow)]
+    message_id: Cow<'a, str>,
     index: u64,
+    #[serde(borrow)]
+    text: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct ResetEvent<'a> {
+    #[serde(borrow)]
+    session_id: Cow<'a, str>,
+    #[serde(borrow)]
+    message_id: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct DoneEvent<'a> {
+    #[serde(borrow)]
+    session_id: Cow<'a, str>,
+    #[serde(borrow)]
+    message_id: Cow<'a, str>,
     text: String,
 }
 
 #[derive(Deserialize)]
-struct ResetEvent {
-    session_id: String,
-    message_id: String,
-}
-
-#[derive(Deserialize)]
-struct DoneEvent {
-    session_id: String,
-    message_id: String,
-    text: String,
-}
-
-#[derive(Deserialize)]
-struct ErrorEvent {
-    session_id: String,
+struct ErrorEvent<'a> {
+    #[serde(borrow)]
+    session_id: Cow<'a, str>,
     code: String,
 }
 
-fn parse_event<T: serde::de::DeserializeOwned>(data: &str) -> Result<T, ErrorKind> {
+/// The fields of a `chat.completion.chunk` the load generator reads; the rest is skipped.
+#[derive(Deserialize)]
+struct CompletionChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<CompletionChoice<'a>>,
+    /// An error object sent in place of a chunk.
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<CompletionDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+}
+
+fn parse_event<'a, T: Deserialize<'a>>(data: &'a str) -> Result<T, ErrorKind> {
     serde_json::from_str(data).map_err(|_| ErrorKind::Protocol("event data is not the expected JSON"))
 }
 
