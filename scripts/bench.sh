@@ -390,12 +390,14 @@ run_webhooks() { # target conversations
   stop_procs
 }
 
-# A burst sampled by perf: which functions each chatfleet process spends its CPU in. perf attaches
-# after the warm-up and is stopped when the burst is over; its samples are folded into one stack
-# per line (inferno-collapse-perf), named by role, and drawn as a flame graph. The helper's
-# `budget` command sorts the samples into the steps of a message.
+# A burst sampled by perf: which functions each chatfleet process spends its CPU in, and the load
+# generator too (a perf of its own, which starts it). perf attaches to the servers after the
+# warm-up and is stopped when the burst is over; the samples are folded into one stack per line
+# (inferno-collapse-perf), named by role, and drawn as a flame graph. The helper's `budget`
+# command sorts the samples into the steps of a message. On direct only the load generator is
+# sampled: its flame graph is what the baseline's client costs.
 run_profile() { # target
-  local target="$1" n="$BENCH_PROFILE_USERS" role pids=() roles=() perf_pid
+  local target="$1" n="$BENCH_PROFILE_USERS" role pids=() roles=() perf_pid=""
   local name="$1-profile-$BENCH_PROFILE_USERS" logs="$RESULTS/logs/$1-profile-$BENCH_PROFILE_USERS"
   say "$name: a burst of $n users sampled by perf at $BENCH_PROFILE_HZ Hz"
   start_target "$target" "$logs"
@@ -409,30 +411,59 @@ run_profile() { # target
       roles+=("$role=${PID[$role]}")
     fi
   done
-  python3 "$HELPER" procs "${roles[@]}" >"$RESULTS/$name.procs-before.json"
-  # DWARF unwinding: the release build keeps line tables and unwind tables, not frame pointers.
-  perf record -F "$BENCH_PROFILE_HZ" --call-graph dwarf,16384 -o "$logs/perf.data" \
-    -p "$(IFS=,; echo "${pids[*]}")" >"$logs/perf-record.txt" 2>&1 &
-  perf_pid=$!
-  sleep 1 # (perf attaches to every thread of each process)
-  "$LT" "${LT_TARGET[@]}" --no-progress --timeout "$BENCH_TIMEOUT" --json "$RESULTS/$name.json" \
+  if ((${#roles[@]} > 0)); then
+    python3 "$HELPER" procs "${roles[@]}" >"$RESULTS/$name.procs-before.json"
+    # DWARF unwinding: the release build keeps line tables and unwind tables, not frame pointers.
+    perf record -F "$BENCH_PROFILE_HZ" --call-graph dwarf,16384 -o "$logs/perf.data" \
+      -p "$(IFS=,; echo "${pids[*]}")" >"$logs/perf-record.txt" 2>&1 &
+    perf_pid=$!
+    sleep 1 # (perf attaches to every thread of each process)
+  fi
+  perf record -F "$BENCH_PROFILE_HZ" --call-graph dwarf,16384 -o "$logs/loadtest.perf.data" -- \
+    "$LT" "${LT_TARGET[@]}" --no-progress --timeout "$BENCH_TIMEOUT" --json "$RESULTS/$name.json" \
     burst --users "$n" >"$RESULTS/$name.txt" 2>"$logs/loadtest.stderr" || say "$name: the burst had errors (see $RESULTS/$name.txt)"
-  python3 "$HELPER" procs "${roles[@]}" >"$RESULTS/$name.procs-after.json"
-  kill -INT "$perf_pid" 2>/dev/null || true
-  # (perf's exit status after the interrupt varies; its data file is what tells.)
-  wait "$perf_pid" || true
+  if [[ -n "$perf_pid" ]]; then
+    python3 "$HELPER" procs "${roles[@]}" >"$RESULTS/$name.procs-after.json"
+    kill -INT "$perf_pid" 2>/dev/null || true
+    # (perf's exit status after the interrupt varies; its data file is what tells.)
+    wait "$perf_pid" || true
+  fi
   stop_procs
-  if [[ ! -s "$logs/perf.data" ]]; then
-    say "$name: perf recorded nothing (see $logs/perf-record.txt)"
+  : >"$RESULTS/$name.folded"
+  if [[ -n "$perf_pid" ]]; then
+    fold_profile "$name" "$logs/perf.data" "${roles[@]}"
+  fi
+  fold_profile "$name" "$logs/loadtest.perf.data" loadtest
+  if [[ ! -s "$RESULTS/$name.folded" ]]; then
+    say "$name: perf recorded nothing (see $logs/perf-record.txt and $logs/loadtest.stderr)"
     return 0
   fi
-  perf script -F comm,pid,tid,time,period,event,ip,sym,dso -i "$logs/perf.data" 2>"$logs/perf-script.stderr" |
-    inferno-collapse-perf --pid >"$logs/folded.txt" ||
+  # The servers' flame graph (dev, fleet) and the load generator's (each target's, in its own file).
+  if [[ -n "$perf_pid" ]]; then
+    grep -v '^loadtest;' "$RESULTS/$name.folded" |
+      inferno-flamegraph --title "chatfleet $target: a burst of $n users ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
+        --countname "ns of CPU" --width 1600 --minwidth 0.2 >"$PERF_DIR/$target-burst-$n.svg" ||
+      say "$name: cannot draw the flame graph"
+  fi
+  grep '^loadtest;' "$RESULTS/$name.folded" |
+    inferno-flamegraph --title "chatfleet-loadtest against $target: a burst of $n users ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
+      --countname "ns of CPU" --width 1600 --minwidth 0.2 >"$PERF_DIR/loadtest-$target-burst-$n.svg" ||
+    say "$name: cannot draw the load generator's flame graph"
+}
+
+# Appends the samples of one perf data file to $RESULTS/<name>.folded, each stack under its role:
+# ROLE=PID for a recording of several processes, or one role for all of a recording's samples.
+fold_profile() { # name perf-data role=pid... | role
+  local name="$1" data="$2" logs="$RESULTS/logs/$1"
+  shift 2
+  if [[ ! -s "$data" ]]; then
+    say "$name: no samples in $data"
+    return 0
+  fi
+  perf script -F comm,pid,tid,time,period,event,ip,sym,dso -i "$data" 2>>"$logs/perf-script.stderr" |
+    inferno-collapse-perf --pid --kernel >"$data.folded" ||
     { say "$name: cannot fold perf's samples (see $logs/perf-script.stderr)"; return 0; }
-  python3 "$HELPER" fold-roles "$logs/folded.txt" "${roles[@]}" >"$RESULTS/$name.folded"
-  inferno-flamegraph --title "chatfleet $target: a burst of $n users ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
-    --countname "ns of CPU" --width 1600 --minwidth 0.2 <"$RESULTS/$name.folded" >"$PERF_DIR/$target-burst-$n.svg" ||
-    say "$name: cannot draw the flame graph"
+  python3 "$HELPER" fold-roles "$data.folded" "$@" >>"$RESULTS/$name.folded"
 }
 
 # perf (Debian's linux-perf) and inferno (crates.io), for the profiled bursts.
@@ -570,9 +601,7 @@ for n in $BENCH_WEBHOOKS; do
 done
 
 if ((BENCH_PROFILE_USERS > 0)); then
-  for target in dev fleet; do
-    if has_target "$target"; then run_profile "$target"; fi
-  done
+  for target in $BENCH_TARGETS; do run_profile "$target"; done
 fi
 
 say "report"

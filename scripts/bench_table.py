@@ -873,6 +873,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     md += goals_table(results, bursts, cfg)
     md += cpu_budget(results, targets, users, bursts, m)
     md += profile_table(results, cfg)
+    md += loadtest_profile_table(results, cfg)
     md += analysis(Path(args.analysis))
 
     sustain_rates = [int(r) for r in cfg.get("sustain_rates", "").split()]
@@ -960,13 +961,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_fold_roles(args: argparse.Namespace) -> None:
     """Renames the process at the root of each folded stack (`comm-PID`, from inferno-collapse-perf
-    --pid) to its role, so that a flame graph reads `worker1`, not a thread name and a number."""
-    roles = {str(pid): role for role, pid in parse_roles(args.roles).items()}
+    --pid) to its role, so that a flame graph reads `worker1`, not a thread name and a number.
+    A lone ROLE (no `=PID`) names every stack: a recording of one process and its threads."""
+    only = next((item for item in args.roles if "=" not in item), None)
+    roles = {} if only else {str(pid): role for role, pid in parse_roles(args.roles).items()}
     for line in Path(args.folded).read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         root, sep, rest = stack.partition(";")
         pid = root.rpartition("-")[2]
-        print(f"{roles.get(pid, root)}{sep}{rest} {count}")
+        print(f"{only or roles.get(pid, root)}{sep}{rest} {count}")
 
 
 # The steps of a message, each with the frames that mark it: regular expressions searched in
@@ -1023,19 +1026,21 @@ RUNTIME_STEP = "runtime and the rest: scheduling, timers, wake-ups, no step's fr
 ALLOCATOR = r"^(malloc|free|realloc|calloc|cfree|_int_malloc|_int_free|_int_realloc|malloc_consolidate|unlink_chunk|tcache_get|tcache_put|__GI___libc_malloc|__GI___libc_free|__GI___libc_realloc|__libc_malloc|__libc_free)$"
 
 
-def classify(frames: list[str], rules: list[tuple[str, re.Pattern]]) -> str:
-    """The step of the deepest marked frame (see STEPS)."""
+def classify(frames: list[str], rules: list[tuple[str, re.Pattern]], unmarked: str = RUNTIME_STEP) -> str:
+    """The step of the deepest marked frame (see STEPS), else `unmarked`."""
     for frame in reversed(frames):
         for step, rule in rules:
             if rule.search(frame):
                 return step
-    return RUNTIME_STEP
+    return unmarked
 
 
 
 def budget(folded: Path) -> dict:
-    """Samples per role and step of one profiled burst (see STEPS)."""
-    rules = [(step, re.compile(pattern)) for step, pattern in STEPS]
+    """Samples per role and step of one profiled burst (see STEPS; LOADTEST_STEPS for the load
+    generator), with the samples in the allocator and in the kernel counted apart."""
+    server_rules = [(step, re.compile(pattern)) for step, pattern in STEPS]
+    loadtest_rules = [(step, re.compile(pattern)) for step, pattern in LOADTEST_STEPS]
     allocator = re.compile(ALLOCATOR)
     roles: dict[str, dict] = {}
     for line in folded.read_text().splitlines():
@@ -1045,13 +1050,18 @@ def budget(folded: Path) -> dict:
         except ValueError:
             continue
         frames = stack.split(";")
-        role = roles.setdefault(frames[0], {"samples": 0, "steps": {}, "allocator": 0, "unmarked": {}})
-        step = classify(frames[1:], rules)
+        role = roles.setdefault(frames[0], {"samples": 0, "steps": {}, "allocator": 0, "kernel": 0, "unmarked": {}})
+        if frames[0] == "loadtest":
+            step = classify(frames[1:], loadtest_rules, LOADTEST_RUNTIME_STEP)
+        else:
+            step = classify(frames[1:], server_rules)
         role["samples"] += count
         role["steps"][step] = role["steps"].get(step, 0) + count
         if any(allocator.search(f) for f in frames[-3:]):
             role["allocator"] += count
-        if step == RUNTIME_STEP:
+        if frames[-1].endswith("_[k]"):
+            role["kernel"] += count
+        if step in (RUNTIME_STEP, LOADTEST_RUNTIME_STEP):
             # The innermost frame of our own or a library's code in a stack no rule marked: what
             # a new rule would have to name.
             key = next((f for f in reversed(frames) if not f.startswith(SKIPPED_FRAMES)), frames[-1])
@@ -1061,11 +1071,81 @@ def budget(folded: Path) -> dict:
     return roles
 
 
+# The load generator's own work per message, sorted the same way (deepest marked frame).
+LOADTEST_STEPS: list[tuple[str, str]] = [
+    ("parse each event: SSE framing and the event's JSON", r"eventsource_stream::|nom::|serde_json::|chatfleet_loadtest::client::parse_event"),
+    ("record the figures: token clock, histograms, checks", r"chatfleet_loadtest::(report|isolation)|TokenClock|chatfleet_loadtest::runner::Collector|hdrhistogram::"),
+    (
+        "HTTP client: connect, send each request, read the body (socket reads are here)",
+        r"reqwest::|hyper::|hyper_util::|http_body|hyper_rustls::|tokio::net::tcp",
+    ),
+    ("schedule users and run their turns", r"chatfleet_loadtest::"),
+]
+LOADTEST_RUNTIME_STEP = "runtime and the rest: scheduling, timers, wake-ups, epoll, no step's frame"
+
 SKIPPED_FRAMES = ("tokio::", "<tokio", "std::", "<std", "core::", "<core", "[", "__", "syscall", "entry_SYSCALL", "do_syscall")
 
 
 def cmd_budget(args: argparse.Namespace) -> None:
     print(json.dumps(budget(Path(args.folded)), indent=1))
+
+
+def profile_usage(results: Path, target: str, n: str) -> tuple[str, dict, int]:
+    """The CPU per role and the answered messages that a profiled burst's samples are scaled
+    by: those of the unprofiled burst of the same size, or, without one, of the profiled burst
+    itself (which perf slows down). Returns the run's name with them."""
+    source = f"{target}-burst-{n}"
+    lt = run_figures(load(results / f"{source}.json"))
+    usage = proc_usage(results, source) if lt else {}
+    if not usage:
+        source = f"{target}-profile-{n}"
+        lt = run_figures(load(results / f"{source}.json"))
+        usage = proc_usage(results, source)
+    return source, usage, max((lt or {}).get("answered", 0), 1)
+
+
+def loadtest_profile_table(results: Path, cfg: dict) -> list[str]:
+    """The load generator's CPU per message, by what it spends it on, in each target's profiled
+    burst: it shares the cores with the servers, so what it costs lengthens every target's tail."""
+    n = cfg.get("profile_users", "0")
+    columns = []  # (target, µs per step, allocator µs, kernel µs)
+    for target in ("direct", "dev", "fleet"):
+        folded = results / f"{target}-profile-{n}.folded"
+        if not folded.exists():
+            continue
+        s = budget(folded).get("loadtest")
+        _, usage, answered = profile_usage(results, target, n)
+        u = usage.get("loadtest")
+        if not s or not u or not s["samples"]:
+            continue
+        us_per_sample = 1e6 * u["cpu_s"] / answered / s["samples"]
+        per_step = {step: count * us_per_sample for step, count in s["steps"].items()}
+        columns.append((target, per_step, s["allocator"] * us_per_sample, s["kernel"] * us_per_sample))
+    if not columns:
+        return []
+    md = [
+        "",
+        f"### The load generator's CPU per message, in the same bursts of {n} users",
+        "",
+        "`chatfleet-loadtest` ran under a `perf record` of its own in each profiled burst; its samples are",
+        "sorted the same way (`LOADTEST_STEPS` in scripts/bench_table.py) and scaled by its CPU per answered",
+        "message in the unprofiled burst (`/usr/bin/time`). Flame graphs: "
+        + ", ".join(f"`{cfg.get('perf_dir', 'docs/perf')}/loadtest-{t}-burst-{n}.svg`" for t, *_ in columns)
+        + ".",
+        "",
+        "| step | " + " | ".join(f"against {t}" for t, *_ in columns) + " |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for step in [step for step, _ in LOADTEST_STEPS] + [LOADTEST_RUNTIME_STEP]:
+        cells = []
+        for _, per_step, _, _ in columns:
+            us, total = per_step.get(step, 0.0), sum(per_step.values()) or 1.0
+            cells.append(f"{us:.0f} µs ({100 * us / total:.0f}%)")
+        md.append(f"| {step} | " + " | ".join(cells) + " |")
+    md.append("| **CPU per message** | " + " | ".join(f"**{sum(c[1].values()):.0f} µs**" for c in columns) + " |")
+    md.append("| of which in the kernel (system calls, network stack, scheduling) | " + " | ".join(f"{c[3]:.0f} µs" for c in columns) + " |")
+    md.append("| of which in the allocator (malloc, free) | " + " | ".join(f"{c[2]:.0f} µs" for c in columns) + " |")
+    return md
 
 
 def profile_table(results: Path, cfg: dict) -> list[str]:
@@ -1082,17 +1162,10 @@ def profile_table(results: Path, cfg: dict) -> list[str]:
         if not folded.exists():
             continue
         samples = budget(folded)
-        lt = run_figures(load(results / f"{target}-burst-{n}.json"))
-        source = f"{target}-burst-{n}"
-        usage = proc_usage(results, source) if lt else {}
-        if not usage:
-            source = f"{target}-profile-{n}"
-            lt = run_figures(load(results / f"{source}.json"))
-            usage = proc_usage(results, source)
-        answered = max((lt or {}).get("answered", 0), 1)
+        _, usage, answered = profile_usage(results, target, n)
         for label, roles in role_sets:
             us_per_step: dict[str, float] = {}
-            alloc_us = 0.0
+            alloc_us = kernel_us = 0.0
             for role in roles:
                 s, u = samples.get(role), usage.get(role)
                 if not s or not u or not s["samples"]:
@@ -1101,8 +1174,10 @@ def profile_table(results: Path, cfg: dict) -> list[str]:
                 for step, count in s["steps"].items():
                     us_per_step[step] = us_per_step.get(step, 0.0) + count * us_per_sample
                 alloc_us += s["allocator"] * us_per_sample
+                kernel_us += s["kernel"] * us_per_sample
             if us_per_step:
-                columns.append((f"{title}: {label}" if target == "fleet" else title, us_per_step, alloc_us, source))
+                title_of_column = f"{title}: {label}" if target == "fleet" else title
+                columns.append((title_of_column, us_per_step, alloc_us, kernel_us))
     if not columns:
         return []
     steps = [step for step, _ in STEPS] + [RUNTIME_STEP]
@@ -1128,6 +1203,7 @@ def profile_table(results: Path, cfg: dict) -> list[str]:
             cells.append(f"{us:.0f} µs ({100 * us / total:.0f}%)")
         md.append(f"| {step} | " + " | ".join(cells) + " |")
     md.append("| **CPU per message** | " + " | ".join(f"**{sum(c[1].values()):.0f} µs**" for c in columns) + " |")
+    md.append("| of which in the kernel (system calls, network stack, scheduling) | " + " | ".join(f"{c[3]:.0f} µs" for c in columns) + " |")
     md.append("| of which in the allocator (malloc, free) | " + " | ".join(f"{c[2]:.0f} µs" for c in columns) + " |")
     return md
 
