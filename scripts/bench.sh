@@ -28,12 +28,13 @@
 #                                      events' memory, NATS stream size and resume time
 #   BENCH_WEBHOOKS="100 1000"          signed webhook conversations driven to their signed
 #                                      deliveries, per run, on dev and fleet ("" skips them)
-#   BENCH_PROFILE_USERS=1000           a burst of this many users on dev and on the fleet, sampled
-#   BENCH_PROFILE_HZ=999               by `perf record` at this rate: a flame graph per target and
-#   BENCH_PERF_DIR=docs/perf           the CPU budget per step of a message, from the samples and the
-#                                      CPU time of the unprofiled burst of the same size (0 skips;
-#                                      perf from Debian's linux-perf, inferno from crates.io, both
-#                                      installed on first use); the SVGs are written to BENCH_PERF_DIR
+#   BENCH_PROFILE_USERS=1000           a burst of this many users on each target, its servers and
+#   BENCH_PROFILE_HZ=999               the load generator sampled by `perf record` at this rate: flame
+#   BENCH_PERF_DIR=docs/perf           graphs, and the CPU budget per step of a message (chatfleet's
+#                                      and the load generator's), from the samples and the CPU time
+#                                      of the unprofiled burst of the same size (0 skips; perf from
+#                                      Debian's linux-perf, inferno from crates.io, both installed on
+#                                      first use); the SVGs are written to BENCH_PERF_DIR
 #   BENCH_TARGETS="direct dev fleet"   which targets (ratios need direct)
 #   BENCH_WARMUP=5                     warm-up users before each measured run (0: none)
 #   BENCH_TIMEOUT=120                  loadtest --timeout: longest wait for a reply, seconds

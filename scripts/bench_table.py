@@ -17,11 +17,12 @@ Subcommands (Python 3.11 standard library only):
                                what the reply events kept for resuming cost after N replies:
                                resident memory against the --before snapshot, the NATS stream
                                CHATFLEET_OUT's size, and how long a resume takes
-  fold-roles FOLDED ROLE=PID ...
+  fold-roles FOLDED ROLE=PID ... | ROLE
                                a perf profile folded by inferno-collapse-perf --pid, with each
-                               stack's root named by its process's role
-  budget FOLDED                samples per role and step of a message (STEPS), as JSON, with the
-                               most frequent frames no step marks
+                               stack's root named by its process's role (a lone ROLE names all)
+  budget FOLDED                samples per role and step of a message (STEPS; LOADTEST_STEPS for
+                               the load generator), as JSON, with the samples in the kernel and
+                               the allocator and the most frequent frames no step marks
   report RESULTS_DIR --out PATH [--analysis PATH]
                                the tables of a run, printed and written as Markdown, with the
                                hand-written analysis (docs/benchmarks-analysis.md) pasted in
