@@ -469,12 +469,21 @@ impl Coordinator {
 
     async fn release(&mut self, partition: Partition) {
         if let Some(owned) = self.owned.remove(&partition) {
-            if let Err(e) =
-                self.kv.delete_expect_revision(self.bus.settings.names.lease_key(partition), Some(owned.revision)).await
-            {
-                tracing::warn!(event = "lease_release_failed", partition = partition.get(), error = %e, "the lease will expire instead");
+            let key = self.bus.settings.names.lease_key(partition);
+            match self.kv.delete_expect_revision(key, Some(owned.revision)).await {
+                Ok(()) => {
+                    self.leases.remove(&partition);
+                }
+                // The lease may still be on the server (a renewal moved it on, or the delete
+                // timed out), so the mirror keeps it as last seen: should the partition come
+                // back to us before the lease expires, we take it by its revision. Forgetting it
+                // here would leave us trying to create a key that exists, and a read of it no
+                // newer than what we saw would never be learnt again: the partition would stay
+                // with nobody for good.
+                Err(e) => {
+                    tracing::warn!(event = "lease_release_failed", worker = %self.me, partition = partition.get(), error = %e, "the lease will expire instead")
+                }
             }
-            self.leases.remove(&partition);
             telemetry::partition_released(&self.me, partition, self.owned.len());
         }
     }
