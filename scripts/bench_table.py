@@ -1134,19 +1134,9 @@ def loadtest_profile_table(results: Path, cfg: dict) -> list[str]:
         + ", ".join(f"`{cfg.get('perf_dir', 'docs/perf')}/loadtest-{t}-burst-{n}.svg`" for t, *_ in columns)
         + ".",
         "",
-        "| step | " + " | ".join(f"against {t}" for t, *_ in columns) + " |",
-        "| --- | " + " | ".join("---:" for _ in columns) + " |",
     ]
-    for step in [step for step, _ in LOADTEST_STEPS] + [LOADTEST_RUNTIME_STEP]:
-        cells = []
-        for _, per_step, _, _ in columns:
-            us, total = per_step.get(step, 0.0), sum(per_step.values()) or 1.0
-            cells.append(f"{us:.0f} µs ({100 * us / total:.0f}%)")
-        md.append(f"| {step} | " + " | ".join(cells) + " |")
-    md.append("| **CPU per message** | " + " | ".join(f"**{sum(c[1].values()):.0f} µs**" for c in columns) + " |")
-    md.append("| of which in the kernel (system calls, network stack, scheduling) | " + " | ".join(f"{c[3]:.0f} µs" for c in columns) + " |")
-    md.append("| of which in the allocator (malloc, free) | " + " | ".join(f"{c[2]:.0f} µs" for c in columns) + " |")
-    return md
+    steps = [step for step, _ in LOADTEST_STEPS] + [LOADTEST_RUNTIME_STEP]
+    return md + budget_rows(steps, [(f"against {t}", *rest) for t, *rest in columns])
 
 
 def profile_table(results: Path, cfg: dict) -> list[str]:
@@ -1193,6 +1183,14 @@ def profile_table(results: Path, cfg: dict) -> list[str]:
         "the microseconds below. The flame graphs are in "
         f"`{cfg.get('perf_dir', 'docs/perf')}/` ({', '.join(f'`{t}-burst-{n}.svg`' for t in ('dev', 'fleet') if (results / f'{t}-profile-{n}.folded').exists())}).",
         "",
+    ]
+    return md + budget_rows(steps, columns)
+
+
+def budget_rows(steps: list[str], columns: list[tuple[str, dict, float, float]]) -> list[str]:
+    """A budget table: a row per step with each column's microseconds and share, then the totals.
+    Each column is (title, µs per step, allocator µs, kernel µs)."""
+    md = [
         "| step | " + " | ".join(title for title, *_ in columns) + " |",
         "| --- | " + " | ".join("---:" for _ in columns) + " |",
     ]
