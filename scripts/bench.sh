@@ -442,14 +442,18 @@ run_profile() { # target
   # The servers' flame graph (dev, fleet) and the load generator's (each target's, in its own file).
   if [[ -n "$perf_pid" ]]; then
     grep -v '^loadtest;' "$RESULTS/$name.folded" |
-      inferno-flamegraph --title "chatfleet $target: a burst of $n users ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
-        --countname "ns of CPU" --width 1600 --minwidth 0.2 >"$PERF_DIR/$target-burst-$n.svg" ||
+      flame_graph "chatfleet $target: a burst of $n users" "$PERF_DIR/$target-burst-$n.svg" ||
       say "$name: cannot draw the flame graph"
   fi
   grep '^loadtest;' "$RESULTS/$name.folded" |
-    inferno-flamegraph --title "chatfleet-loadtest against $target: a burst of $n users ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
-      --countname "ns of CPU" --width 1600 --minwidth 0.2 >"$PERF_DIR/loadtest-$target-burst-$n.svg" ||
+    flame_graph "chatfleet-loadtest against $target: a burst of $n users" "$PERF_DIR/loadtest-$target-burst-$n.svg" ||
     say "$name: cannot draw the load generator's flame graph"
+}
+
+# Draws the folded stacks on stdin as a flame graph, titled with the commit measured.
+flame_graph() { # title svg
+  inferno-flamegraph --title "$1 ($(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \
+    --countname "ns of CPU" --width 1600 --minwidth 0.2 >"$2"
 }
 
 # Appends the samples of one perf data file to $RESULTS/<name>.folded, each stack under its role:
