@@ -1091,10 +1091,10 @@ def cmd_budget(args: argparse.Namespace) -> None:
     print(json.dumps(budget(Path(args.folded)), indent=1))
 
 
-def profile_usage(results: Path, target: str, n: str) -> tuple[str, dict, int]:
+def profile_usage(results: Path, target: str, n: str) -> tuple[dict, int]:
     """The CPU per role and the answered messages that a profiled burst's samples are scaled
     by: those of the unprofiled burst of the same size, or, without one, of the profiled burst
-    itself (which perf slows down). Returns the run's name with them."""
+    itself (which perf slows down)."""
     source = f"{target}-burst-{n}"
     lt = run_figures(load(results / f"{source}.json"))
     usage = proc_usage(results, source) if lt else {}
@@ -1102,26 +1102,32 @@ def profile_usage(results: Path, target: str, n: str) -> tuple[str, dict, int]:
         source = f"{target}-profile-{n}"
         lt = run_figures(load(results / f"{source}.json"))
         usage = proc_usage(results, source)
-    return source, usage, max((lt or {}).get("answered", 0), 1)
+    return usage, max((lt or {}).get("answered", 0), 1)
+
+
+def role_cost(s: dict | None, u: dict | None, answered: int) -> tuple[dict, float, float] | None:
+    """One role's samples (from `budget`) turned into microseconds per answered message, with its
+    CPU (from `proc_usage`): per step, in the allocator, in the kernel. None without samples."""
+    if not s or not u or not s["samples"]:
+        return None
+    us_per_sample = 1e6 * u["cpu_s"] / answered / s["samples"]
+    per_step = {step: count * us_per_sample for step, count in s["steps"].items()}
+    return per_step, s["allocator"] * us_per_sample, s["kernel"] * us_per_sample
 
 
 def loadtest_profile_table(results: Path, cfg: dict) -> list[str]:
     """The load generator's CPU per message, by what it spends it on, in each target's profiled
     burst: it shares the cores with the servers, so what it costs lengthens every target's tail."""
     n = cfg.get("profile_users", "0")
-    columns = []  # (target, µs per step, allocator µs, kernel µs)
+    columns = []  # (title, µs per step, allocator µs, kernel µs)
     for target in ("direct", "dev", "fleet"):
         folded = results / f"{target}-profile-{n}.folded"
         if not folded.exists():
             continue
-        s = budget(folded).get("loadtest")
-        _, usage, answered = profile_usage(results, target, n)
-        u = usage.get("loadtest")
-        if not s or not u or not s["samples"]:
-            continue
-        us_per_sample = 1e6 * u["cpu_s"] / answered / s["samples"]
-        per_step = {step: count * us_per_sample for step, count in s["steps"].items()}
-        columns.append((target, per_step, s["allocator"] * us_per_sample, s["kernel"] * us_per_sample))
+        usage, answered = profile_usage(results, target, n)
+        cost = role_cost(budget(folded).get("loadtest"), usage.get("loadtest"), answered)
+        if cost:
+            columns.append((f"against {target}", *cost))
     if not columns:
         return []
     md = [
@@ -1131,12 +1137,12 @@ def loadtest_profile_table(results: Path, cfg: dict) -> list[str]:
         "`chatfleet-loadtest` ran under a `perf record` of its own in each profiled burst; its samples are",
         "sorted the same way (`LOADTEST_STEPS` in scripts/bench_table.py) and scaled by its CPU per answered",
         "message in the unprofiled burst (`/usr/bin/time`). Flame graphs: "
-        + ", ".join(f"`{cfg.get('perf_dir', 'docs/perf')}/loadtest-{t}-burst-{n}.svg`" for t, *_ in columns)
+        + ", ".join(f"`{cfg.get('perf_dir', 'docs/perf')}/loadtest-{t.removeprefix('against ')}-burst-{n}.svg`" for t, *_ in columns)
         + ".",
         "",
     ]
     steps = [step for step, _ in LOADTEST_STEPS] + [LOADTEST_RUNTIME_STEP]
-    return md + budget_rows(steps, [(f"against {t}", *rest) for t, *rest in columns])
+    return md + budget_rows(steps, columns)
 
 
 def profile_table(results: Path, cfg: dict) -> list[str]:
@@ -1153,19 +1159,18 @@ def profile_table(results: Path, cfg: dict) -> list[str]:
         if not folded.exists():
             continue
         samples = budget(folded)
-        _, usage, answered = profile_usage(results, target, n)
+        usage, answered = profile_usage(results, target, n)
         for label, roles in role_sets:
             us_per_step: dict[str, float] = {}
             alloc_us = kernel_us = 0.0
             for role in roles:
-                s, u = samples.get(role), usage.get(role)
-                if not s or not u or not s["samples"]:
+                cost = role_cost(samples.get(role), usage.get(role), answered)
+                if not cost:
                     continue
-                us_per_sample = 1e6 * u["cpu_s"] / answered / s["samples"]
-                for step, count in s["steps"].items():
-                    us_per_step[step] = us_per_step.get(step, 0.0) + count * us_per_sample
-                alloc_us += s["allocator"] * us_per_sample
-                kernel_us += s["kernel"] * us_per_sample
+                for step, us in cost[0].items():
+                    us_per_step[step] = us_per_step.get(step, 0.0) + us
+                alloc_us += cost[1]
+                kernel_us += cost[2]
             if us_per_step:
                 title_of_column = f"{title}: {label}" if target == "fleet" else title
                 columns.append((title_of_column, us_per_step, alloc_us, kernel_us))
