@@ -359,9 +359,17 @@ async fn under_reject_a_stale_reply_marker_gives_way_and_a_live_one_does_not() {
     database.run_command(serde_json::from_value(aged).unwrap()).await.unwrap();
     let after_abandoned = accepted(&app, &session, json!({"text": "after an abandoned marker"})).await;
     app.wait_for_replies(&session, 1, Duration::from_secs(30)).await;
-    // As if the worker that stored the reply had stopped before clearing the marker.
+    // As if the worker that stored the reply had stopped before clearing the marker. The worker
+    // clears its marker just after storing the reply, so wait for that before setting it again.
     let answered = schemas::MessageId::parse(&after_abandoned).unwrap();
-    assert_eq!(mongo.begin_reply(&session_id, &answered).await.unwrap(), ReplyClaim::Taken);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match mongo.begin_reply(&session_id, &answered).await.unwrap() {
+            ReplyClaim::Taken => break,
+            claim => assert!(tokio::time::Instant::now() < deadline, "the worker never cleared its marker: {claim:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let after_answered = accepted(&app, &session, json!({"text": "after an answered marker"})).await;
     let history = app.wait_for_replies(&session, 2, Duration::from_secs(30)).await;
 
