@@ -6,7 +6,7 @@
 //! those not yet holding their share, which keeps every member within its fair share plus one
 //! and moves few partitions when a member joins or leaves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,29 +48,72 @@ impl OwnershipSettings {
 
 /// What a worker asks of its bus's ownership coordinator.
 pub(crate) enum Command {
-    Release(Partition),
+    /// Hand over the partition as held since its acquisition number `acquisition`.
+    Release {
+        partition: Partition,
+        acquisition: u64,
+    },
     Leave,
 }
 
 /// A [`Membership`] that talks to a coordinator task over channels: how both brokers' protocols
 /// hand their events to the worker.
+///
+/// Events and commands cross in flight: a worker may release a partition for an ownership that
+/// has already ended, after the coordinator lost it and took it again, with the new
+/// [`OwnershipEvent::Acquired`] still on its way. Handing over the new ownership would leave the
+/// worker consuming a partition the coordinator no longer holds. So each release names the
+/// ownership it ends: the number of `Acquired` events of its partition the worker had read
+/// (counted here, as they pass), which the coordinator compares with the number it sent
+/// ([`Acquisitions`]) and ignores the release on a mismatch.
 pub(crate) struct ChannelMembership {
-    pub(crate) events: mpsc::UnboundedReceiver<OwnershipEvent>,
-    pub(crate) commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::UnboundedReceiver<OwnershipEvent>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// `Acquired` events read so far, per partition.
+    acquired: HashMap<Partition, u64>,
+}
+
+impl ChannelMembership {
+    pub(crate) fn new(
+        events: mpsc::UnboundedReceiver<OwnershipEvent>,
+        commands: mpsc::UnboundedSender<Command>,
+    ) -> Self {
+        Self { events, commands, acquired: HashMap::new() }
+    }
 }
 
 #[async_trait]
 impl Membership for ChannelMembership {
     async fn next(&mut self) -> Option<OwnershipEvent> {
-        self.events.recv().await
+        let event = self.events.recv().await;
+        if let Some(OwnershipEvent::Acquired(partition)) = event {
+            *self.acquired.entry(partition).or_default() += 1;
+        }
+        event
     }
 
     async fn release(&mut self, partition: Partition) {
-        let _ = self.commands.send(Command::Release(partition));
+        let acquisition = self.acquired.get(&partition).copied().unwrap_or_default();
+        let _ = self.commands.send(Command::Release { partition, acquisition });
     }
 
     async fn leave(&mut self) {
         let _ = self.commands.send(Command::Leave);
+    }
+}
+
+/// The coordinator's side of [`ChannelMembership`]'s count: how many times it has sent
+/// [`OwnershipEvent::Acquired`] for each partition.
+#[derive(Debug, Default)]
+pub(crate) struct Acquisitions(HashMap<Partition, u64>);
+
+impl Acquisitions {
+    /// Counts a new acquisition of `partition` and returns its number, which a release of this
+    /// ownership will name.
+    pub(crate) fn next(&mut self, partition: Partition) -> u64 {
+        let count = self.0.entry(partition).or_default();
+        *count += 1;
+        *count
     }
 }
 

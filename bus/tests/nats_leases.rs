@@ -45,6 +45,73 @@ mod nats {
         assert_eq!(again, owned);
     }
 
+    /// A worker's release can cross the coordinator's events: here the worker finishes with a
+    /// partition while, unknown to it, the coordinator has lost the partition (someone wrote the
+    /// lease) and taken it again (the lease was freed, and the target still names this worker).
+    /// The release names the ownership it ends, so it must leave the new one alone; before, it
+    /// deleted the fresh lease, and the worker went on to consume the partition on the strength
+    /// of an `Acquired` for a lease that no longer existed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_of_an_ownership_that_already_ended_leaves_the_next_one_alone() {
+        let server = NatsServer::start().await;
+        let mut settings = NatsSettings::new(server.url(), PartitionCount::new(PARTITIONS).unwrap());
+        // Long enough that no lease expires during the test.
+        settings.ownership = OwnershipSettings::with_lease_ttl(Duration::from_secs(20));
+        let names = settings.names.clone();
+        let bus = NatsBus::connect(settings).await.unwrap();
+        let mut membership = bus.join(&WorkerId::parse("worker-a").unwrap()).await.unwrap();
+        let owned = acquired(&mut membership, PARTITIONS as usize).await;
+        let partition = *owned.first().unwrap();
+
+        let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+        let bucket = js.get_key_value(names.ownership_bucket()).await.unwrap();
+        let key = names.lease_key(partition);
+        let lease = bucket.entry(key.clone()).await.unwrap().expect("the worker's lease");
+        // Someone else writes the lease (the worker loses the partition), then frees it: the
+        // worker, still the target owner, takes it again.
+        let foreign = bucket.update(&key, r#"{"owner":"worker-z"}"#.into(), lease.revision).await.unwrap();
+        bucket.delete_expect_revision(&key, Some(foreign)).await.unwrap();
+        let retaken = wait_for_lease_of(&bucket, &key, "worker-a", foreign).await;
+        // The worker has read neither the loss nor the new acquisition when it releases.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        membership.release(partition).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let now = bucket.entry(key.clone()).await.unwrap().expect("the lease key");
+        assert!(
+            matches!(now.operation, async_nats::jetstream::kv::Operation::Put) && now.revision >= retaken,
+            "the new ownership's lease must survive the stale release; the key is now {:?} at revision {}",
+            now.operation,
+            now.revision
+        );
+        let mut events = Vec::new();
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(2), membership.next()).await {
+            events.push(event);
+        }
+        assert_eq!(
+            events,
+            [OwnershipEvent::Lost(partition), OwnershipEvent::Acquired(partition)],
+            "one loss and one new acquisition, and the new ownership stands"
+        );
+    }
+
+    /// Waits up to 10 s for `key` to hold a lease of `owner` written after `after`; returns its
+    /// revision.
+    async fn wait_for_lease_of(bucket: &async_nats::jetstream::kv::Store, key: &str, owner: &str, after: u64) -> u64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(entry)) = bucket.entry(key.to_owned()).await
+                && entry.revision > after
+                && matches!(entry.operation, async_nats::jetstream::kv::Operation::Put)
+                && String::from_utf8_lossy(&entry.value).contains(&format!(r#""owner":"{owner}""#))
+            {
+                return entry.revision;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{owner} did not take {key} again within 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The next `n` partitions acquired, within 15 s.
     async fn acquired(membership: &mut Box<dyn chatfleet_bus::Membership>, n: usize) -> BTreeSet<Partition> {
         let mut partitions = BTreeSet::new();

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{AmqpBus, unavailable};
-use crate::ownership::{ChannelMembership, Command, Held, Holding, revoke_moved};
+use crate::ownership::{Acquisitions, ChannelMembership, Command, Held, Holding, revoke_moved};
 use crate::telemetry::{self, OWNED_PARTITIONS};
 use crate::{BusError, Membership, OwnershipEvent, assign};
 
@@ -64,6 +64,7 @@ pub(super) async fn join(bus: &AmqpBus, worker_id: &WorkerId) -> Result<Box<dyn 
         me: worker_id.clone(),
         members: HashMap::new(),
         owned: BTreeMap::new(),
+        acquisitions: Acquisitions::default(),
         leaving: false,
         events: events_tx,
         link: None,
@@ -73,13 +74,15 @@ pub(super) async fn join(bus: &AmqpBus, worker_id: &WorkerId) -> Result<Box<dyn 
     // Fail the join, rather than retry in the background, if the broker is not there now.
     coordinator.connect().await?;
     tokio::spawn(coordinator.run(commands_rx));
-    Ok(Box::new(ChannelMembership { events: events_rx, commands: commands_tx }))
+    Ok(Box::new(ChannelMembership::new(events_rx, commands_tx)))
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Owned {
     since: Instant,
     holding: Holding,
+    /// Which acquisition of the partition this is ([`Acquisitions`]).
+    acquisition: u64,
 }
 
 impl Held for Owned {
@@ -109,6 +112,7 @@ struct Coordinator {
     /// What each other member said last, and when.
     members: HashMap<String, Heard>,
     owned: BTreeMap<Partition, Owned>,
+    acquisitions: Acquisitions,
     leaving: bool,
     events: mpsc::UnboundedSender<OwnershipEvent>,
     link: Option<Link>,
@@ -146,7 +150,7 @@ impl Coordinator {
                     None => self.link_lost(),
                 },
                 command = commands.recv() => match command {
-                    Some(Command::Release(p)) => self.release(p).await,
+                    Some(Command::Release { partition, acquisition }) => self.release(partition, acquisition).await,
                     Some(Command::Leave) | None => self.begin_leaving().await,
                 },
             }
@@ -307,13 +311,20 @@ impl Coordinator {
             .map(|(p, _)| *p)
             .collect();
         for partition in free {
-            self.owned.insert(partition, Owned { since: Instant::now(), holding: Holding::Active });
+            let acquisition = self.acquisitions.next(partition);
+            self.owned.insert(partition, Owned { since: Instant::now(), holding: Holding::Active, acquisition });
             telemetry::partition_acquired(&self.me, partition, self.owned.len(), None);
             let _ = self.events.send(OwnershipEvent::Acquired(partition));
         }
     }
 
-    async fn release(&mut self, partition: Partition) {
+    async fn release(&mut self, partition: Partition, acquisition: u64) {
+        if self.owned.get(&partition).is_none_or(|owned| owned.acquisition != acquisition) {
+            // An ownership that already ended (the connection broke); the partition may be ours
+            // again, in a new ownership the worker has not started yet.
+            tracing::debug!(event = "stale_release_ignored", worker = %self.me, partition = partition.get(), acquisition);
+            return;
+        }
         // The next owner may attach only once our channel has closed and so returned what we
         // left unsettled: then it receives those messages before anything newer.
         // Closing takes milliseconds; waiting is bounded well within a lease so that heartbeats

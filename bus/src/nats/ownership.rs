@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::NatsBus;
-use crate::ownership::{ChannelMembership, Command, Held, Holding, revoke_moved};
+use crate::ownership::{Acquisitions, ChannelMembership, Command, Held, Holding, revoke_moved};
 use crate::{BusError, Membership, OwnershipEvent, OwnershipSettings, assign, telemetry};
 
 /// What a lease says.
@@ -82,6 +82,8 @@ pub(super) async fn join(
         revisions: HashMap::new(),
         synced: false,
         owned: BTreeMap::new(),
+        acquisitions: Acquisitions::default(),
+        releasing: 0,
         taking: BTreeSet::new(),
         take_backoff: HashMap::new(),
         renewing: false,
@@ -91,7 +93,7 @@ pub(super) async fn join(
         done: done_tx,
     };
     tokio::spawn(coordinator.run(commands_rx, done_rx));
-    Ok(Box::new(ChannelMembership { events: events_rx, commands: commands_tx }))
+    Ok(Box::new(ChannelMembership::new(events_rx, commands_tx)))
 }
 
 /// A key as last seen by this member.
@@ -111,6 +113,8 @@ struct Owned {
     /// The last moment this member may work on the partition unless it renews.
     valid_until: Instant,
     holding: Holding,
+    /// Which acquisition of the partition this is ([`Acquisitions`]).
+    acquisition: u64,
 }
 
 impl Held for Owned {
@@ -133,6 +137,18 @@ enum Event {
     RoundOver,
     /// An attempt to take a partition came back.
     Took(Take),
+    /// The deletion of a released lease came back.
+    Released(Release),
+    /// An attempt to open the watcher came back.
+    WatchOpened(Result<Box<kv::Watch>, String>),
+}
+
+/// The outcome of deleting a released lease.
+struct Release {
+    partition: Partition,
+    /// The revision the delete named.
+    revision: u64,
+    outcome: Result<(), String>,
 }
 
 /// The outcome of renewing one lease.
@@ -184,6 +200,10 @@ struct Coordinator {
     /// True once the watcher has delivered the bucket's current state.
     synced: bool,
     owned: BTreeMap<Partition, Owned>,
+    acquisitions: Acquisitions,
+    /// Released leases whose deletion is under way: a leaving member waits for them, so that
+    /// the next owners need not wait for the leases to expire.
+    releasing: usize,
     /// Partitions an attempt to take is under way for.
     taking: BTreeSet<Partition>,
     /// Partitions whose last attempt to take failed: when to try again, and the failures in a
@@ -201,17 +221,28 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    /// The loop. Every write to the server runs in a task of its own and reports back as an
+    /// The loop. Every call to the server runs in a task of its own and reports back as an
     /// [`Event`], so that a slow broker delays no renewal behind another and never keeps
-    /// [`Coordinator::fence`] from stopping a partition in time.
+    /// [`Coordinator::fence`] from stopping a partition in time: the loop itself never waits
+    /// on the server, except for its last word when it leaves.
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, mut done: mpsc::UnboundedReceiver<Event>) {
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watch = None;
+        // Whether an attempt to open the watcher is under way, or may start: at once when the
+        // last watcher ended, else once per tick while the server refuses.
+        let mut watch_opening = false;
+        let mut watch_may_open = true;
         let mut lag_report = Instant::now();
         loop {
-            if watch.is_none() {
-                watch = self.open_watch().await;
+            if watch.is_none() && !watch_opening && watch_may_open {
+                watch_opening = true;
+                watch_may_open = false;
+                let (kv, done) = (self.kv.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let opened = kv.watch_with_history(">").await.map(Box::new).map_err(|e| e.to_string());
+                    let _ = done.send(Event::WatchOpened(opened));
+                });
             }
             let event = tokio::select! {
                 _ = ticker.tick() => Event::Tick,
@@ -219,19 +250,29 @@ impl Coordinator {
                 command = commands.recv(), if !self.worker_gone => Event::Command(command),
                 Some(event) = done.recv() => event,
             };
-            if matches!(event, Event::Watched(None | Some(Err(_)))) {
-                watch = None;
+            match event {
+                Event::Watched(None | Some(Err(_))) => {
+                    watch = None;
+                    watch_may_open = true;
+                }
+                Event::Tick => watch_may_open = true,
+                _ => {}
             }
             if matches!(event, Event::Tick) && lag_report.elapsed() >= Duration::from_secs(5) {
                 lag_report = Instant::now();
                 self.report_lag();
             }
-            self.handle(event).await;
+            if let Event::WatchOpened(opened) = event {
+                watch_opening = false;
+                watch = self.watch_opened(opened);
+                continue;
+            }
+            self.handle(event);
             self.fence();
             if self.synced {
                 self.act();
             }
-            if self.leaving && self.owned.is_empty() && self.taking.is_empty() {
+            if self.leaving && self.owned.is_empty() && self.taking.is_empty() && self.releasing == 0 {
                 let _ = self.kv.delete(self.bus.settings.names.member_key(self.me.as_str())).await;
                 tracing::info!(event = "ownership_left", worker = %self.me, "left the deployment");
                 return;
@@ -239,29 +280,31 @@ impl Coordinator {
         }
     }
 
-    async fn handle(&mut self, event: Event) {
+    fn handle(&mut self, event: Event) {
         match event {
             Event::Tick => self.tick(),
             Event::Watched(Some(Ok(entry))) => self.observe(entry),
             Event::Watched(Some(Err(e))) => tracing::warn!(event = "ownership_watch_error", error = %e),
             Event::Watched(None) => tracing::warn!(event = "ownership_watch_ended"),
-            Event::Command(Some(Command::Release(p))) => self.release(p).await,
-            Event::Command(Some(Command::Leave)) => self.begin_leaving().await,
-            Event::Command(None) => self.worker_dropped().await,
+            Event::Command(Some(Command::Release { partition, acquisition })) => self.release(partition, acquisition),
+            Event::Command(Some(Command::Leave)) => self.begin_leaving(),
+            Event::Command(None) => self.worker_dropped(),
             Event::Renewed(renewal) => self.renewed(renewal),
             Event::RoundOver => self.renewing = false,
             Event::Took(take) => self.took(take),
+            Event::Released(release) => self.released(release),
+            Event::WatchOpened(_) => unreachable!("handled in the loop, which holds the watcher"),
         }
     }
 
-    /// Watches the whole bucket, starting with the current value of every key: a member that
-    /// joins must learn of leases that will never change again (a crashed owner's), or it
-    /// could never take them.
-    async fn open_watch(&mut self) -> Option<kv::Watch> {
-        match self.kv.watch_with_history(">").await {
-            Ok(w) => {
+    /// The watcher watches the whole bucket, starting with the current value of every key: a
+    /// member that joins must learn of leases that will never change again (a crashed owner's),
+    /// or it could never take them.
+    fn watch_opened(&mut self, opened: Result<Box<kv::Watch>, String>) -> Option<kv::Watch> {
+        match opened {
+            Ok(watch) => {
                 self.synced = false;
-                Some(w)
+                Some(*watch)
             }
             Err(e) => {
                 tracing::warn!(event = "ownership_watch_failed", error = %e);
@@ -443,7 +486,8 @@ impl Coordinator {
             Taken::Yes { revision, valid_from } => {
                 self.take_backoff.remove(&partition);
                 let valid_until = valid_from + self.settings.lease_ttl - self.settings.safety_margin;
-                self.owned.insert(partition, Owned { revision, valid_until, holding: Holding::Active });
+                let acquisition = self.acquisitions.next(partition);
+                self.owned.insert(partition, Owned { revision, valid_until, holding: Holding::Active, acquisition });
                 self.record_own_lease(partition, revision);
                 telemetry::partition_acquired(&self.me, partition, self.owned.len(), Some(revision));
                 let _ = self.events.send(OwnershipEvent::Acquired(partition));
@@ -467,45 +511,67 @@ impl Coordinator {
         }
     }
 
-    async fn release(&mut self, partition: Partition) {
-        if let Some(owned) = self.owned.remove(&partition) {
-            let key = self.bus.settings.names.lease_key(partition);
-            match self.kv.delete_expect_revision(key, Some(owned.revision)).await {
-                Ok(()) => {
+    /// Hands the partition over, if `acquisition` names the ownership we hold: stops renewing
+    /// the lease and deletes it (by its revision, in the background), so that the next owner
+    /// may take it at once. A release of an ownership that already ended is ignored: the
+    /// partition may be ours again, with its `Acquired` still on its way to the worker.
+    fn release(&mut self, partition: Partition, acquisition: u64) {
+        if self.owned.get(&partition).is_none_or(|owned| owned.acquisition != acquisition) {
+            tracing::debug!(event = "stale_release_ignored", worker = %self.me, partition = partition.get(), acquisition);
+            return;
+        }
+        let owned = self.owned.remove(&partition).expect("checked above");
+        telemetry::partition_released(&self.me, partition, self.owned.len());
+        self.releasing += 1;
+        let (kv, key, done) = (self.kv.clone(), self.bus.settings.names.lease_key(partition), self.done.clone());
+        tokio::spawn(async move {
+            let outcome = kv.delete_expect_revision(key, Some(owned.revision)).await.map_err(|e| e.to_string());
+            let _ = done.send(Event::Released(Release { partition, revision: owned.revision, outcome }));
+        });
+    }
+
+    fn released(&mut self, release: Release) {
+        self.releasing -= 1;
+        let Release { partition, revision, outcome } = release;
+        match outcome {
+            // Unless the mirror already knows of something newer (we took the partition again).
+            Ok(()) => {
+                if self.leases.get(&partition).is_some_and(|lease| lease.revision == revision) {
                     self.leases.remove(&partition);
                 }
-                // The lease may still be on the server (a renewal moved it on, or the delete
-                // timed out), so the mirror keeps it as last seen: should the partition come
-                // back to us before the lease expires, we take it by its revision. Forgetting it
-                // here would leave us trying to create a key that exists, and a read of it no
-                // newer than what we saw would never be learnt again: the partition would stay
-                // with nobody for good.
-                Err(e) => {
-                    tracing::warn!(event = "lease_release_failed", worker = %self.me, partition = partition.get(), error = %e, "the lease will expire instead")
-                }
             }
-            telemetry::partition_released(&self.me, partition, self.owned.len());
+            // The lease may still be on the server (a renewal moved it on, or the delete timed
+            // out), so the mirror keeps it as last seen: should the partition come back to us
+            // before the lease expires, we take it by its revision. Forgetting it here would
+            // leave us trying to create a key that exists, and a read of it no newer than what
+            // we saw would never be learnt again: the partition would stay with nobody for good.
+            Err(e) => {
+                tracing::warn!(event = "lease_release_failed", worker = %self.me, partition = partition.get(), error = %e, "the lease will expire instead")
+            }
         }
     }
 
-    async fn begin_leaving(&mut self) {
+    fn begin_leaving(&mut self) {
         if self.leaving {
             return;
         }
         self.leaving = true;
         // Others stop counting on us at once and plan without us.
-        let _ = self.kv.delete(self.bus.settings.names.member_key(self.me.as_str())).await;
+        let (kv, key) = (self.kv.clone(), self.bus.settings.names.member_key(self.me.as_str()));
+        tokio::spawn(async move {
+            let _ = kv.delete(key).await;
+        });
         tracing::info!(event = "ownership_leaving", worker = %self.me, owned = self.owned.len(), "leaving the deployment");
     }
 
     /// The worker is gone without releasing its partitions: nothing of ours runs on them any
     /// more, so their leases go at once rather than after their lifetime.
-    async fn worker_dropped(&mut self) {
+    fn worker_dropped(&mut self) {
         self.worker_gone = true;
-        self.begin_leaving().await;
-        let owned: Vec<Partition> = self.owned.keys().copied().collect();
-        for partition in owned {
-            self.release(partition).await;
+        self.begin_leaving();
+        let owned: Vec<(Partition, u64)> = self.owned.iter().map(|(p, o)| (*p, o.acquisition)).collect();
+        for (partition, acquisition) in owned {
+            self.release(partition, acquisition);
         }
     }
 
