@@ -26,6 +26,7 @@ mod settle;
 pub mod telemetry;
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use std::collections::HashMap;
 
 use bus::{Bus, Membership, OwnershipEvent};
+use futures::FutureExt;
 use llm::ChatModel;
 use schemas::{Partition, SessionId};
 use store::{Store, StoredMessage};
@@ -173,7 +175,15 @@ impl Worker {
                         );
                         let generation = next_generation;
                         tasks.spawn(async move {
-                            runner.run().await;
+                            // A runner that panics ends like one that finished: the worker hands
+                            // the partition over, and its next owner starts it afresh. Ignored,
+                            // it would leave the partition owned, its lease renewed, and nobody
+                            // consuming it.
+                            if let Err(panic) = AssertUnwindSafe(runner.run()).catch_unwind().await {
+                                let panic = telemetry::panic_message(panic.as_ref());
+                                tracing::error!(event = "partition_runner_panicked", partition = partition.get(), panic, "the partition's runner panicked; handing the partition over");
+                                telemetry::runner_panicked();
+                            }
                             (partition, generation)
                         });
                         runners.insert(partition, handle);
@@ -200,7 +210,12 @@ impl Worker {
                     }
                 },
                 Some(finished) = tasks.join_next() => {
-                    let Ok((partition, generation)) = finished else { continue };
+                    // Runners catch their panics, and nothing else ends their tasks before
+                    // `tasks.shutdown()` below.
+                    let Ok((partition, generation)) = finished else {
+                        tracing::error!(event = "partition_runner_failed", error = ?finished.err(), "a partition runner's task failed");
+                        continue;
+                    };
                     self.cache.close(partition, generation);
                     if runners.get(&partition).is_some_and(|h| h.generation == generation) {
                         let handle = runners.remove(&partition).expect("checked above");

@@ -40,12 +40,13 @@ use crate::{Worker, channel, context, telemetry};
 pub(crate) async fn handle(
     worker: &Worker,
     cache: &CacheScope,
-    job: Job,
+    job: &Job,
     interruption: &Interruption,
     stop: &CancellationToken,
     abort: &CancellationToken,
 ) {
     let Job { message, attempt, acker, trace, .. } = job;
+    let attempt = *attempt;
     let span = tracing::info_span!(
         "message",
         otel.kind = "consumer",
@@ -56,14 +57,16 @@ pub(crate) async fn handle(
         trace_id = tracing::field::Empty,
     );
     // The handling continues the trace of the request that enqueued the message.
-    bus::trace_context::continue_trace(&span, &trace);
+    bus::trace_context::continue_trace(&span, trace);
     bus::trace_context::record_trace_id(&span);
     async {
-        let handler = Handler::new(worker, cache, &message, interruption, stop);
+        let handler = Handler::new(worker, cache, message, interruption, stop);
         let work = with_progress(acker.as_ref(), worker.config.progress_interval, handler.answer());
         let decision = tokio::select! {
-            decision = work => decision,
+            biased;
+            // Checked first: work abandoned before it starts is not counted as a start.
             _ = abort.cancelled() => Decision::Abandon,
+            decision = work => decision,
         };
         settle(acker.as_ref(), decision).await;
     }
@@ -85,6 +88,26 @@ async fn with_progress<T>(acker: &dyn Acker, interval: Duration, work: impl Futu
                 }
             }
         }
+    }
+}
+
+/// One generation counted as running ([`Worker::delta_batch`] and the in-flight gauge) for as
+/// long as it lives: the count comes down however the generation ends, also when its future is
+/// dropped (the partition's work was abandoned) or unwinds.
+struct Generating<'a>(&'a Worker);
+
+impl<'a> Generating<'a> {
+    fn start(worker: &'a Worker) -> Self {
+        telemetry::inflight(1.0);
+        worker.generating.fetch_add(1, Ordering::Relaxed);
+        Self(worker)
+    }
+}
+
+impl Drop for Generating<'_> {
+    fn drop(&mut self) {
+        self.0.generating.fetch_sub(1, Ordering::Relaxed);
+        telemetry::inflight(-1.0);
     }
 }
 
@@ -537,12 +560,10 @@ impl Handler<'_> {
                 // attempt was said.
                 return Ok(Reply::cut_short(String::new(), self.interruption.finish_reason()));
             }
-            telemetry::inflight(1.0);
-            self.worker.generating.fetch_add(1, Ordering::Relaxed);
+            let generating = Generating::start(self.worker);
             let span = tracing::info_span!("llm.generate", attempt);
             let result = self.generate_once(request.clone(), events, started).instrument(span).await;
-            self.worker.generating.fetch_sub(1, Ordering::Relaxed);
-            telemetry::inflight(-1.0);
+            drop(generating);
             match result {
                 Ok(reply) => {
                     if !reply.finish_reason.is_cut_short() {

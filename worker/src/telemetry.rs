@@ -20,6 +20,27 @@ pub const STORE_RETRIES: &str = "chatfleet_worker_store_retries_total";
 /// `too_many_starts`).
 pub const DEAD_LETTERS: &str = "chatfleet_worker_dead_letters_total";
 
+/// Panics caught in the worker, by where (`message`: handling one message; `partition`: a
+/// partition runner). Each ends the partition's ownership as a crash would; nonzero is a bug.
+pub const PANICS: &str = "chatfleet_worker_panics_total";
+
+pub fn message_panicked() {
+    counter!(PANICS, "where" => "message").increment(1);
+}
+
+pub fn runner_panicked() {
+    counter!(PANICS, "where" => "partition").increment(1);
+}
+
+/// What a caught panic said, as far as it says anything printable.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".to_owned())
+}
+
 pub fn dead_lettered(reason: &'static str) {
     counter!(DEAD_LETTERS, "reason" => reason).increment(1);
 }

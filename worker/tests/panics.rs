@@ -1,0 +1,167 @@
+//! A panic while a message is handled (a bug: here, the model's client panics) is caught and
+//! the message handled again in place, after a pause: it is answered once, the session's later
+//! messages wait for it, and the other sessions of the partition go on. A message that panics
+//! every time is given up on by the store's count of generation starts (dead letters, with an
+//! error event for the client). Before, the panic killed the session's task: its message was
+//! never settled and the session's queue never emptied, so the partition could never be handed
+//! over, its lease was renewed for good, and the session never got another reply.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus::{Bus, EventStream, MemoryBus};
+use chatfleet_worker::{Worker, WorkerConfig};
+use futures::StreamExt;
+use llm::mock_reply::MockSettings;
+use llm::stand_in::StandInModel;
+use llm::{ChatModel, ChatRequest, ChunkStream, LlmError};
+use schemas::{MessageId, PartitionCount, ReplyEventKind, SessionId, UserMessage};
+use store::{EmbeddedStore, Role, Store};
+use tokio_util::sync::CancellationToken;
+
+/// A message the model panics on the first time it is asked to answer it.
+const PANICS_ONCE: &str = "a message the model panics on once";
+/// A message the model panics on every time.
+const PANICS_ALWAYS: &str = "a message the model panics on every time";
+
+/// The stand-in model, except for the messages above.
+struct PanickingModel {
+    inner: StandInModel,
+    panicked_once: AtomicBool,
+}
+
+#[async_trait]
+impl ChatModel for PanickingModel {
+    async fn stream(&self, request: ChatRequest) -> Result<ChunkStream, LlmError> {
+        let last = request.messages.last().map(|m| m.content.as_str()).unwrap_or_default();
+        if last == PANICS_ALWAYS || (last == PANICS_ONCE && !self.panicked_once.swap(true, Ordering::SeqCst)) {
+            panic!("the model's client met a bug on {last:?}");
+        }
+        self.inner.stream(request).await
+    }
+
+    fn describe(&self) -> String {
+        "a stand-in model that panics on some messages".into()
+    }
+}
+
+struct Fixture {
+    bus: Arc<MemoryBus>,
+    store: Arc<EmbeddedStore>,
+    stop: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+/// A worker on one partition (every session shares it), with a model that panics.
+async fn fixture(max_generation_starts: u32) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+    let bus = Arc::new(MemoryBus::new(PartitionCount::new(1).unwrap()));
+    let model = Arc::new(PanickingModel {
+        inner: StandInModel::new(MockSettings::default()),
+        panicked_once: AtomicBool::new(false),
+    });
+    let config = WorkerConfig { max_generation_starts, ..WorkerConfig::default() };
+    let worker = Worker::new(bus.clone(), store.clone(), model, config);
+    let stop = CancellationToken::new();
+    tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+    Fixture { bus, store, stop, _dir: dir }
+}
+
+fn message(session: &SessionId, text: &str) -> UserMessage {
+    UserMessage {
+        v: schemas::ENVELOPE_VERSION,
+        session_id: session.clone(),
+        message_id: MessageId::generate(),
+        text: text.into(),
+        accepted_at: time::OffsetDateTime::now_utc(),
+        double_texting: None,
+        channel: None,
+        cancel: None,
+    }
+}
+
+/// The terminal event (`done` or `error`) of each of `messages`, in the order they come; fails
+/// after 20 s.
+async fn terminal_events(events: &mut EventStream, messages: &[&UserMessage]) -> Vec<(MessageId, ReplyEventKind)> {
+    let mut terminal = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while terminal.len() < messages.len() {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{} of {} replies ended within 20 s: {terminal:?}", terminal.len(), messages.len())
+            })
+            .expect("the event stream ended");
+        if matches!(event.kind, ReplyEventKind::Done { .. } | ReplyEventKind::Error { .. }) {
+            terminal.push((event.message_id, event.kind));
+        }
+    }
+    terminal
+}
+
+/// The session's stored history as (role, text) pairs.
+async fn history(store: &EmbeddedStore, session: &SessionId) -> Vec<(Role, String)> {
+    store.history(session).await.unwrap().into_iter().map(|m| (m.role, m.text)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_handling_panics_once_is_answered_once_in_order_and_the_partition_goes_on() {
+    let f = fixture(WorkerConfig::default().max_generation_starts).await;
+    let (a, b) = (support::create_session(f.store.as_ref()).await, support::create_session(f.store.as_ref()).await);
+    let mut a_events = f.bus.subscribe_events(&a).await.unwrap();
+    let mut b_events = f.bus.subscribe_events(&b).await.unwrap();
+    let (first, second) = (message(&a, PANICS_ONCE), message(&a, "and then this one"));
+    let other = message(&b, "another session of the same partition");
+    for m in [&first, &second, &other] {
+        f.bus.enqueue(m).await.unwrap();
+    }
+
+    let a_terminal = terminal_events(&mut a_events, &[&first, &second]).await;
+    let b_terminal = terminal_events(&mut b_events, &[&other]).await;
+    let done = |id: &MessageId| (id.clone(), "done");
+    let kinds: Vec<(MessageId, &str)> = a_terminal
+        .iter()
+        .chain(&b_terminal)
+        .map(|(id, kind)| (id.clone(), if matches!(kind, ReplyEventKind::Done { .. }) { "done" } else { "error" }))
+        .collect();
+    assert_eq!(kinds, [done(&first.message_id), done(&second.message_id), done(&other.message_id)]);
+
+    let a_history = history(&f.store, &a).await;
+    let roles: Vec<Role> = a_history.iter().map(|(role, _)| *role).collect();
+    assert_eq!(roles, [Role::User, Role::Assistant, Role::User, Role::Assistant], "{a_history:?}");
+    assert_eq!((a_history[0].1.as_str(), a_history[2].1.as_str()), (PANICS_ONCE, "and then this one"));
+    assert_eq!(history(&f.store, &b).await.len(), 2);
+    f.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_handling_always_panics_ends_in_a_dead_letter_and_the_session_goes_on() {
+    let f = fixture(2).await;
+    let (a, b) = (support::create_session(f.store.as_ref()).await, support::create_session(f.store.as_ref()).await);
+    let mut a_events = f.bus.subscribe_events(&a).await.unwrap();
+    let mut b_events = f.bus.subscribe_events(&b).await.unwrap();
+    let (poison, next) = (message(&a, PANICS_ALWAYS), message(&a, "after the poison"));
+    let other = message(&b, "another session of the same partition");
+    for m in [&poison, &next, &other] {
+        f.bus.enqueue(m).await.unwrap();
+    }
+
+    let a_terminal = terminal_events(&mut a_events, &[&poison, &next]).await;
+    assert_eq!(a_terminal[0].0, poison.message_id);
+    assert!(
+        matches!(&a_terminal[0].1, ReplyEventKind::Error { code, .. } if code == "message_dead_lettered"),
+        "the poison message ends in a dead-letter error, got {:?}",
+        a_terminal[0].1
+    );
+    assert_eq!(a_terminal[1].0, next.message_id);
+    assert!(matches!(a_terminal[1].1, ReplyEventKind::Done { .. }), "got {:?}", a_terminal[1].1);
+    let b_terminal = terminal_events(&mut b_events, &[&other]).await;
+    assert!(matches!(b_terminal[0].1, ReplyEventKind::Done { .. }), "got {:?}", b_terminal[0].1);
+    assert!(f.store.outcome(&a, &poison.message_id).await.unwrap().is_none(), "no outcome stored for the poison");
+    f.stop.cancel();
+}
