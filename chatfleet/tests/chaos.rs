@@ -308,7 +308,9 @@ impl Load {
         for session in &self.sessions {
             let sent = accepted.get(&session.id).cloned().unwrap_or_default();
             total += sent.len();
-            let history = app.wait_for_replies(session, sent.len(), Duration::from_secs(90)).await;
+            // Users send faster than a fleet on two cores answers, so a backlog builds up whose
+            // size depends on the machine: what is checked is that it drains, not how fast.
+            let history = app.wait_for_replies_while_progressing(session, sent.len(), Duration::from_secs(30)).await;
             assert_eq!(history.len(), sent.len() * 2, "session {}: {history:#?}", session.id);
             for (i, (message_id, text)) in sent.iter().enumerate() {
                 let (user, reply) = (&history[2 * i], &history[2 * i + 1]);
@@ -342,7 +344,10 @@ fn quick_replies() -> Options {
 async fn killing_workers_at_random_loses_nothing_and_answers_once(backend: Backend) {
     let mut rng = chaos_rng("killing_workers_at_random");
     let mut fleet = Fleet::start(backend, 3, quick_replies()).await;
-    let load = Load::start(&fleet.app, 24, Duration::from_millis(50)).await;
+    // Three rounds of kill, failover and rebalance make this the longest load of the suite:
+    // users pause 150 ms between messages, so that the backlog they leave stays within what the
+    // test's time allows the fleet to drain.
+    let load = Load::start(&fleet.app, 24, Duration::from_millis(150)).await;
 
     let mut failovers = Vec::new();
     for _ in 0..3 {

@@ -527,6 +527,29 @@ impl TestApp {
     }
 
     /// Polls the history until it holds `n` assistant messages (or fails after `within`).
+    /// Waits until the session's history holds `n` replies, for as long as replies keep coming:
+    /// fails once `stall` passes with no new reply. For a backlog whose size depends on the
+    /// machine's speed (a load test's), where a fixed deadline would measure throughput rather
+    /// than whether anything was lost.
+    pub async fn wait_for_replies_while_progressing(&self, session: &Session, n: usize, stall: Duration) -> Vec<Value> {
+        let mut last = (0, tokio::time::Instant::now());
+        loop {
+            let history = self.history(session).await;
+            let replies = history.iter().filter(|m| m["role"] == "assistant").count();
+            if replies >= n {
+                return history;
+            }
+            if replies > last.0 {
+                last = (replies, tokio::time::Instant::now());
+            }
+            assert!(
+                last.1.elapsed() < stall,
+                "only {replies} of {n} replies, and none new for {stall:?}: {history:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn wait_for_replies(&self, session: &Session, n: usize, within: Duration) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
