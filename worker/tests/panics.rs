@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bus::{Bus, EventStream, MemoryBus};
+use bus::{Bus, BusError, Deliveries, EventStream, Membership, MemoryBus};
 use chatfleet_worker::{Worker, WorkerConfig};
 use futures::StreamExt;
 use llm::mock_reply::MockSettings;
 use llm::stand_in::StandInModel;
 use llm::{ChatModel, ChatRequest, ChunkStream, LlmError};
-use schemas::{MessageId, PartitionCount, ReplyEventKind, SessionId, UserMessage};
+use schemas::{MessageId, Partition, PartitionCount, ReplyEvent, ReplyEventKind, SessionId, UserMessage, WorkerId};
 use store::{EmbeddedStore, Role, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -164,4 +164,79 @@ async fn a_message_whose_handling_always_panics_ends_in_a_dead_letter_and_the_se
     assert!(matches!(b_terminal[0].1, ReplyEventKind::Done { .. }), "got {:?}", b_terminal[0].1);
     assert!(f.store.outcome(&a, &poison.message_id).await.unwrap().is_none(), "no outcome stored for the poison");
     f.stop.cancel();
+}
+
+/// The in-process bus, except that the first delivery stream it opens panics when first polled:
+/// the partition runner reading it panics.
+struct FirstStreamPanics {
+    inner: MemoryBus,
+    opened: AtomicBool,
+}
+
+#[async_trait]
+impl Bus for FirstStreamPanics {
+    fn partitions(&self) -> PartitionCount {
+        self.inner.partitions()
+    }
+
+    async fn enqueue(&self, message: &UserMessage) -> Result<bus::Enqueued, BusError> {
+        self.inner.enqueue(message).await
+    }
+
+    async fn publish_event(&self, event: &ReplyEvent) -> Result<(), BusError> {
+        self.inner.publish_event(event).await
+    }
+
+    async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError> {
+        self.inner.subscribe_events(session).await
+    }
+
+    async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {
+        if self.opened.swap(true, Ordering::SeqCst) {
+            return self.inner.consume(partition).await;
+        }
+        Ok(futures::stream::once(async { panic!("a delivery stream met a bug") }).boxed())
+    }
+
+    async fn join(&self, worker_id: &WorkerId) -> Result<Box<dyn Membership>, BusError> {
+        self.inner.join(worker_id).await
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        self.inner.ping().await
+    }
+
+    async fn status(&self) -> Result<bus::FleetStatus, BusError> {
+        self.inner.status().await
+    }
+
+    fn describe(&self) -> String {
+        "an in-process bus whose first delivery stream panics".into()
+    }
+}
+
+/// A partition runner that panics hands its partition over; the partition is taken again and
+/// its messages answered. Before, the worker ignored the runner's end and kept the partition,
+/// unconsumed, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_runner_panics_is_handed_over_and_consumed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("store.redb")).unwrap());
+    let bus = Arc::new(FirstStreamPanics {
+        inner: MemoryBus::new(PartitionCount::new(1).unwrap()),
+        opened: AtomicBool::new(false),
+    });
+    let model = Arc::new(StandInModel::new(MockSettings::default()));
+    let worker = Worker::new(bus.clone(), store.clone(), model, WorkerConfig::default());
+    let stop = CancellationToken::new();
+    tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+    let session = support::create_session(store.as_ref()).await;
+    let mut events = bus.subscribe_events(&session).await.unwrap();
+    let hello = message(&session, "hello after a runner's panic");
+    bus.enqueue(&hello).await.unwrap();
+
+    let terminal = terminal_events(&mut events, &[&hello]).await;
+    assert!(matches!(terminal[0].1, ReplyEventKind::Done { .. }), "got {:?}", terminal[0].1);
+    assert!(bus.opened.load(Ordering::SeqCst), "the first delivery stream was opened, and panicked");
+    stop.cancel();
 }
