@@ -21,16 +21,8 @@ mod nats {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_partition_whose_lease_release_failed_is_taken_again_when_it_comes_back() {
         let server = NatsServer::start().await;
-        let mut settings = NatsSettings::new(server.url(), PartitionCount::new(PARTITIONS).unwrap());
-        // Long enough that no lease expires during the test: only a take by revision can help.
-        settings.ownership = OwnershipSettings::with_lease_ttl(Duration::from_secs(20));
-        let names = settings.names.clone();
-        let bus = NatsBus::connect(settings).await.unwrap();
-        let mut membership = bus.join(&WorkerId::parse("worker-a").unwrap()).await.unwrap();
-        let owned = acquired(&mut membership, PARTITIONS as usize).await;
-
-        let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
-        let bucket = js.get_key_value(names.ownership_bucket()).await.unwrap();
+        // No lease expires during the test: only a take by revision can help.
+        let Worker { names, _bus, mut membership, owned, bucket } = Worker::start(&server).await;
         for &partition in &owned {
             let key = names.lease_key(partition);
             let lease = bucket.entry(key.clone()).await.unwrap().expect("the worker's lease");
@@ -54,17 +46,8 @@ mod nats {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_release_of_an_ownership_that_already_ended_leaves_the_next_one_alone() {
         let server = NatsServer::start().await;
-        let mut settings = NatsSettings::new(server.url(), PartitionCount::new(PARTITIONS).unwrap());
-        // Long enough that no lease expires during the test.
-        settings.ownership = OwnershipSettings::with_lease_ttl(Duration::from_secs(20));
-        let names = settings.names.clone();
-        let bus = NatsBus::connect(settings).await.unwrap();
-        let mut membership = bus.join(&WorkerId::parse("worker-a").unwrap()).await.unwrap();
-        let owned = acquired(&mut membership, PARTITIONS as usize).await;
+        let Worker { names, _bus, mut membership, owned, bucket } = Worker::start(&server).await;
         let partition = *owned.first().unwrap();
-
-        let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
-        let bucket = js.get_key_value(names.ownership_bucket()).await.unwrap();
         let key = names.lease_key(partition);
         let lease = bucket.entry(key.clone()).await.unwrap().expect("the worker's lease");
         // Someone else writes the lease (the worker loses the partition), then frees it: the
@@ -93,6 +76,30 @@ mod nats {
             [OwnershipEvent::Lost(partition), OwnershipEvent::Acquired(partition)],
             "one loss and one new acquisition, and the new ownership stands"
         );
+    }
+
+    /// One worker, `worker-a`, the only member, holding every partition, with leases that do not
+    /// expire during a test (20 s), and the ownership bucket in the test's hand.
+    struct Worker {
+        names: schemas::subjects::Names,
+        _bus: NatsBus,
+        membership: Box<dyn chatfleet_bus::Membership>,
+        owned: BTreeSet<Partition>,
+        bucket: async_nats::jetstream::kv::Store,
+    }
+
+    impl Worker {
+        async fn start(server: &NatsServer) -> Self {
+            let mut settings = NatsSettings::new(server.url(), PartitionCount::new(PARTITIONS).unwrap());
+            settings.ownership = OwnershipSettings::with_lease_ttl(Duration::from_secs(20));
+            let names = settings.names.clone();
+            let bus = NatsBus::connect(settings).await.unwrap();
+            let mut membership = bus.join(&WorkerId::parse("worker-a").unwrap()).await.unwrap();
+            let owned = acquired(&mut membership, PARTITIONS as usize).await;
+            let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+            let bucket = js.get_key_value(names.ownership_bucket()).await.unwrap();
+            Self { names, _bus: bus, membership, owned, bucket }
+        }
     }
 
     /// Waits up to 10 s for `key` to hold a lease of `owner` written after `after`; returns its

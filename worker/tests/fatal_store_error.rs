@@ -110,19 +110,6 @@ impl Store for RefusingStore {
     }
 }
 
-fn message(session: &SessionId, text: &str) -> UserMessage {
-    UserMessage {
-        v: schemas::ENVELOPE_VERSION,
-        session_id: session.clone(),
-        message_id: MessageId::generate(),
-        text: text.into(),
-        accepted_at: time::OffsetDateTime::now_utc(),
-        double_texting: None,
-        channel: None,
-        cancel: None,
-    }
-}
-
 /// The terminal event (`done` or `error`) of the reply to `message`.
 async fn terminal_event_of(events: &mut EventStream, message: &UserMessage) -> ReplyEventKind {
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -149,7 +136,7 @@ async fn a_message_the_store_refuses_for_good_ends_in_a_store_failed_error_and_t
     let mut events = bus.subscribe_events(&session).await.unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(worker.run(stop.clone().cancelled_owned()));
-    let (poison, next) = (message(&session, POISON), message(&session, "hello"));
+    let (poison, next) = (support::message(&session, POISON), support::message(&session, "hello"));
 
     bus.enqueue(&poison).await.unwrap();
     bus.enqueue(&next).await.unwrap();

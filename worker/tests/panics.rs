@@ -72,19 +72,6 @@ async fn fixture(max_generation_starts: u32) -> Fixture {
     Fixture { bus, store, stop, _dir: dir }
 }
 
-fn message(session: &SessionId, text: &str) -> UserMessage {
-    UserMessage {
-        v: schemas::ENVELOPE_VERSION,
-        session_id: session.clone(),
-        message_id: MessageId::generate(),
-        text: text.into(),
-        accepted_at: time::OffsetDateTime::now_utc(),
-        double_texting: None,
-        channel: None,
-        cancel: None,
-    }
-}
-
 /// The terminal event (`done` or `error`) of each of `messages`, in the order they come; fails
 /// after 20 s.
 async fn terminal_events(events: &mut EventStream, messages: &[&UserMessage]) -> Vec<(MessageId, ReplyEventKind)> {
@@ -115,8 +102,8 @@ async fn a_message_whose_handling_panics_once_is_answered_once_in_order_and_the_
     let (a, b) = (support::create_session(f.store.as_ref()).await, support::create_session(f.store.as_ref()).await);
     let mut a_events = f.bus.subscribe_events(&a).await.unwrap();
     let mut b_events = f.bus.subscribe_events(&b).await.unwrap();
-    let (first, second) = (message(&a, PANICS_ONCE), message(&a, "and then this one"));
-    let other = message(&b, "another session of the same partition");
+    let (first, second) = (support::message(&a, PANICS_ONCE), support::message(&a, "and then this one"));
+    let other = support::message(&b, "another session of the same partition");
     for m in [&first, &second, &other] {
         f.bus.enqueue(m).await.unwrap();
     }
@@ -145,8 +132,8 @@ async fn a_message_whose_handling_always_panics_ends_in_a_dead_letter_and_the_se
     let (a, b) = (support::create_session(f.store.as_ref()).await, support::create_session(f.store.as_ref()).await);
     let mut a_events = f.bus.subscribe_events(&a).await.unwrap();
     let mut b_events = f.bus.subscribe_events(&b).await.unwrap();
-    let (poison, next) = (message(&a, PANICS_ALWAYS), message(&a, "after the poison"));
-    let other = message(&b, "another session of the same partition");
+    let (poison, next) = (support::message(&a, PANICS_ALWAYS), support::message(&a, "after the poison"));
+    let other = support::message(&b, "another session of the same partition");
     for m in [&poison, &next, &other] {
         f.bus.enqueue(m).await.unwrap();
     }
@@ -232,7 +219,7 @@ async fn a_partition_whose_runner_panics_is_handed_over_and_consumed_again() {
     tokio::spawn(worker.run(stop.clone().cancelled_owned()));
     let session = support::create_session(store.as_ref()).await;
     let mut events = bus.subscribe_events(&session).await.unwrap();
-    let hello = message(&session, "hello after a runner's panic");
+    let hello = support::message(&session, "hello after a runner's panic");
     bus.enqueue(&hello).await.unwrap();
 
     let terminal = terminal_events(&mut events, &[&hello]).await;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use schemas::{DoubleTexting, SessionId};
+use schemas::{DoubleTexting, MessageId, SessionId, UserMessage};
 use store::{SessionRecord, Store};
 
 /// Creates a new session with the `enqueue` policy in `store` and returns its id.
@@ -18,4 +18,20 @@ pub async fn create_session(store: &dyn Store) -> SessionId {
     };
     store.create_session(&record).await.unwrap();
     session
+}
+
+/// A user message of `session` with a fresh id, as the gateway would enqueue it.
+// Not every test binary that includes this module sends messages this way.
+#[allow(dead_code)]
+pub fn message(session: &SessionId, text: &str) -> UserMessage {
+    UserMessage {
+        v: schemas::ENVELOPE_VERSION,
+        session_id: session.clone(),
+        message_id: MessageId::generate(),
+        text: text.into(),
+        accepted_at: time::OffsetDateTime::now_utc(),
+        double_texting: None,
+        channel: None,
+        cancel: None,
+    }
 }
