@@ -71,8 +71,9 @@ impl Load {
     }
 
     /// Stops sending, waits for every accepted message's reply, and checks that each was
-    /// answered exactly once, in order; returns how many were.
-    async fn finish_and_verify(self, app: &TestApp) -> usize {
+    /// answered exactly once, in order; returns how many were. A reply still missing after
+    /// 90 s fails the test with what the broker holds.
+    async fn finish_and_verify(self, app: &mut TestApp) -> usize {
         self.stop.cancel();
         for task in self.tasks {
             task.await.expect("a load task failed");
@@ -82,7 +83,15 @@ impl Load {
         for session in &self.sessions {
             let sent = accepted.get(&session.id).cloned().unwrap_or_default();
             total += sent.len();
-            let history = app.wait_for_replies(session, sent.len(), Duration::from_secs(90)).await;
+            let history = match app.replies_within(session, sent.len(), Duration::from_secs(90)).await {
+                Ok(history) => history,
+                Err(history) => panic!(
+                    "session {}: a reply is missing after 90 s ({} messages accepted): {history:#?}\n{}",
+                    session.id,
+                    sent.len(),
+                    broker_state(app).await
+                ),
+            };
             assert_eq!(history.len(), sent.len() * 2, "session {}: one reply per message: {history:#?}", session.id);
             for (i, (message_id, text)) in sent.iter().enumerate() {
                 let (user, reply) = (&history[2 * i], &history[2 * i + 1]);
@@ -99,6 +108,35 @@ impl Load {
         }
         total
     }
+}
+
+/// What the broker holds, for a test that found a reply missing: `chatfleet status` and
+/// `chatfleet dead-letters list` as an operator runs them, and on RabbitMQ each queue's ready
+/// and unacknowledged messages (a message the broker counts as delivered that no worker holds).
+async fn broker_state(app: &mut TestApp) -> String {
+    let (bus, partitions) = (app.bus_url(), app.options.partitions.to_string());
+    let run = |args: &'static [&'static str]| {
+        let (bus, partitions) = (bus.clone(), partitions.clone());
+        tokio::task::spawn_blocking(move || {
+            match std::process::Command::new(env!("CARGO_BIN_EXE_chatfleet"))
+                .args(args)
+                .args(["--bus", &bus, "--partitions", &partitions])
+                .env("RUST_LOG", "off")
+                .output()
+            {
+                Ok(out) => format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+                Err(e) => format!("cannot run chatfleet {args:?}: {e}"),
+            }
+        })
+    };
+    let (status, dead) = (run(&["status"]).await.unwrap(), run(&["dead-letters", "list"]).await.unwrap());
+    let mut state = format!("chatfleet status:\n{status}\nchatfleet dead-letters list:\n{dead}");
+    if let Broker::RabbitCluster(cluster) = app.broker_mut() {
+        let queues = cluster.queue_counts().await;
+        state
+            .push_str(&format!("\nthe queues (name, ready, unacknowledged, consumers), then the consumers:\n{queues}"));
+    }
+    state
 }
 
 /// One user's conversation: a message, then `think`, until stopped.
@@ -257,7 +295,7 @@ async fn killing_a_node_then_the_meta_leader_mid_load_loses_nothing_answers_once
     cluster(&mut app).restart_node(meta).await;
     load.wait_accepted(40, Duration::from_secs(30)).await;
 
-    let answered = load.finish_and_verify(&app).await;
+    let answered = load.finish_and_verify(&mut app).await;
     println!(
         "3-node NATS cluster: serving again {node_loss:?} after losing node n{first} (not the meta leader), \
          {leader_loss:?} after losing the meta leader n{meta}; {answered} messages answered exactly once"
@@ -285,7 +323,7 @@ async fn killing_a_rabbitmq_node_mid_load_loses_nothing_and_answers_once() {
     rabbit_cluster(&mut app).restart_node(1).await;
     load.wait_accepted(40, Duration::from_secs(30)).await;
 
-    let answered = load.finish_and_verify(&app).await;
+    let answered = load.finish_and_verify(&mut app).await;
     println!(
         "3-node RabbitMQ cluster: serving again {node_loss:?} after losing a node; {answered} messages answered \
          exactly once"
@@ -308,7 +346,7 @@ async fn killing_the_rabbitmq_node_every_client_uses_mid_load_loses_nothing_and_
     rabbit_cluster(&mut app).restart_node(0).await;
     load.wait_accepted(40, Duration::from_secs(30)).await;
 
-    let answered = load.finish_and_verify(&app).await;
+    let answered = load.finish_and_verify(&mut app).await;
     println!(
         "3-node RabbitMQ cluster: serving again {node_loss:?} after losing the node every client used; \
          {answered} messages answered exactly once"

@@ -282,6 +282,31 @@ impl RabbitMqCluster {
         members.iter().filter_map(|m| m.as_str().map(str::to_owned)).collect()
     }
 
+    /// Each queue's ready and unacknowledged messages and its consumers, then each consumer as
+    /// its channel registered it, as the first running node reports them (`rabbitmqctl
+    /// list_queues`, `list_consumers`), for a failing test to print; what went wrong instead if
+    /// the node does not answer.
+    pub async fn queue_counts(&mut self) -> String {
+        let Some(node) = self.nodes.iter_mut().position(|n| n.is_running()) else { return "no node runs".into() };
+        let queues = ["list_queues", "-q", "name", "messages_ready", "messages_unacknowledged", "consumers"];
+        let consumers = ["list_consumers", "-q", "queue_name", "consumer_tag", "active", "activity_status"];
+        let mut out = String::new();
+        for args in [&queues[..], &consumers[..]] {
+            match try_rabbitmqctl(&self.nodes[node], args).await {
+                // rabbitmqctl separates columns with tabs; aligned spaces survive a test's output.
+                Ok(table) => {
+                    for line in table.lines() {
+                        let cells: String = line.split('\t').map(|cell| format!("{cell:<30}  ")).collect();
+                        out.push_str(cells.trim_end());
+                        out.push('\n');
+                    }
+                }
+                Err(e) => out.push_str(&format!("{e}\n")),
+            }
+        }
+        out
+    }
+
     /// Starts a stopped node again; it rejoins the cluster from its data.
     pub async fn restart_node(&mut self, index: usize) {
         self.nodes[index].restart().await;
@@ -291,21 +316,27 @@ impl RabbitMqCluster {
 /// Runs `rabbitmqctl` against a node (with the node's cookie, found through its `HOME`) and
 /// returns its output; panics with it if it fails.
 async fn rabbitmqctl(node: &RabbitMqServer, args: &[&str]) -> String {
+    try_rabbitmqctl(node, args).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `rabbitmqctl` against a node and returns its output, or what went wrong.
+async fn try_rabbitmqctl(node: &RabbitMqServer, args: &[&str]) -> Result<String, String> {
     let ctl = rabbitmq_server_binary().with_file_name("rabbitmqctl");
     let mut command = std::process::Command::new(&ctl);
     command.args(["-n", node.node_name()]).args(args).env("HOME", node.work_dir());
     let what = format!("rabbitmqctl -n {} {}", node.node_name(), args.join(" "));
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
-        .expect("rabbitmqctl runs")
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", ctl.display()));
-    assert!(
-        output.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+        .map_err(|e| format!("{what} did not run: {e}"))?
+        .map_err(|e| format!("cannot run {}: {e}", ctl.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Waits until a node answers the AMQP handshake again.

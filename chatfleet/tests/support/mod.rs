@@ -526,7 +526,6 @@ impl TestApp {
         body["messages"].as_array().unwrap().clone()
     }
 
-    /// Polls the history until it holds `n` assistant messages (or fails after `within`).
     /// Waits until the session's history holds `n` replies, for as long as replies keep coming:
     /// fails once `stall` passes with no new reply. For a backlog whose size depends on the
     /// machine's speed (a load test's), where a fixed deadline would measure throughput rather
@@ -550,18 +549,31 @@ impl TestApp {
         }
     }
 
+    /// Polls the history until it holds `n` assistant messages (or fails after `within`).
     pub async fn wait_for_replies(&self, session: &Session, n: usize, within: Duration) -> Vec<Value> {
+        self.replies_within(session, n, within).await.unwrap_or_else(|history| {
+            let replies = history.iter().filter(|m| m["role"] == "assistant").count();
+            panic!("only {replies} of {n} replies after {within:?}: {history:#?}")
+        })
+    }
+
+    /// Polls the history until it holds `n` assistant messages; after `within`, the history as
+    /// it is then, for a test that has more to print about why.
+    pub async fn replies_within(
+        &self,
+        session: &Session,
+        n: usize,
+        within: Duration,
+    ) -> Result<Vec<Value>, Vec<Value>> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let history = self.history(session).await;
-            let replies = history.iter().filter(|m| m["role"] == "assistant").count();
-            if replies >= n {
-                return history;
+            if history.iter().filter(|m| m["role"] == "assistant").count() >= n {
+                return Ok(history);
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "only {replies} of {n} replies after {within:?}: {history:#?}"
-            );
+            if tokio::time::Instant::now() >= deadline {
+                return Err(history);
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
