@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 /// 17.1 s once after the meta leader's kill, late in a whole-suite run with both cores busy).
 const RECOVERY_BOUND: Duration = Duration::from_secs(20);
 
+/// How long the end of a test waits for the last accepted messages' replies.
+const REPLY_WAIT: Duration = Duration::from_secs(90);
+
 /// Per session, the messages the gateway accepted: (message id, text), in order.
 type Accepted = Arc<Mutex<HashMap<String, Vec<(String, String)>>>>;
 
@@ -72,7 +75,7 @@ impl Load {
 
     /// Stops sending, waits for every accepted message's reply, and checks that each was
     /// answered exactly once, in order; returns how many were. A reply still missing after
-    /// 90 s fails the test with what the broker holds.
+    /// [`REPLY_WAIT`] fails the test with what the broker holds.
     async fn finish_and_verify(self, app: &mut TestApp) -> usize {
         self.stop.cancel();
         for task in self.tasks {
@@ -83,10 +86,10 @@ impl Load {
         for session in &self.sessions {
             let sent = accepted.get(&session.id).cloned().unwrap_or_default();
             total += sent.len();
-            let history = match app.replies_within(session, sent.len(), Duration::from_secs(90)).await {
+            let history = match app.replies_within(session, sent.len(), REPLY_WAIT).await {
                 Ok(history) => history,
                 Err(history) => panic!(
-                    "session {}: a reply is missing after 90 s ({} messages accepted): {history:#?}\n{}",
+                    "session {}: a reply is missing after {REPLY_WAIT:?} ({} messages accepted): {history:#?}\n{}",
                     session.id,
                     sent.len(),
                     broker_state(app).await
@@ -112,7 +115,8 @@ impl Load {
 
 /// What the broker holds, for a test that found a reply missing: `chatfleet status` and
 /// `chatfleet dead-letters list` as an operator runs them, and on RabbitMQ each queue's ready
-/// and unacknowledged messages (a message the broker counts as delivered that no worker holds).
+/// and unacknowledged messages (a message the broker counts as delivered that no worker holds)
+/// and its consumers.
 async fn broker_state(app: &mut TestApp) -> String {
     let (bus, partitions) = (app.bus_url(), app.options.partitions.to_string());
     let run = |args: &'static [&'static str]| {
