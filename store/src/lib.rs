@@ -125,6 +125,19 @@ impl MessageAndReply {
     }
 }
 
+/// What answering a user message reads before anything else, as [`Store::prepare_answer`]
+/// found it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PreparedAnswer {
+    /// The session; `None` if it does not exist (it was deleted).
+    pub session: Option<SessionRecord>,
+    /// The user message and its reply, each if stored.
+    pub found: MessageAndReply,
+    /// The newest messages of the conversation, in conversation order, as many as asked for
+    /// (`None` when none were asked for).
+    pub recent: Option<Vec<StoredMessage>>,
+}
+
 /// What became of a user message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -247,6 +260,23 @@ pub trait Store: Send + Sync + 'static {
         Ok(MessageAndReply {
             message: self.message(session, message.as_str()).await?,
             reply: self.message(session, reply_id.as_str()).await?,
+        })
+    }
+
+    /// Everything a worker reads before answering user message `message`: the session, the
+    /// message and its reply ([`Store::message_and_reply`]), and the newest `recent` messages
+    /// of the conversation ([`Store::recent`]; not read when `recent` is 0). Stores that can
+    /// read them in one round trip do; the default makes the three reads one after the other.
+    async fn prepare_answer(
+        &self,
+        session: &SessionId,
+        message: &MessageId,
+        recent: usize,
+    ) -> Result<PreparedAnswer, StoreError> {
+        Ok(PreparedAnswer {
+            session: self.session(session).await?,
+            found: self.message_and_reply(session, message).await?,
+            recent: if recent == 0 { None } else { Some(self.recent(session, recent).await?) },
         })
     }
 

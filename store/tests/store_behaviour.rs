@@ -66,6 +66,7 @@ behaviours![
     recent_returns_the_newest_messages_in_conversation_order,
     outcome_is_the_reply_the_failure_or_nothing,
     a_message_and_its_reply_are_read_together_from_their_own_session_only,
+    preparing_an_answer_reads_the_session_the_message_its_reply_and_the_newest_messages,
     marking_an_unknown_message_failed_is_an_error,
     shared_secret_gives_every_caller_the_first_value,
     generation_starts_are_counted_from_one_and_kept_on_the_user_message,
@@ -343,6 +344,43 @@ async fn a_message_and_its_reply_are_read_together_from_their_own_session_only(s
     assert_eq!(unanswered.reply, None);
     assert_eq!((unknown.message, unknown.reply), (None, None));
     assert_eq!((elsewhere.message, elsewhere.reply), (None, None));
+}
+
+async fn preparing_an_answer_reads_the_session_the_message_its_reply_and_the_newest_messages(store: &dyn Store) {
+    store.create_session(&session("s1")).await.unwrap();
+    store.create_session(&session("other")).await.unwrap();
+    // A reply in progress: the marker is kept on the session's document, not in its record.
+    store.begin_reply(&session_id("s1"), &message_id("s1", 3)).await.unwrap();
+    for turn in 1..=2 {
+        insert(store, user_message("s1", turn, &format!("q{turn}"))).await;
+        insert(store, reply("s1", turn, &format!("a{turn}"))).await;
+    }
+    insert(store, user_message("s1", 3, "q3")).await;
+    insert(store, user_message("other", 1, "elsewhere")).await;
+    insert(store, user_message("gone", 1, "orphan")).await;
+    let id = session_id("s1");
+
+    let answered = store.prepare_answer(&id, &message_id("s1", 2), 3).await.unwrap();
+    let pending = store.prepare_answer(&id, &message_id("s1", 3), 10).await.unwrap();
+    let unknown = store.prepare_answer(&id, &message_id("s1", 4), 0).await.unwrap();
+    let elsewhere = store.prepare_answer(&session_id("other"), &message_id("s1", 1), 5).await.unwrap();
+    let deleted = store.prepare_answer(&session_id("gone"), &message_id("gone", 1), 1).await.unwrap();
+
+    assert_eq!(answered.session, Some(session("s1")));
+    assert_eq!(answered.found.message.map(|m| m.text), Some("q2".to_owned()));
+    assert_eq!(answered.found.reply.map(|m| m.text), Some("a2".to_owned()));
+    assert_eq!(answered.recent.as_deref().map(texts), Some(vec!["q2", "a2", "q3"]));
+    assert_eq!(pending.found.message.map(|m| m.text), Some("q3".to_owned()));
+    assert_eq!(pending.found.reply, None);
+    assert_eq!(pending.recent.as_deref().map(texts), Some(vec!["q1", "a1", "q2", "a2", "q3"]));
+    assert_eq!(unknown.session, Some(session("s1")));
+    assert_eq!((unknown.found.message, unknown.found.reply, unknown.recent), (None, None, None));
+    assert_eq!(elsewhere.session, Some(session("other")));
+    assert_eq!((elsewhere.found.message, elsewhere.found.reply), (None, None));
+    assert_eq!(elsewhere.recent.as_deref().map(texts), Some(vec!["elsewhere"]));
+    assert_eq!(deleted.session, None);
+    assert_eq!(deleted.found.message.map(|m| m.text), Some("orphan".to_owned()));
+    assert_eq!(deleted.recent.as_deref().map(texts), Some(vec!["orphan"]));
 }
 
 async fn marking_an_unknown_message_failed_is_an_error(store: &dyn Store) {

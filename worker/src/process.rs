@@ -223,15 +223,25 @@ impl Handler<'_> {
     async fn try_answer(&self) -> Result<Decision, Halt> {
         let store = &self.worker.store;
         let (session, message_id) = (self.session(), &self.message.message_id);
-        let Some(record) = self.store_call(|| store.session(session)).await? else {
+        // What comes before the answer, in one read where the store allows it: the session, the
+        // message and its reply (the outcome, and whether an earlier delivery recorded the
+        // message), and what tells the message's turn: the recent history the context needs
+        // unless the cache holds it, else the newest message alone.
+        let cached = if self.caching() { self.cache.get(session) } else { None };
+        let recent = match &cached {
+            Some(_) => 0,
+            None if self.caching() => self.worker.config.context.history_limit,
+            None => 1,
+        };
+        let prepared = self.store_call(|| store.prepare_answer(session, message_id, recent)).await?;
+        let Some(record) = prepared.session else {
             return Ok(self.session_gone().await);
         };
-        // One read for both the outcome and whether an earlier delivery recorded the message.
-        let stored = self.store_call(|| store.message_and_reply(session, message_id)).await?;
-        if let Some(outcome) = stored.outcome() {
+        if let Some(outcome) = prepared.found.outcome() {
             return self.announce_again(outcome).await;
         }
-        let Recorded { turn, start, history } = self.record_user_message(stored.message).await?;
+        let Recorded { turn, start, history } =
+            self.record_user_message(prepared.found.message, cached.or(prepared.recent)).await?;
         self.turn.store(turn, Ordering::Relaxed);
         if start % (self.worker.config.max_generation_starts + 1) == 0 {
             return Ok(self.dead_letter(turn, start).await);
@@ -460,8 +470,13 @@ impl Handler<'_> {
 
     /// Stores the user message at the next turn of the conversation, unless a previous
     /// delivery already did. `known` is the message as just read from the store, if it was
-    /// there.
-    async fn record_user_message(&self, known: Option<StoredMessage>) -> Result<Recorded, Halt> {
+    /// there; `newest` the conversation's newest messages read with it (the recent history
+    /// when the cache is in use, else at least the newest message), if they were.
+    async fn record_user_message(
+        &self,
+        known: Option<StoredMessage>,
+        mut newest: Option<Vec<StoredMessage>>,
+    ) -> Result<Recorded, Halt> {
         let store = &self.worker.store;
         let session = self.session();
         let message_id = &self.message.message_id;
@@ -479,11 +494,18 @@ impl Handler<'_> {
                 return Ok(Recorded { turn: existing.turn, start, history: None });
             }
             // The newest message tells the next turn. With the cache in use the whole recent
-            // history is needed anyway: it comes from the cache, or is read once here.
-            let before = if self.caching() { Some(self.recent_history().await?) } else { None };
-            let turn = match &before {
-                Some(history) => history.last().map_or(1, |m| m.turn + 1),
-                None => self.store_call(|| store.recent(session, 1)).await?.last().map_or(1, |m| m.turn + 1),
+            // history is needed anyway: it was read with the message, or comes from the cache,
+            // or is read once here. What was read with the message holds only for the first
+            // try: a retry follows a write it did not see.
+            let (before, newest) = match newest.take() {
+                Some(history) if self.caching() => (Some(history), None),
+                _ if self.caching() => (Some(self.recent_history().await?), None),
+                newest => (None, newest),
+            };
+            let turn = match (&before, newest) {
+                (Some(history), _) => history.last().map_or(1, |m| m.turn + 1),
+                (None, Some(newest)) => newest.last().map_or(1, |m| m.turn + 1),
+                (None, None) => self.store_call(|| store.recent(session, 1)).await?.last().map_or(1, |m| m.turn + 1),
             };
             let record = StoredMessage {
                 id: self.message.message_id.as_str().to_owned(),

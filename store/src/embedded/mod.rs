@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::{
-    Counter, Failure, Inserted, MessageAndReply, ReplyClaim, Role, SessionRecord, Store, StoreError, StoredMessage,
-    to_stored_time,
+    Counter, Failure, Inserted, MessageAndReply, PreparedAnswer, ReplyClaim, Role, SessionRecord, Store, StoreError,
+    StoredMessage, to_stored_time,
 };
 
 /// Session id → JSON of the [`SessionRecord`].
@@ -303,8 +303,12 @@ fn normalise_message(message: &StoredMessage) -> Result<StoredMessage, StoreErro
 }
 
 /// The messages of one session, in conversation order (newest first if `rev`), at most `limit`.
-fn read_messages(db: &Database, session: &str, rev: bool, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
-    let tx = db.begin_read().map_err(fatal)?;
+fn read_messages(
+    tx: &redb::ReadTransaction,
+    session: &str,
+    rev: bool,
+    limit: usize,
+) -> Result<Vec<StoredMessage>, StoreError> {
     let table = tx.open_table(MESSAGES).map_err(fatal)?;
     let range = table.range((session, 0u64)..=(session, u64::MAX)).map_err(fatal)?;
     let entries: Box<dyn Iterator<Item = _>> = if rev { Box::new(range.rev()) } else { Box::new(range) };
@@ -315,6 +319,33 @@ fn read_messages(db: &Database, session: &str, rev: bool, limit: usize) -> Resul
             decode::<StoredMessage>(value.value())
         })
         .collect()
+}
+
+/// The newest `limit` messages of `session`, in conversation order.
+fn read_recent(tx: &redb::ReadTransaction, session: &str, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    let mut newest_first = read_messages(tx, session, true, limit)?;
+    newest_first.reverse();
+    Ok(newest_first)
+}
+
+/// Session `id`, if stored.
+fn read_session(tx: &redb::ReadTransaction, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
+    let table = tx.open_table(SESSIONS).map_err(fatal)?;
+    let value = table.get(id.as_str()).map_err(fatal)?;
+    value.map(|v| decode(v.value())).transpose()
+}
+
+/// User message `message` of `session` and its reply, each if stored.
+fn read_message_and_reply(
+    tx: &redb::ReadTransaction,
+    session: &SessionId,
+    message: &MessageId,
+) -> Result<MessageAndReply, StoreError> {
+    let reply_id = schemas::ReplyId::for_message(message);
+    Ok(MessageAndReply {
+        message: read_message(tx, session, message.as_str())?,
+        reply: read_message(tx, session, reply_id.as_str())?,
+    })
 }
 
 /// Message `id` of `session`, if stored (under another session it does not count).
@@ -400,13 +431,7 @@ impl Store for EmbeddedStore {
 
     async fn session(&self, id: &SessionId) -> Result<Option<SessionRecord>, StoreError> {
         let id = id.clone();
-        self.run(move |db| {
-            let tx = db.begin_read().map_err(fatal)?;
-            let table = tx.open_table(SESSIONS).map_err(fatal)?;
-            let value = table.get(id.as_str()).map_err(fatal)?;
-            value.map(|v| decode(v.value())).transpose()
-        })
-        .await
+        self.run(move |db| read_session(&db.begin_read().map_err(fatal)?, &id)).await
     }
 
     async fn delete_session(&self, id: &SessionId) -> Result<bool, StoreError> {
@@ -437,17 +462,12 @@ impl Store for EmbeddedStore {
 
     async fn history(&self, id: &SessionId) -> Result<Vec<StoredMessage>, StoreError> {
         let id = id.clone();
-        self.run(move |db| read_messages(db, id.as_str(), false, usize::MAX)).await
+        self.run(move |db| read_messages(&db.begin_read().map_err(fatal)?, id.as_str(), false, usize::MAX)).await
     }
 
     async fn recent(&self, id: &SessionId, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         let id = id.clone();
-        self.run(move |db| {
-            let mut newest_first = read_messages(db, id.as_str(), true, limit)?;
-            newest_first.reverse();
-            Ok(newest_first)
-        })
-        .await
+        self.run(move |db| read_recent(&db.begin_read().map_err(fatal)?, id.as_str(), limit)).await
     }
 
     async fn message(&self, session: &SessionId, id: &str) -> Result<Option<StoredMessage>, StoreError> {
@@ -459,12 +479,24 @@ impl Store for EmbeddedStore {
     async fn message_and_reply(&self, session: &SessionId, message: &MessageId) -> Result<MessageAndReply, StoreError> {
         let session = session.clone();
         let message = message.clone();
+        self.run(move |db| read_message_and_reply(&db.begin_read().map_err(fatal)?, &session, &message)).await
+    }
+
+    /// One read transaction, on one blocking thread, for the three reads.
+    async fn prepare_answer(
+        &self,
+        session: &SessionId,
+        message: &MessageId,
+        recent: usize,
+    ) -> Result<PreparedAnswer, StoreError> {
+        let session = session.clone();
+        let message = message.clone();
         self.run(move |db| {
             let tx = db.begin_read().map_err(fatal)?;
-            let reply_id = schemas::ReplyId::for_message(&message);
-            Ok(MessageAndReply {
-                message: read_message(&tx, &session, message.as_str())?,
-                reply: read_message(&tx, &session, reply_id.as_str())?,
+            Ok(PreparedAnswer {
+                session: read_session(&tx, &session)?,
+                found: read_message_and_reply(&tx, &session, &message)?,
+                recent: if recent == 0 { None } else { Some(read_recent(&tx, session.as_str(), recent)?) },
             })
         })
         .await
