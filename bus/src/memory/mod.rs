@@ -33,8 +33,10 @@ struct Inner {
     queues: Vec<Arc<consume::PartitionQueue>>,
     /// Message ids seen recently, with when they were first seen.
     seen: Mutex<HashMap<MessageId, Instant>>,
-    /// The live listeners of each session's reply events.
-    listeners: Mutex<HashMap<SessionId, Vec<mpsc::UnboundedSender<ReplyEvent>>>>,
+    /// The live listeners of each session's reply events. An event is shared, not copied, on
+    /// its way to them, and the channels hold pointers: a channel's first block of slots is
+    /// allocated with it, so a listener's idle cost follows the size of what it carries.
+    listeners: Mutex<HashMap<SessionId, Vec<mpsc::UnboundedSender<Arc<ReplyEvent>>>>>,
     /// Each session's reply events of the retention window. Always locked inside `listeners`,
     /// so that a resume sees every event either in the log or live.
     log: Mutex<retention::EventLog>,
@@ -79,6 +81,12 @@ impl std::fmt::Debug for MemoryBus {
     }
 }
 
+/// A listener's events, each taken out of its shared copy (copied only while another listener
+/// still holds it).
+fn live_events(rx: mpsc::UnboundedReceiver<Arc<ReplyEvent>>) -> EventStream {
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Arc::unwrap_or_clone).boxed()
+}
+
 #[async_trait]
 impl Bus for MemoryBus {
     fn partitions(&self) -> PartitionCount {
@@ -110,8 +118,9 @@ impl Bus for MemoryBus {
         let mut listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
         self.inner.log.lock().unwrap_or_else(|e| e.into_inner()).push(event);
         if let Some(senders) = listeners.get_mut(&event.session_id) {
+            let event = Arc::new(event.clone());
             // Sending fails only for listeners that went away; forget those.
-            senders.retain(|tx| tx.send(event.clone()).is_ok());
+            senders.retain(|tx| tx.send(Arc::clone(&event)).is_ok());
             if senders.is_empty() {
                 listeners.remove(&event.session_id);
             }
@@ -122,7 +131,7 @@ impl Bus for MemoryBus {
     async fn subscribe_events(&self, session: &SessionId) -> Result<EventStream, BusError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner()).entry(session.clone()).or_default().push(tx);
-        Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed())
+        Ok(live_events(rx))
     }
 
     async fn resume_events(&self, session: &SessionId) -> Result<crate::Resumed, BusError> {
@@ -130,7 +139,7 @@ impl Bus for MemoryBus {
         let mut listeners = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let retained = self.inner.log.lock().unwrap_or_else(|e| e.into_inner()).retained(session);
         listeners.entry(session.clone()).or_default().push(tx);
-        Ok(crate::Resumed { retained, live: tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed() })
+        Ok(crate::Resumed { retained, live: live_events(rx) })
     }
 
     async fn consume(&self, partition: Partition) -> Result<Deliveries, BusError> {
