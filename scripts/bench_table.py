@@ -119,6 +119,7 @@ def proc_snapshot(pid: int) -> dict:
         "pid": pid,
         "alive": after_comm[0] != "Z",
         "rss_kb": kb("VmRSS"),
+        "rss_anon_kb": kb("RssAnon"),
         "hwm_kb": kb("VmHWM"),
         "cpu_s": (utime + stime) / CLK_TCK,
         "threads": int(fields.get("Threads", "0")),
@@ -248,7 +249,10 @@ async def idle_streams(args: argparse.Namespace) -> dict:
     await asyncio.sleep(args.settle)
     before = {role: proc_snapshot(pid) for role, pid in roles.items()}
 
-    # 2. The streams, opened a bounded number at a time, then held open and idle.
+    # 2. The streams, opened a bounded number at a time, then held open and idle: half of them,
+    # measured, then the other half, measured again. The second half's growth of the anonymous
+    # memory (RssAnon: heap and stacks, not mapped files) is the cost of a stream; the first
+    # half also pays what any load makes a process keep (allocator arenas, runtime buffers).
     gate = asyncio.Semaphore(100)
     streams = []
 
@@ -260,10 +264,16 @@ async def idle_streams(args: argparse.Namespace) -> dict:
                 note(error)
 
     started = time.monotonic()
-    await asyncio.gather(*(open_one(s) for s in sessions))
-    open_s = time.monotonic() - started
+    half = len(sessions) // 2
+    await asyncio.gather(*(open_one(s) for s in sessions[:half]))
+    await asyncio.sleep(args.hold)
+    first_half = len(streams)
+    halfway = {role: proc_snapshot(pid) for role, pid in roles.items()}
+    await asyncio.gather(*(open_one(s) for s in sessions[half:]))
+    open_s = time.monotonic() - started - args.hold
     await asyncio.sleep(args.hold)
     opened = {role: proc_snapshot(pid) for role, pid in roles.items()}
+    second_half = len(streams) - first_half
 
     # 3. Closed again: does the memory come back?
     for _, writer in streams:
@@ -273,20 +283,25 @@ async def idle_streams(args: argparse.Namespace) -> dict:
 
     per_process = {}
     for role in roles:
-        b, o, c = before[role], opened[role], closed[role]
+        b, h, o, c = before[role], halfway[role], opened[role], closed[role]
         delta = o.get("rss_kb", 0) - b.get("rss_kb", 0)
+        slope = o.get("rss_anon_kb", 0) - h.get("rss_anon_kb", 0)
         per_process[role] = {
             "rss_before_kb": b.get("rss_kb"),
             "rss_open_kb": o.get("rss_kb"),
             "rss_closed_kb": c.get("rss_kb"),
+            "anon_half_kb": h.get("rss_anon_kb"),
+            "anon_open_kb": o.get("rss_anon_kb"),
             "fds_before": b.get("fds"),
             "fds_open": o.get("fds"),
-            "per_stream_kb": round(delta / len(streams), 2) if streams else None,
+            "average_per_stream_kb": round(delta / len(streams), 2) if streams else None,
+            "per_stream_kb": round(slope / second_half, 2) if second_half else None,
         }
     return {
         "streams_planned": args.streams,
         "sessions_created": len(sessions),
         "streams_opened": len(streams),
+        "streams_first_half": first_half,
         "open_s": round(open_s, 3),
         "hold_s": args.hold,
         "errors": errors,
@@ -849,10 +864,11 @@ def cmd_report(args: argparse.Namespace) -> None:
         if not idle:
             continue
         for role, p in idle["processes"].items():
-            per_stream = p.get("per_stream_kb")
+            per_stream, average = p.get("per_stream_kb"), p.get("average_per_stream_kb")
             idle_rows.append(
                 f"| {t} ({role}) | {idle['streams_opened']} of {idle['streams_planned']} "
                 f"| {mib(p.get('rss_before_kb'))} | {mib(p.get('rss_open_kb'))} | {mib(p.get('rss_closed_kb'))} "
+                f"| {'—' if average is None else f'{average:.1f}'} "
                 f"| {'—' if per_stream is None else f'{per_stream:.1f}'} "
                 f"| {p.get('fds_before')} → {p.get('fds_open')} |"
             )
@@ -861,12 +877,15 @@ def cmd_report(args: argparse.Namespace) -> None:
             "",
             "## Memory per open idle event stream",
             "",
-            "K sessions are created, then K `GET /v1/sessions/{id}/events` streams opened and held idle;",
-            "the resident memory (VmRSS) of the process holding them is read before, with them open, and",
-            "after closing them. KiB per stream = (open − before) / streams opened.",
+            "K sessions are created, then K `GET /v1/sessions/{id}/events` streams opened and held idle,",
+            "half of them first and then the rest; the resident memory (VmRSS) of the process holding them",
+            "is read before, with them open, and after closing them. Average = (open − before) / streams",
+            "opened. KiB per stream = what the second half added to the anonymous memory (RssAnon: heap",
+            "and stacks) / its streams: the cost of one more stream, without what any load makes a",
+            "process keep (allocator arenas, runtime buffers), which the first half pays.",
             "",
-            "| target (process) | streams | RSS before MiB | RSS open MiB | RSS after close MiB | KiB per stream | descriptors |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| target (process) | streams | RSS before MiB | RSS open MiB | RSS after close MiB | average KiB | KiB per stream | descriptors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *idle_rows,
         ]
 
