@@ -9,23 +9,18 @@ mod documents;
 mod errors;
 
 use schemas::redact_url;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use mongodb::bson::{self, Binary, Document, doc, spec::BinarySubtype};
+use mongodb::bson::{Binary, doc, spec::BinarySubtype};
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
 use schemas::{MessageId, SessionId};
 
-use crate::{
-    Counter, Failure, Inserted, MessageAndReply, PreparedAnswer, ReplyClaim, SessionRecord, Store, StoreError,
-    StoredMessage,
-};
+use crate::{Counter, Failure, Inserted, MessageAndReply, ReplyClaim, SessionRecord, Store, StoreError, StoredMessage};
 use documents::{CounterDoc, MessageDoc, NoteDoc, SecretDoc, SessionDoc, from_bson_time, starts_value, to_bson_time};
-use errors::{classify, is_duplicate_key, server_code};
+use errors::{classify, is_duplicate_key};
 
 /// The database used when the URL names none.
 pub const DEFAULT_DATABASE: &str = "chatfleet";
@@ -46,13 +41,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often [`Store::begin_reply`] tries its update when the marker changes under it.
 const CLAIM_ATTEMPTS: usize = 5;
 
-/// The field with which [`Store::prepare_answer`]'s one aggregation tags each document it
-/// returns with the read it answers.
-const PART: &str = "_chatfleet_part";
-
-/// The server's error for a pipeline stage it does not know: `$unionWith` before MongoDB 4.4.
-const UNKNOWN_STAGE: i32 = 40324;
-
 /// A [`Store`] on a MongoDB deployment. Cheap to clone; clones share one connection pool.
 #[derive(Clone)]
 pub struct MongoStore {
@@ -63,10 +51,6 @@ pub struct MongoStore {
     secrets: Collection<SecretDoc>,
     notes: Collection<NoteDoc>,
     counters: Collection<CounterDoc>,
-    /// Whether the server runs `$unionWith` (MongoDB 4.4 and later), so that
-    /// [`Store::prepare_answer`] is one aggregation; cleared the first time the server refuses
-    /// the stage, after which the reads are made one by one.
-    union_with: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for MongoStore {
@@ -100,7 +84,6 @@ impl MongoStore {
             secrets: db.collection("secrets"),
             notes: db.collection("delivery_notes"),
             counters: db.collection("counters"),
-            union_with: Arc::new(AtomicBool::new(true)),
             client,
             db,
         };
@@ -167,75 +150,6 @@ impl MongoStore {
             .map_err(|e| classify(e, "reading a conversation"))?;
         docs.into_iter().map(MessageDoc::into_record).collect()
     }
-
-    /// [`Store::prepare_answer`] as one aggregation on `sessions`: the session's document, then
-    /// (`$unionWith`) the message and its reply, then the newest `recent` messages, each tagged
-    /// with [`PART`]. A `$unionWith` runs whether or not the session matched, as the separate
-    /// reads would. `None` if the server does not know `$unionWith`.
-    async fn prepare_in_one(
-        &self,
-        session: &SessionId,
-        message: &MessageId,
-        recent: usize,
-    ) -> Result<Option<PreparedAnswer>, StoreError> {
-        const DOING: &str = "reading a session, a message and its context";
-        let reply_id = schemas::ReplyId::for_message(message);
-        let ids = [message.as_str(), reply_id.as_str()];
-        let mut pipeline = vec![
-            doc! { "$match": { "_id": session.as_str() } },
-            doc! { "$addFields": { PART: "session" } },
-            doc! { "$unionWith": { "coll": self.messages.name(), "pipeline": [
-                { "$match": { "_id": { "$in": ids.as_slice() }, "session_id": session.as_str() } },
-                { "$addFields": { PART: "found" } },
-            ] } },
-        ];
-        if recent > 0 {
-            let limit = i64::try_from(recent).unwrap_or(i64::MAX);
-            pipeline.push(doc! { "$unionWith": { "coll": self.messages.name(), "pipeline": [
-                { "$match": { "session_id": session.as_str() } },
-                { "$sort": { "position": -1 } },
-                { "$limit": limit },
-                { "$addFields": { PART: "recent" } },
-            ] } });
-        }
-        // Everything in the first batch, so that it is one round trip: the session, the message,
-        // its reply and the recent ones.
-        let batch = u32::try_from(recent.saturating_add(4)).unwrap_or(u32::MAX);
-        let docs: Vec<Document> = match self.sessions.aggregate(pipeline).batch_size(batch).await {
-            Ok(cursor) => cursor.try_collect().await.map_err(|e| classify(e, DOING))?,
-            Err(e) if server_code(&e) == Some(UNKNOWN_STAGE) => return Ok(None),
-            Err(e) => return Err(classify(e, DOING)),
-        };
-        let mut prepared = PreparedAnswer { recent: (recent > 0).then(Vec::new), ..PreparedAnswer::default() };
-        for mut doc in docs {
-            let part = doc.remove(PART);
-            match part.as_ref().and_then(bson::Bson::as_str) {
-                Some("session") => prepared.session = Some(parse::<SessionDoc>(doc)?.into_record()?),
-                Some("found") => {
-                    let record = parse::<MessageDoc>(doc)?.into_record()?;
-                    if record.id == reply_id.as_str() {
-                        prepared.found.reply = Some(record);
-                    } else {
-                        prepared.found.message = Some(record);
-                    }
-                }
-                Some("recent") => {
-                    let record = parse::<MessageDoc>(doc)?.into_record()?;
-                    prepared.recent.get_or_insert_with(Vec::new).push(record);
-                }
-                other => return Err(StoreError::Fatal(format!("{DOING}: a document of unknown part {other:?}"))),
-            }
-        }
-        if let Some(recent) = &mut prepared.recent {
-            recent.sort_by_key(StoredMessage::position);
-        }
-        Ok(Some(prepared))
-    }
-}
-
-/// A document of an aggregation's result as the shape it is known to be.
-fn parse<T: serde::de::DeserializeOwned>(doc: Document) -> Result<T, StoreError> {
-    bson::from_document(doc).map_err(|e| StoreError::Fatal(format!("unreadable document from MongoDB: {e}")))
 }
 
 #[async_trait]
@@ -332,29 +246,6 @@ impl Store for MongoStore {
             }
         }
         Ok(found)
-    }
-
-    async fn prepare_answer(
-        &self,
-        session: &SessionId,
-        message: &MessageId,
-        recent: usize,
-    ) -> Result<PreparedAnswer, StoreError> {
-        if self.union_with.load(Ordering::Relaxed) {
-            if let Some(prepared) = self.prepare_in_one(session, message, recent).await? {
-                return Ok(prepared);
-            }
-            tracing::warn!(
-                event = "store_reads_one_by_one",
-                "MongoDB does not run $unionWith (it is older than 4.4): answering a message takes three reads instead of one"
-            );
-            self.union_with.store(false, Ordering::Relaxed);
-        }
-        Ok(PreparedAnswer {
-            session: self.session(session).await?,
-            found: self.message_and_reply(session, message).await?,
-            recent: if recent == 0 { None } else { Some(self.recent(session, recent).await?) },
-        })
     }
 
     async fn insert_message(&self, message: &StoredMessage) -> Result<Inserted, StoreError> {
