@@ -491,6 +491,9 @@ profile_tools() {
 
 command -v python3 >/dev/null || test_servers_python # for the helper and free_port
 
+# Whether other work keeps this machine busy, judged before the build below, whose own load
+# would otherwise still show in the load average when the first run starts.
+loadavg_before_build="$(cut -d ' ' -f 1-3 /proc/loadavg)"
 if ((BENCH_BUILD)); then
   say "building (release)"
   cargo build --release -p chatfleet -p chatfleet-loadtest
@@ -565,6 +568,7 @@ python3 "$HELPER" meta \
   "sustain_rates=$BENCH_SUSTAIN_RATES" "sustain_secs=$BENCH_SUSTAIN_SECS" "sustain_p99_ms=$BENCH_SUSTAIN_P99_MS" \
   "results_dir=${RESULTS#"$ROOT"/}" \
   "mock_args=${MOCK_ARGS[*]}" "nats_version=$nats_version" "mongo_server=$mongo_server" \
+  "build=$BENCH_BUILD" "loadavg_before_build=$loadavg_before_build" \
   "commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >"$RESULTS/meta.json"
 
 # Targets interleaved within each load, so that a machine whose load drifts over the run
