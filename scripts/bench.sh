@@ -17,7 +17,7 @@
 # Settings (environment):
 #   BENCH_USERS="100 1000 5000 10000"  burst sizes
 #   BENCH_RAMP_RATE=200 BENCH_RAMP_SECS=20   the ramp: new users per second, for this long
-#   BENCH_SUSTAIN_RATES="50 100 200 400 600 800 1200 1600"
+#   BENCH_SUSTAIN_RATES="50 100 200 400 600 800 1200 1600 2400 3200"
 #   BENCH_SUSTAIN_SECS=15              sustained-rate search: open-loop ramps at these rates (new
 #   BENCH_SUSTAIN_P99_MS=500           users/s) for this long, per target, rising until TTFT p99
 #                                      exceeds this; the report names the highest rate within it
@@ -62,7 +62,7 @@ readonly DEFAULT_RAMP_SECS=20
 BENCH_USERS="${BENCH_USERS:-$DEFAULT_USERS}"
 BENCH_RAMP_RATE="${BENCH_RAMP_RATE:-$DEFAULT_RAMP_RATE}"
 BENCH_RAMP_SECS="${BENCH_RAMP_SECS:-$DEFAULT_RAMP_SECS}"
-BENCH_SUSTAIN_RATES="${BENCH_SUSTAIN_RATES-50 100 200 400 600 800 1200 1600}"
+BENCH_SUSTAIN_RATES="${BENCH_SUSTAIN_RATES-50 100 200 400 600 800 1200 1600 2400 3200}"
 BENCH_SUSTAIN_SECS="${BENCH_SUSTAIN_SECS:-15}"
 BENCH_SUSTAIN_P99_MS="${BENCH_SUSTAIN_P99_MS:-500}"
 BENCH_IDLE_STREAMS="${BENCH_IDLE_STREAMS:-2000}"
