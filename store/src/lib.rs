@@ -265,8 +265,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Everything a worker reads before answering user message `message`: the session, the
     /// message and its reply ([`Store::message_and_reply`]), and the newest `recent` messages
-    /// of the conversation ([`Store::recent`]; not read when `recent` is 0). Stores that can
-    /// read them in one round trip do; the default makes the three reads one after the other.
+    /// of the conversation ([`Store::recent`]; not read when `recent` is 0). The default makes
+    /// the three reads one after the other; the embedded store makes them in one read
+    /// transaction.
     async fn prepare_answer(
         &self,
         session: &SessionId,
