@@ -3,6 +3,8 @@
 # fleet adds to what the model alone costs:
 #
 #   direct  chatfleet-loadtest --target openai straight at `chatfleet mock-llm` (the baseline)
+#   relay   the same through `chatfleet mock-llm --upstream` (chatfleet's model client relaying
+#           the mock's stream, nothing kept): the floor of any server between user and model
 #   dev     `chatfleet dev` (in-process bus, embedded store in a temp dir) using that mock
 #   fleet   `chatfleet gateway` + 2 `chatfleet worker` on NATS JetStream and a MongoDB-wire server
 #
@@ -36,7 +38,7 @@
 #                                      of the unprofiled burst of the same size (0 skips; perf from
 #                                      Debian's linux-perf, inferno from crates.io, both installed on
 #                                      first use); the SVGs are written to BENCH_PERF_DIR
-#   BENCH_TARGETS="direct dev fleet"   which targets (ratios need direct)
+#   BENCH_TARGETS="direct relay dev fleet"  which targets (ratios need direct)
 #   BENCH_WARMUP=5                     warm-up users before each measured run (0: none)
 #   BENCH_TIMEOUT=120                  loadtest --timeout: longest wait for a reply, seconds
 #   BENCH_OUT=target/bench/<timestamp> results directory
@@ -74,7 +76,7 @@ BENCH_WEBHOOKS="${BENCH_WEBHOOKS-100 1000}"
 BENCH_PROFILE_USERS="${BENCH_PROFILE_USERS:-1000}"
 BENCH_PROFILE_HZ="${BENCH_PROFILE_HZ:-999}"
 BENCH_PERF_DIR="${BENCH_PERF_DIR:-docs/perf}"
-BENCH_TARGETS="${BENCH_TARGETS:-direct dev fleet}"
+BENCH_TARGETS="${BENCH_TARGETS:-direct relay dev fleet}"
 BENCH_WARMUP="${BENCH_WARMUP:-5}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-120}"
 BENCH_OUT="${BENCH_OUT:-target/bench/$(date +%Y%m%d-%H%M%S)}"
@@ -94,7 +96,7 @@ readonly LT="$ROOT/target/release/chatfleet-loadtest"
 readonly HELPER="$ROOT/scripts/bench_table.py"
 
 for target in $BENCH_TARGETS; do
-  case "$target" in direct | dev | fleet) ;; *) die "BENCH_TARGETS: unknown target $target (direct, dev, fleet)" ;; esac
+  case "$target" in direct | relay | dev | fleet) ;; *) die "BENCH_TARGETS: unknown target $target (direct, relay, dev, fleet)" ;; esac
 done
 has_target() { [[ " $BENCH_TARGETS " == *" $1 "* ]]; }
 
@@ -151,7 +153,7 @@ stop_procs() {
   # chatfleet first, while its broker and store are still up (else the workers spend their
   # shutdown reconnecting), then the model, then the broker and the store.
   local role dir
-  for role in dev gateway worker1 worker2 mock nats mongo "${!PID[@]}"; do
+  for role in dev gateway worker1 worker2 relay mock nats mongo "${!PID[@]}"; do
     if [[ -n "${PID[$role]:-}" ]]; then
       stop_pid "${PID[$role]}"
       unset 'PID[$role]'
@@ -227,6 +229,13 @@ start_target() { # target logdir
   case "$target" in
     direct)
       TARGET_URL="$MOCK_URL"
+      LT_TARGET=(--target openai --url "$TARGET_URL" --model "$MODEL")
+      ;;
+    relay)
+      port="$(free_port)"
+      start_proc relay "$logs/relay.log" "$CF" mock-llm --listen "127.0.0.1:$port" --model "$MODEL" --upstream "$MOCK_URL"
+      wait_until "chatfleet mock-llm --upstream" "${PID[relay]}" "$logs/relay.log" 30 tcp_open "$port"
+      TARGET_URL="http://127.0.0.1:$port/v1"
       LT_TARGET=(--target openai --url "$TARGET_URL" --model "$MODEL")
       ;;
     dev)
@@ -397,7 +406,7 @@ run_webhooks() { # target conversations
 # warm-up and is stopped when the burst is over; the samples are folded into one stack per line
 # (inferno-collapse-perf), named by role, and drawn as a flame graph. The helper's `budget`
 # command sorts the samples into the steps of a message. On direct only the load generator is
-# sampled: its flame graph is what the baseline's client costs.
+# sampled: its flame graph is what the baseline's client costs. On relay the relay is sampled.
 run_profile() { # target
   local target="$1" n="$BENCH_PROFILE_USERS" role pids=() roles=() perf_pid=""
   local name="$1-profile-$BENCH_PROFILE_USERS" logs="$RESULTS/logs/$1-profile-$BENCH_PROFILE_USERS"
@@ -407,7 +416,7 @@ run_profile() { # target
     "$LT" "${LT_TARGET[@]}" --no-progress --timeout 30 burst --users "$BENCH_WARMUP" >"$logs/warmup.txt" 2>&1 ||
       say "$name: warm-up had errors (see $logs/warmup.txt)"
   fi
-  for role in dev gateway worker1 worker2; do
+  for role in dev gateway worker1 worker2 relay; do
     if [[ -n "${PID[$role]:-}" ]]; then
       pids+=("${PID[$role]}")
       roles+=("$role=${PID[$role]}")

@@ -44,9 +44,10 @@ import sys
 import time
 from pathlib import Path
 
-TARGETS = ("direct", "dev", "fleet")
+TARGETS = ("direct", "relay", "dev", "fleet")
 TARGET_TITLES = {
     "direct": "direct (mock-llm alone)",
+    "relay": "relay (mock-llm --upstream: chatfleet's model client and an SSE relay, nothing kept)",
     "dev": "dev (one process)",
     "fleet": "fleet (gateway + 2 workers, NATS, MongoDB wire)",
 }
@@ -526,12 +527,14 @@ CPU_GOALS_MS = {"dev": 0.7, "fleet": 1.0}
 CPU_GOAL_USERS = "1000"
 SUSTAIN_GOALS = {"dev": 0.8, "fleet": 0.6}
 IDLE_STREAM_GOAL_KIB = 16.0
+# chatfleet's own processes (what "chatfleet ms/msg" adds up): the relay is chatfleet's code too.
+CHATFLEET_ROLES = ("dev", "gateway", "worker1", "worker2", "relay")
 
 
 def chatfleet_cpu_ms(results: Path, target: str, n: str, f: dict) -> float | None:
     """chatfleet's own CPU milliseconds per answered message in one burst."""
     usage = proc_usage(results, f"{target}-burst-{n}")
-    own = [u["cpu_s"] for r, u in usage.items() if r in ("dev", "gateway", "worker1", "worker2")]
+    own = [u["cpu_s"] for r, u in usage.items() if r in CHATFLEET_ROLES]
     if not own or not f or not f.get("answered"):
         return None
     return 1000 * sum(own) / f["answered"]
@@ -617,6 +620,60 @@ def goals_table(results: Path, bursts: dict, cfg: dict) -> list[str]:
     ]
 
 
+def floor_table(results: Path, bursts: dict, cfg: dict) -> list[str]:
+    """Each goal's figure for the relay beside dev's and the fleet's: what a server between user
+    and model that keeps nothing achieves on this machine, the floor under chatfleet's targets."""
+    if not any(t == "relay" for t, _ in bursts):
+        return []
+    rows = []
+    for n in sorted({n for _, n in bursts}, key=int):
+        d = bursts.get(("direct", n)) or {}
+        cells = []
+        for t in ("relay", "dev", "fleet"):
+            f = bursts.get((t, n)) or {}
+            cells.append(fmt_ratio(f.get("ttft_p99"), d.get("ttft_p99")) if f else "not run")
+        limits = ", ".join(f"{t} ≤ {limit:g}×" for goal_n, t, limit in GOALS if goal_n == n) or "—"
+        rows.append(f"| burst TTFT p99, {n} users, × direct | " + " | ".join(cells) + f" | {limits} |")
+    relay_ms = chatfleet_cpu_ms(results, "relay", CPU_GOAL_USERS, bursts.get(("relay", CPU_GOAL_USERS)) or {})
+    cells = []
+    for t in ("relay", "dev", "fleet"):
+        ms = chatfleet_cpu_ms(results, t, CPU_GOAL_USERS, bursts.get((t, CPU_GOAL_USERS)) or {})
+        ratio = f" ({fmt_ratio(ms, relay_ms)} relay)" if ms is not None and relay_ms and t != "relay" else ""
+        cells.append("—" if ms is None else f"{ms:.2f} ms{ratio}")
+    limits = ", ".join(f"{t} ≤ {limit:g} ms" for t, limit in CPU_GOALS_MS.items())
+    rows.append(f"| CPU per message, {CPU_GOAL_USERS} users (chatfleet's processes) | " + " | ".join(cells) + f" | {limits} |")
+    rates = [int(r) for r in cfg.get("sustain_rates", "").split()]
+    goal_ms = float(cfg.get("sustain_p99_ms", "500"))
+    if rates:
+        direct, capped = best_sustained_rate(results, "direct", rates, goal_ms)
+        cells = []
+        for t in ("relay", "dev", "fleet"):
+            if not (results / f"{t}-sustain-{rates[0]}.json").exists():
+                cells.append("not run")
+                continue
+            best, best_capped = best_sustained_rate(results, t, rates, goal_ms)
+            share = f" ({100 * best / direct:.0f}%)" if best and direct else ""
+            cells.append("below the lowest rate" if best is None else f"{'≥ ' if best_capped else ''}{best}/s{share}")
+        limits = ", ".join(f"{t} ≥ {100 * share:.0f}%" for t, share in SUSTAIN_GOALS.items())
+        direct_cell = f"{'≥ ' if capped else ''}{direct}/s" if direct else "—"
+        rows.append(
+            f"| sustained rate within TTFT p99 ≤ {goal_ms:.0f} ms (direct: {direct_cell}) | " + " | ".join(cells) + f" | {limits} |"
+        )
+    return [
+        "",
+        "### The floor: the same figures for a relay that keeps nothing",
+        "",
+        "The relay target serves each message with the least any server between user and model must do:",
+        "read the request, call the model, read its stream, write each chunk to the client (chatfleet's",
+        "model client and axum, no session, bus or store). Where the relay itself misses a goal, no design",
+        "of that server on this stack and machine meets it.",
+        "",
+        "| figure | relay | dev | fleet | goal |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *rows,
+    ]
+
+
 def cpu_budget(results: Path, targets: list[str], users: list[str], bursts: dict, m: dict) -> list[str]:
     """The table that shows whether a burst was bound by the machine's CPU: what every process
     (servers and load generator) used, against what the cores could give over the run."""
@@ -634,7 +691,7 @@ def cpu_budget(results: Path, targets: list[str], users: list[str], bursts: dict
             total = sum(u["cpu_s"] for u in usage.values())
             share = f"{100 * total / (cores * f['duration_s']):.0f}%" if cores else "?"
             answered = max(f["answered"], 1)
-            fleet = sum(u["cpu_s"] for r, u in usage.items() if r in ("dev", "gateway", "worker1", "worker2"))
+            fleet = sum(u["cpu_s"] for r, u in usage.items() if r in CHATFLEET_ROLES)
             brokers = sum(u["cpu_s"] for r, u in usage.items() if r in ("nats", "mongo"))
             mock = usage.get("mock", {}).get("cpu_s", 0.0)
             load_gen = usage.get("loadtest", {}).get("cpu_s", 0.0)
@@ -732,7 +789,7 @@ def resource_row(target: str, users: str, usage: dict) -> str:
         u = usage.get(role)
         return "—" if u is None else f"{mib(u['hwm_kb'])} / {u['cpu_s']:.2f}"
 
-    front = "dev" if target == "dev" else "gateway"
+    front = {"dev": "dev", "relay": "relay"}.get(target, "gateway")
     workers = " + ".join(cell(r) for r in ("worker1", "worker2") if r in usage) or "—"
     others = ", ".join(f"{r} {usage[r]['cpu_s']:.2f}" for r in ("nats", "mongo", "mock") if r in usage)
     return f"| {target} | {users} | {cell(front)} | {workers} | {others or '—'} | {cell('loadtest')} |"
@@ -809,6 +866,10 @@ def cmd_report(args: argparse.Namespace) -> None:
         f"- Model: `chatfleet mock-llm {cfg.get('mock_args', '')}` for every target, so the model is identical:",
         "  the direct baseline is the least any target can take.",
         "- **direct**: `chatfleet-loadtest --target openai` straight at the mock (the baseline).",
+        "- **relay**: `chatfleet mock-llm --upstream` in front of the mock, and `--target openai` at it: each",
+        "  request is relayed through chatfleet's model client and its chunks written back as they come,",
+        "  with nothing kept (no session, bus or store). The floor of any server between user and model",
+        "  on this stack; what `dev` and the fleet cost beyond it is their sessions, bus and store.",
         "- **dev**: `chatfleet dev` (in-process bus, embedded store in a temp dir, its default single worker)",
         "  with `--llm-base-url` at the mock.",
         "- **fleet**: `chatfleet gateway` + 2 `chatfleet worker` processes on NATS JetStream and the MongoDB-wire",
@@ -855,7 +916,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         "Each cell: peak resident memory in MiB / CPU seconds used during the measured run (after",
         "start-up and warm-up). Peak RSS is VmHWM, reset just before the run. Other processes: CPU seconds.",
         "",
-        "| target | users | gateway or dev | worker 1 + worker 2 | others (CPU s) | load generator |",
+        "| target | users | gateway, dev or relay | worker 1 + worker 2 | others (CPU s) | load generator |",
         "| --- | ---: | ---: | ---: | --- | ---: |",
     ]
     for n in users:
@@ -897,6 +958,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     md += retention_table(results)
     md += goals_table(results, bursts, cfg)
+    md += floor_table(results, bursts, cfg)
     md += cpu_budget(results, targets, users, bursts, m)
     md += profile_table(results, cfg)
     md += loadtest_profile_table(results, cfg)
@@ -1007,7 +1069,7 @@ def cmd_fold_roles(args: argparse.Namespace) -> None:
 STEPS: list[tuple[str, str]] = [
     (
         "HTTP serving: read requests, route them, write answers and stream bytes",
-        r"chatfleet_gateway::server::|hyper_util::server::|hyper::server::|axum::routing|matchit::"
+        r"chatfleet_gateway::server::|hyper_util::server::|hyper::server::|axum::routing|matchit::|axum::serve"
         r"|chatfleet_gateway::(extract|auth|body|error|quotas|session_cache|health)"
         r"|chatfleet_gateway::routes::(?!messages::reply_stream)",
     ),
@@ -1022,13 +1084,13 @@ STEPS: list[tuple[str, str]] = [
     ),
     (
         "call the model and read its stream",
-        r"chatfleet_llm::|async_openai::|reqwest::|eventsource_stream::|hyper_util::client::|hyper::client::",
+        r"chatfleet_llm::(?!relay::|mock_server::)|async_openai::|reqwest::|eventsource_stream::|hyper_util::client::|hyper::client::",
     ),
     (
         "encode, publish, route and send each reply event",
         r"chatfleet_worker::events|chatfleet_gateway::sse|chatfleet_gateway::routes::messages::reply_stream"
         r"|as chatfleet_bus::Bus>::(publish_event|subscribe_events|resume_events)|chatfleet_bus::(memory::retention|nats::replies|amqp::(replies|events))"
-        r"|axum::response::sse|ReplyEvent",
+        r"|axum::response::sse|ReplyEvent|chatfleet_llm::(relay|mock_server)::",
     ),
     (
         "commit: the store's writes",
@@ -1145,7 +1207,7 @@ def loadtest_profile_table(results: Path, cfg: dict) -> list[str]:
     burst: it shares the cores with the servers, so what it costs lengthens every target's tail."""
     n = cfg.get("profile_users", "0")
     columns = []  # (title, µs per step, allocator µs, kernel µs)
-    for target in ("direct", "dev", "fleet"):
+    for target in TARGETS:
         folded = results / f"{target}-profile-{n}.folded"
         if not folded.exists():
             continue
@@ -1177,6 +1239,7 @@ def profile_table(results: Path, cfg: dict) -> list[str]:
     n = cfg.get("profile_users", "0")
     columns = []  # (title, target, roles)
     for target, title, role_sets in (
+        ("relay", "relay", [("relay", ["relay"])]),
         ("dev", "dev", [("dev", ["dev"])]),
         ("fleet", "fleet", [("gateway", ["gateway"]), ("workers", ["worker1", "worker2"])]),
     ):
@@ -1211,7 +1274,7 @@ def profile_table(results: Path, cfg: dict) -> list[str]:
         "the deepest frame that marks one (`STEPS` in scripts/bench_table.py); its share of the process's",
         "samples times the process's CPU per answered message in the unprofiled burst of the same size gives",
         "the microseconds below. The flame graphs are in "
-        f"`{cfg.get('perf_dir', 'docs/perf')}/` ({', '.join(f'`{t}-burst-{n}.svg`' for t in ('dev', 'fleet') if (results / f'{t}-profile-{n}.folded').exists())}).",
+        f"`{cfg.get('perf_dir', 'docs/perf')}/` ({', '.join(f'`{t}-burst-{n}.svg`' for t in ('relay', 'dev', 'fleet') if (results / f'{t}-profile-{n}.folded').exists())}).",
         "",
     ]
     return md + budget_rows(steps, columns)

@@ -490,8 +490,17 @@ pub struct MockLlmArgs {
     pub echo_chars: usize,
 
     /// Model name `GET /v1/models` lists; requests may name any model, and the reply echoes it.
+    /// With --upstream, also the model asked of the upstream endpoint.
     #[arg(long, env = "CHATFLEET_MODEL", default_value = "chatfleet-mock")]
     pub model: String,
+
+    /// Relay instead of answering: stream every chat completion from this OpenAI-compatible
+    /// endpoint (e.g. another `chatfleet mock-llm` at http://127.0.0.1:9000/v1) through
+    /// chatfleet's model client, chunk for chunk, keeping nothing. It serves streamed requests
+    /// only, and ignores the reply settings above. `scripts/bench.sh` runs it as the `relay`
+    /// target: what serving a model's stream costs without sessions, bus or store.
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
 
     #[command(flatten)]
     pub log: LogArgs,

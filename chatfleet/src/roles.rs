@@ -284,6 +284,25 @@ pub async fn worker(args: WorkerArgs, shutdown: impl Future<Output = ()> + Send 
 pub async fn mock_llm(args: MockLlmArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let listener = bind(args.listen).await?;
     let address = listener.local_addr()?;
+    if let Some(upstream) = args.upstream {
+        if !(upstream.starts_with("http://") || upstream.starts_with("https://")) {
+            anyhow::bail!("--upstream: {upstream:?} is not an http(s) URL");
+        }
+        // As patient as a worker by default (`--llm-timeout`).
+        let timeout = Duration::from_secs(60);
+        let model = llm::openai::OpenAiModel::new(llm::openai::OpenAiSettings {
+            base_url: upstream,
+            api_key: None,
+            model: args.model.clone(),
+            first_token_timeout: timeout,
+            idle_timeout: timeout,
+            max_tokens: None,
+        })
+        .map_err(|e| anyhow::anyhow!("--upstream: {e}"))?;
+        println!("chatfleet mock-llm: relaying to {} at http://{address}/v1", model.describe());
+        llm::relay::serve(listener, model, args.model, shutdown).await?;
+        return Ok(());
+    }
     let config = llm::mock_server::MockServerConfig {
         settings: llm::mock_reply::MockSettings {
             first_token_delay: Duration::from_millis(args.first_token_ms),

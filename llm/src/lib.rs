@@ -1,7 +1,8 @@
 //! The language model: one [`ChatModel`] trait over any OpenAI-compatible endpoint
 //! (`openai.rs`: reqwest, eventsource-stream and async-openai's request types) and the built-in stand-in model (`stand_in.rs`), plus
-//! `chatfleet mock-llm`, a local OpenAI-compatible server (`mock_server.rs`). The stand-in and
-//! the mock server share one reply generator (`mock_reply.rs`), so they answer alike.
+//! `chatfleet mock-llm`, a local OpenAI-compatible server (`mock_server.rs`), which can relay to
+//! another endpoint instead of answering itself (`relay.rs`, the benchmark's floor). The stand-in
+//! and the mock server share one reply generator (`mock_reply.rs`), so they answer alike.
 //!
 //! Invariant: this crate knows nothing of sessions, buses or stores; it turns a list of chat
 //! messages into a stream of text chunks and classifies what went wrong.
@@ -15,6 +16,7 @@ use schemas::{FinishReason, Usage};
 pub mod mock_reply;
 pub mod mock_server;
 pub mod openai;
+pub mod relay;
 pub mod stand_in;
 
 pub use openai::install_crypto_provider;

@@ -170,7 +170,7 @@ async fn chat_completions(
 }
 
 /// The text of a message: its string content, or its text parts joined with newlines.
-fn message_text(message: &ChatCompletionRequestMessage) -> String {
+pub(crate) fn message_text(message: &ChatCompletionRequestMessage) -> String {
     fn join<'a>(parts: impl Iterator<Item = Option<&'a str>>) -> String {
         parts.flatten().collect::<Vec<_>>().join("\n")
     }
@@ -215,11 +215,11 @@ fn message_text(message: &ChatCompletionRequestMessage) -> String {
 }
 
 /// What every chunk of one reply shares.
-struct ReplyContext {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
+pub(crate) struct ReplyContext {
+    pub(crate) id: String,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) include_usage: bool,
 }
 
 /// A fixed fingerprint, so clients that log it see something stable.
@@ -227,7 +227,7 @@ const FINGERPRINT: &str = "fp_chatfleet_mock";
 
 impl ReplyContext {
     /// One `chat.completion.chunk` with the given choices, as an SSE event.
-    fn chunk_event(&self, choices: &[ChoiceJson<'_>], usage: Option<&Usage>) -> std::io::Result<Bytes> {
+    pub(crate) fn chunk_event(&self, choices: &[ChoiceJson<'_>], usage: Option<&Usage>) -> std::io::Result<Bytes> {
         let chunk = ChunkJson {
             id: &self.id,
             object: "chat.completion.chunk",
@@ -246,7 +246,11 @@ impl ReplyContext {
     }
 
     /// A chunk with a single choice carrying `delta`.
-    fn delta_event(&self, delta: DeltaJson<'_>, finish_reason: Option<&FinishReason>) -> std::io::Result<Bytes> {
+    pub(crate) fn delta_event(
+        &self,
+        delta: DeltaJson<'_>,
+        finish_reason: Option<&FinishReason>,
+    ) -> std::io::Result<Bytes> {
         let choice =
             ChoiceJson { index: 0, delta, logprobs: None, finish_reason: finish_reason.map(finish_reason_str) };
         self.chunk_event(&[choice], None)
@@ -270,7 +274,7 @@ struct ChunkJson<'a> {
 }
 
 #[derive(Serialize)]
-struct ChoiceJson<'a> {
+pub(crate) struct ChoiceJson<'a> {
     index: u32,
     delta: DeltaJson<'a>,
     /// Always null; logprobs are not offered.
@@ -279,14 +283,14 @@ struct ChoiceJson<'a> {
 }
 
 #[derive(Serialize, Default)]
-struct DeltaJson<'a> {
+pub(crate) struct DeltaJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    role: Option<&'static str>,
+    pub(crate) role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    content: Option<&'a str>,
+    pub(crate) content: Option<&'a str>,
     /// Present, as null, only in the opening chunk, as OpenAI sends it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    refusal: Option<Option<&'a str>>,
+    pub(crate) refusal: Option<Option<&'a str>>,
 }
 
 fn usage_json(usage: &Usage) -> Value {
@@ -429,7 +433,7 @@ fn fault_response(fault: StatusFault) -> Response {
 /// An error in OpenAI's shape, `{"error":{"message","type","param","code"}}`, with retry
 /// headers when `retry_after` is given: `retry-after-ms` in milliseconds and the standard
 /// `Retry-After` in whole seconds, rounded up.
-fn error_response(status: StatusCode, message: &str, retry_after: Option<Duration>) -> Response {
+pub(crate) fn error_response(status: StatusCode, message: &str, retry_after: Option<Duration>) -> Response {
     let (kind, code) = match status.as_u16() {
         401 => ("invalid_request_error", Some("invalid_api_key")),
         403 => ("permission_error", Some("permission_denied")),
@@ -451,6 +455,6 @@ fn error_response(status: StatusCode, message: &str, retry_after: Option<Duratio
     response
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs())
 }
