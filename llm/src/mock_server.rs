@@ -27,7 +27,7 @@ use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::serve::ListenerExt;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -76,14 +76,22 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, model = %config.model, "mock model server listening");
     }
-    // Tokens are tiny writes; without TCP_NODELAY Nagle's algorithm would hold them back and
-    // distort the timing the server is meant to imitate.
+    serve_router(listener, router(config), shutdown).await
+}
+
+/// Serves `router` with TCP_NODELAY on every connection until `shutdown` completes. Tokens are
+/// tiny writes; without it Nagle's algorithm would hold them back and distort the timing.
+pub(crate) async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let listener = listener.tap_io(|stream| {
         if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY on a mock model connection");
+            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
         }
     });
-    axum::serve(listener, router(config)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 /// The mock model's routes, for embedding in another server or a test.
@@ -94,13 +102,21 @@ pub fn router(config: MockServerConfig) -> Router {
         faults: FaultBook::new(),
         next_id: AtomicU64::new(1),
     });
+    openai_routes(post(chat_completions), get(list_models)).with_state(state)
+}
+
+/// The routes of an OpenAI-compatible server: chat completions and the model list, with and
+/// without `/v1`, and an OpenAI-shaped 404 for any other path.
+pub(crate) fn openai_routes<S: Clone + Send + Sync + 'static>(
+    chat_completions: MethodRouter<S>,
+    list_models: MethodRouter<S>,
+) -> Router<S> {
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/chat/completions", post(chat_completions))
-        .route("/v1/models", get(list_models))
-        .route("/models", get(list_models))
+        .route("/v1/chat/completions", chat_completions.clone())
+        .route("/chat/completions", chat_completions)
+        .route("/v1/models", list_models.clone())
+        .route("/models", list_models)
         .fallback(not_found)
-        .with_state(state)
 }
 
 struct ServerState {
@@ -111,10 +127,15 @@ struct ServerState {
 }
 
 async fn list_models(State(state): State<Arc<ServerState>>) -> Json<Value> {
+    models_list(&state.model)
+}
+
+/// `GET /v1/models`: a list of the one model `name`.
+pub(crate) fn models_list(name: &str) -> Json<Value> {
     Json(json!({
         "object": "list",
         "data": [{
-            "id": state.model,
+            "id": name,
             "object": "model",
             "created": unix_now(),
             "owned_by": "chatfleet",
@@ -130,15 +151,10 @@ async fn chat_completions(
     State(state): State<Arc<ServerState>>,
     body: Result<Json<CreateChatCompletionRequest>, JsonRejection>,
 ) -> Response {
-    let request = match body {
-        Ok(Json(request)) => request,
-        Err(rejection) => {
-            return error_response(StatusCode::BAD_REQUEST, &rejection.body_text(), None);
-        }
+    let request = match read_request(body) {
+        Ok(request) => request,
+        Err(refused) => return *refused,
     };
-    if request.messages.is_empty() {
-        return error_response(StatusCode::BAD_REQUEST, "[] is too short - 'messages'", None);
-    }
 
     let texts: Vec<String> = request.messages.iter().map(message_text).collect();
     let last_user_text = request
@@ -167,6 +183,20 @@ async fn chat_completions(
         include_usage: request.stream_options.and_then(|options| options.include_usage).unwrap_or(false),
     };
     if request.stream.unwrap_or(false) { stream_reply(reply, plan) } else { whole_reply(reply, plan).await }
+}
+
+/// A chat completion request with at least one message, or the 400 that says what is wrong.
+pub(crate) fn read_request(
+    body: Result<Json<CreateChatCompletionRequest>, JsonRejection>,
+) -> Result<CreateChatCompletionRequest, Box<Response>> {
+    let request = match body {
+        Ok(Json(request)) => request,
+        Err(rejection) => return Err(Box::new(error_response(StatusCode::BAD_REQUEST, &rejection.body_text(), None))),
+    };
+    if request.messages.is_empty() {
+        return Err(Box::new(error_response(StatusCode::BAD_REQUEST, "[] is too short - 'messages'", None)));
+    }
+    Ok(request)
 }
 
 /// The text of a message: its string content, or its text parts joined with newlines.

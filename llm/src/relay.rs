@@ -25,13 +25,15 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use schemas::ErrorCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::mock_server::{DeltaJson, ReplyContext, error_response, message_text, unix_now};
+use crate::mock_server::{
+    DeltaJson, ReplyContext, error_response, message_text, models_list, openai_routes, read_request, serve_router,
+    unix_now,
+};
 use crate::openai::OpenAiModel;
 use crate::{ChatChunk, ChatMessage, ChatModel, ChatRequest, ChatRole, LlmError};
 
@@ -47,26 +49,14 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, upstream = %model.describe(), "relay listening");
     }
-    // Chunks are tiny writes: without TCP_NODELAY Nagle's algorithm would hold them back.
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY on a relay connection");
-        }
-    });
-    axum::serve(listener, router(model, model_name)).with_graceful_shutdown(shutdown).await
+    serve_router(listener, router(model, model_name), shutdown).await
 }
 
 /// The relay's routes (the mock server's): `POST /v1/chat/completions`, `GET /v1/models`, and
 /// the same without `/v1`. `GET /models` lists `model_name`.
 pub fn router(model: OpenAiModel, model_name: String) -> Router {
     let state = Arc::new(RelayState { model, model_name, next_id: AtomicU64::new(1) });
-    Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/chat/completions", post(chat_completions))
-        .route("/v1/models", get(list_models))
-        .route("/models", get(list_models))
-        .fallback(not_found)
-        .with_state(state)
+    openai_routes(post(chat_completions), get(list_models)).with_state(state)
 }
 
 struct RelayState {
@@ -76,27 +66,17 @@ struct RelayState {
 }
 
 async fn list_models(State(state): State<Arc<RelayState>>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{ "id": state.model_name, "object": "model", "created": unix_now(), "owned_by": "chatfleet" }],
-    }))
-}
-
-async fn not_found() -> Response {
-    error_response(StatusCode::NOT_FOUND, "Unknown route.", None)
+    models_list(&state.model_name)
 }
 
 async fn chat_completions(
     State(state): State<Arc<RelayState>>,
     body: Result<Json<CreateChatCompletionRequest>, JsonRejection>,
 ) -> Response {
-    let request = match body {
-        Ok(Json(request)) => request,
-        Err(rejection) => return error_response(StatusCode::BAD_REQUEST, &rejection.body_text(), None),
+    let request = match read_request(body) {
+        Ok(request) => request,
+        Err(refused) => return *refused,
     };
-    if request.messages.is_empty() {
-        return error_response(StatusCode::BAD_REQUEST, "[] is too short - 'messages'", None);
-    }
     if !request.stream.unwrap_or(false) {
         return error_response(StatusCode::BAD_REQUEST, "The relay answers streamed requests only.", None);
     }

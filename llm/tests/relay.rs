@@ -23,15 +23,7 @@ struct Relay {
 
 impl Relay {
     async fn start(upstream: &MockServer) -> Self {
-        let model = OpenAiModel::new(OpenAiSettings {
-            base_url: upstream.base_url.clone(),
-            api_key: None,
-            model: MODEL.to_owned(),
-            first_token_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(10),
-            max_tokens: None,
-        })
-        .unwrap();
+        let model = patient_model_at(&upstream.base_url);
         let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -43,16 +35,21 @@ impl Relay {
 
     /// chatfleet's model client, pointed at the relay.
     fn client(&self) -> OpenAiModel {
-        OpenAiModel::new(OpenAiSettings {
-            base_url: self.base_url.clone(),
-            api_key: None,
-            model: MODEL.to_owned(),
-            first_token_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(10),
-            max_tokens: None,
-        })
-        .unwrap()
+        patient_model_at(&self.base_url)
     }
+}
+
+/// chatfleet's model client for the endpoint at `base_url`, with timeouts a healthy test never meets.
+fn patient_model_at(base_url: &str) -> OpenAiModel {
+    OpenAiModel::new(OpenAiSettings {
+        base_url: base_url.to_owned(),
+        api_key: None,
+        model: MODEL.to_owned(),
+        first_token_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(10),
+        max_tokens: None,
+    })
+    .unwrap()
 }
 
 #[tokio::test]
